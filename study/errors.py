@@ -1,0 +1,13 @@
+"""The errors a user can cause. The CLI turns each into one line on stderr and exit code 2."""
+from __future__ import annotations
+
+from vae.checkpoint import CheckpointError
+from vae.config import ConfigError
+from vae.data import DataError
+
+
+class StudyError(RuntimeError):
+    """A study cannot be run, resumed, read or reported as asked."""
+
+
+USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, DataError, CheckpointError, StudyError)

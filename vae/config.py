@@ -1,0 +1,200 @@
+"""One frozen, validated configuration per training run.
+
+``TrainConfig(**config)`` is built once at every boundary (CLI, Ray trainable,
+checkpoint load) and passed everywhere after that. It is saved inside each
+checkpoint so a model can always be rebuilt from its file alone.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, fields
+from typing import Any
+
+ARCHS = ("mlp", "conv")
+DATASETS = ("mnist", "fashion-mnist", "mnist-sample")
+DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("fp32", "tf32", "bf16")
+
+MAX_LATENT_DIM = 1024
+MAX_HIDDEN = 16384
+MAX_BATCH = 65536
+MAX_EPOCHS = 10000
+
+
+class ConfigError(ValueError):
+    """A configuration value is out of range or of the wrong type."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that determines one training run.
+
+    Args:
+        arch: ``mlp`` (784-hidden-d, pytorch/examples) or ``conv`` (the reference project's network).
+        latent_dim: size d of the latent code.
+        beta: weight of the KL term; loss = recon_sum + beta * KL_sum per image (Higgins et al. 2017).
+        lr: Adam learning rate.
+        batch_size: images per optimiser step.
+        epochs: maximum number of passes over the training split.
+        hidden: hidden width of the ``mlp`` architecture (ignored by ``conv``).
+        seed: seeds weight init, batch order and sampling.
+        dataset: ``mnist``, ``fashion-mnist`` or ``mnist-sample`` (5,000 embedded real MNIST digits).
+        data_dir: folder with the IDX files or torchvision's cache; None means the per-user cache.
+        val_fraction: share of the training set held out for validation (0.2 as in the reference).
+        split_seed: seeds the train/validation split; kept apart from ``seed`` so that every
+            trial of a study validates on the same images.
+        device: ``auto`` (CUDA when there is one), ``cpu`` or ``cuda``.
+        precision: ``fp32``; ``tf32`` or ``bf16`` (autocast) matter only on a GPU.
+        max_train_images: cap on training images (smoke runs); None uses them all.
+        download: allow a torchvision download when the files are missing.
+    """
+
+    arch: str = "mlp"
+    latent_dim: int = 20
+    beta: float = 1.0
+    lr: float = 1e-3
+    batch_size: int = 128
+    epochs: int = 10
+    hidden: int = 400
+    seed: int = 0
+    dataset: str = "mnist-sample"
+    data_dir: str | None = None
+    val_fraction: float = 0.2
+    split_seed: int = 0
+    device: str = "auto"
+    precision: str = "fp32"
+    max_train_images: int | None = None
+    download: bool = False
+
+    def __post_init__(self) -> None:
+        _check_types(self)
+        _check_choice("arch", self.arch, ARCHS)
+        _check_choice("dataset", self.dataset, DATASETS)
+        _check_choice("device", self.device, DEVICES)
+        _check_choice("precision", self.precision, PRECISIONS)
+        _check_int_range("latent_dim", self.latent_dim, 1, MAX_LATENT_DIM)
+        _check_int_range("hidden", self.hidden, 1, MAX_HIDDEN)
+        _check_int_range("batch_size", self.batch_size, 1, MAX_BATCH)
+        _check_int_range("epochs", self.epochs, 1, MAX_EPOCHS)
+        _check_int_range("seed", self.seed, 0, 2**63 - 1)
+        _check_int_range("split_seed", self.split_seed, 0, 2**63 - 1)
+        _check_positive("beta", self.beta)
+        _check_positive("lr", self.lr)
+        if self.lr >= 10:
+            raise ConfigError(f"lr={self.lr!r} is out of range: it must be > 0 and < 10")
+        if not (0.0 < self.val_fraction < 1.0):
+            raise ConfigError(
+                f"val_fraction={self.val_fraction!r} is out of range: it must be > 0 and < 1"
+            )
+        if self.max_train_images is not None:
+            _check_int_range("max_train_images", self.max_train_images, 1, 10**9)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
+        """Build from a dict, rejecting unknown keys with a message that lists the known ones."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(
+                f"unknown config key {unknown[0]!r}; known keys: {', '.join(sorted(known))}"
+            )
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> "TrainConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def _type_name(tp: Any) -> str:
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}[tp]
+
+
+_FIELD_TYPES: dict[str, tuple[type, bool]] = {
+    # name: (type, optional)
+    "arch": (str, False),
+    "latent_dim": (int, False),
+    "beta": (float, False),
+    "lr": (float, False),
+    "batch_size": (int, False),
+    "epochs": (int, False),
+    "hidden": (int, False),
+    "seed": (int, False),
+    "dataset": (str, False),
+    "data_dir": (str, True),
+    "val_fraction": (float, False),
+    "split_seed": (int, False),
+    "device": (str, False),
+    "precision": (str, False),
+    "max_train_images": (int, True),
+    "download": (bool, False),
+}
+
+
+def _check_types(cfg: TrainConfig) -> None:
+    for name, (tp, optional) in _FIELD_TYPES.items():
+        value = getattr(cfg, name)
+        if value is None and optional:
+            continue
+        ok: bool
+        if tp is bool:
+            ok = isinstance(value, bool)
+        elif tp is int:
+            # Ray and numpy hand over numpy integers; a bool is not a count.
+            ok = _is_integer(value)
+            if ok:
+                object.__setattr__(cfg, name, int(value))
+        elif tp is float:
+            ok = _is_number(value)
+            if ok:
+                object.__setattr__(cfg, name, float(value))
+        else:
+            ok = isinstance(value, str)
+        if not ok:
+            raise ConfigError(
+                f"{name}={value!r} has the wrong type: it must be {_type_name(tp)}"
+                + (" or unset" if optional else "")
+            )
+
+
+def _is_integer(value: Any) -> bool:
+    if isinstance(value, bool):
+        return False
+    try:
+        import numpy as np
+
+        if isinstance(value, np.integer):
+            return True
+    except ImportError:  # pragma: no cover
+        pass
+    return isinstance(value, int)
+
+
+def _is_number(value: Any) -> bool:
+    if isinstance(value, bool):
+        return False
+    try:
+        import numpy as np
+
+        if isinstance(value, (np.integer, np.floating)):
+            return True
+    except ImportError:  # pragma: no cover
+        pass
+    return isinstance(value, (int, float))
+
+
+def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{name}={value!r} is not allowed: choose one of {', '.join(allowed)}")
+
+
+def _check_int_range(name: str, value: int, low: int, high: int) -> None:
+    if not (low <= value <= high):
+        raise ConfigError(f"{name}={value!r} is out of range: it must be between {low} and {high}")
+
+
+def _check_positive(name: str, value: float) -> None:
+    if not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"{name}={value!r} is out of range: it must be a finite number > 0")

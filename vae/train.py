@@ -1,0 +1,257 @@
+"""The trainer: ``fit(config, data, on_epoch=...) -> FitResult``.
+
+The whole training split sits on the device as one float tensor, converted once; each epoch
+permutes it once and walks contiguous batches, so there is no per-item DataLoader work.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from vae.config import ConfigError, TrainConfig
+from vae.data import Data
+from vae.loss import beta_vae_loss, per_image_terms
+from vae.model import BetaVAE
+
+# Validation draws its z with this seed every epoch, so epochs and trials compare on the same noise.
+VAL_SEED = 1234
+EVAL_BATCH = 2048
+# How often (steps) the running loss is checked for NaN/inf; checking every step forces a sync.
+FINITE_CHECK_EVERY = 25
+
+OnEpoch = Callable[[dict[str, Any], BetaVAE, bool], Any]
+
+
+@dataclass
+class FitResult:
+    """What ``fit`` returns. ``model`` holds the best epoch's weights."""
+
+    model: BetaVAE
+    config: TrainConfig
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best_epoch: int | None = None
+    status: str = "completed"  # completed | failed
+    error: str | None = None
+    train_seconds: float = 0.0
+    images_per_second: float = 0.0
+    device: str = "cpu"
+
+    @property
+    def best(self) -> dict[str, Any] | None:
+        if self.best_epoch is None:
+            return None
+        return self.history[self.best_epoch - 1]
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> the first visible CUDA device (Ray sets CUDA_VISIBLE_DEVICES per trial) or CPU."""
+    if name == "cpu":
+        return torch.device("cpu")
+    if torch.cuda.is_available():
+        return torch.device("cuda", 0)
+    if name == "cuda":
+        raise ConfigError("device='cuda' but no CUDA GPU is visible: use --device cpu or auto")
+    return torch.device("cpu")
+
+
+def _autocast(config: TrainConfig, device: torch.device) -> contextlib.AbstractContextManager:
+    if device.type == "cuda" and config.precision == "bf16":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def effective_precision(config: TrainConfig, device: torch.device) -> str:
+    """What the run really used: tf32/bf16 apply on a GPU only."""
+    return config.precision if device.type == "cuda" else "fp32"
+
+
+def make_optimizer(model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
+    try:
+        # One fused kernel for the whole update: fewer passes over the parameters.
+        return torch.optim.Adam(model.parameters(), lr=lr, fused=True)
+    except (RuntimeError, TypeError):  # pragma: no cover - older torch or unsupported device
+        return torch.optim.Adam(model.parameters(), lr=lr)
+
+
+def fit(
+    config: TrainConfig,
+    data: Data,
+    on_epoch: OnEpoch | None = None,
+    *,
+    model: BetaVAE | None = None,
+) -> FitResult:
+    """Train a beta-VAE on ``data.train``, validating on ``data.val`` after every epoch.
+
+    Args:
+        config: the run's configuration.
+        data: the loaded splits (``vae.data.load(config)``).
+        on_epoch: called after each epoch as ``on_epoch(metrics, model, is_best)``; the model
+            then holds the current epoch's weights. Returning ``False`` stops training.
+        model: start from these weights instead of a fresh init (resuming).
+
+    Returns:
+        FitResult with the history, the best epoch (lowest validation -ELBO) and its weights.
+        A NaN or infinite loss ends training with ``status='failed'`` and a reason; it does not raise.
+    """
+    device = resolve_device(config.device)
+    torch.manual_seed(config.seed)
+    if device.type == "cuda":
+        allow = config.precision == "tf32"
+        torch.backends.cuda.matmul.allow_tf32 = allow
+        torch.backends.cudnn.allow_tf32 = allow
+    if model is None:
+        model = BetaVAE.from_config(config)
+    model = model.to(device)
+    opt = make_optimizer(model, config.lr)
+    gen = torch.Generator(device=device).manual_seed(config.seed)
+    x_train = data.train.pixels(device)  # (N, 1, 28, 28), once per run
+    x_val = data.val.pixels(device)
+    n = x_train.shape[0]
+    bs = min(config.batch_size, n)
+    result = FitResult(model=model, config=config, device=str(device))
+    best_elbo, best_state = math.inf, None
+    train_seconds = 0.0
+
+    for epoch in range(1, config.epochs + 1):
+        model.train()
+        t0 = time.perf_counter()
+        perm = torch.randperm(n, generator=gen, device=device)
+        xs = x_train[perm]  # one gather per epoch; batches below are contiguous views
+        sums = torch.zeros(3, device=device)
+        failed_at: int | None = None
+        n_steps = (n + bs - 1) // bs
+        for step in range(n_steps):
+            xb = xs[step * bs : (step + 1) * bs]
+            with _autocast(config, device):
+                logits, mu, logvar = model(xb, gen)
+                total, recon, kl = beta_vae_loss(logits.float(), xb, mu.float(), logvar.float(), config.beta)
+            opt.zero_grad(set_to_none=True)
+            total.backward()
+            opt.step()
+            sums += torch.stack([total.detach(), recon.detach(), kl.detach()]) * xb.shape[0]
+            if (step + 1) % FINITE_CHECK_EVERY == 0 or step == n_steps - 1:
+                if not bool(torch.isfinite(sums).all()):
+                    failed_at = step + 1
+                    break
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - t0
+        train_seconds += seconds
+        if failed_at is not None:
+            result.status = "failed"
+            result.error = (
+                f"non-finite loss at epoch {epoch}, step {failed_at} "
+                f"(lr={config.lr:g}, beta={config.beta:g}); try a lower lr"
+            )
+            break
+        train = (sums / n).tolist()
+        val = evaluate_loss(model, x_val, config.beta)
+        metrics: dict[str, Any] = {
+            "epoch": epoch,
+            "train_loss": train[0],
+            "train_recon": train[1],
+            "train_kl": train[2],
+            **{f"val_{k}": v for k, v in val.items()},
+            "seconds": seconds,
+            "images_per_second": n / seconds if seconds > 0 else float("nan"),
+        }
+        if not math.isfinite(metrics["val_elbo"]):
+            result.history.append(metrics)
+            result.status = "failed"
+            result.error = f"non-finite validation -ELBO at epoch {epoch} (lr={config.lr:g}); try a lower lr"
+            break
+        is_best = metrics["val_elbo"] < best_elbo
+        if is_best:
+            best_elbo = metrics["val_elbo"]
+            best_state = copy.deepcopy(model.state_dict())
+            result.best_epoch = epoch
+        result.history.append(metrics)
+        if on_epoch is not None and on_epoch(metrics, model, is_best) is False:
+            break
+
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    result.train_seconds = train_seconds
+    epochs_done = len(result.history)
+    result.images_per_second = n * epochs_done / train_seconds if train_seconds > 0 else 0.0
+    return result
+
+
+@torch.no_grad()
+def evaluate_loss(model: BetaVAE, x: torch.Tensor, beta: float, seed: int = VAL_SEED) -> dict[str, float]:
+    """Loss terms over a whole split, per image: elbo (-ELBO, i.e. beta = 1), recon, kl,
+    loss (the beta-weighted objective, not comparable across trials) and mse (posterior mean)."""
+    was_training = model.training
+    model.eval()
+    gen = torch.Generator(device=x.device).manual_seed(seed)
+    recon_sum = kl_sum = mse_sum = 0.0
+    for i in range(0, x.shape[0], EVAL_BATCH):
+        xb = x[i : i + EVAL_BATCH]
+        mu, logvar = model.encode(xb)
+        z = model.reparameterize(mu, logvar, gen)
+        recon, kl = per_image_terms(model.decode(z).float(), xb, mu.float(), logvar.float())
+        recon_sum += float(recon.sum())
+        kl_sum += float(kl.sum())
+        mean_img = torch.sigmoid(model.decode(mu).float())
+        mse_sum += float((mean_img - xb).pow(2).mean(dim=(1, 2, 3)).sum())
+    model.train(was_training)
+    n = x.shape[0]
+    recon, kl = recon_sum / n, kl_sum / n
+    return {"loss": recon + beta * kl, "elbo": recon + kl, "recon": recon, "kl": kl, "mse": mse_sum / n}
+
+
+def train_and_save(
+    config: TrainConfig, out: str | None = None, log: Callable[[str], None] | None = None
+) -> dict[str, Any]:
+    """Load the data, fit, and (with ``out``) write ``model.pt`` and ``metrics.json`` there.
+
+    Returns a JSON-ready summary: status, best-epoch validation metrics, images_per_second
+    (training images per wall second of the training loop, batching included), checkpoint.
+    """
+    import json
+    import os
+    from pathlib import Path
+
+    from vae import checkpoint
+    from vae.data import load
+
+    data = load(config)
+
+    def report(m: dict[str, Any], _model: BetaVAE, is_best: bool) -> None:
+        if log is not None:
+            log(
+                f"epoch {m['epoch']:>3}/{config.epochs}  train loss {m['train_loss']:8.2f}  "
+                f"val -ELBO {m['val_elbo']:8.2f}  val MSE {m['val_mse']:.5f}  "
+                f"{m['images_per_second']:8.0f} img/s{'  *' if is_best else ''}"
+            )
+
+    result = fit(config, data, on_epoch=report)
+    best = result.best or {}
+    summary: dict[str, Any] = {
+        "status": result.status,
+        "error": result.error,
+        "best_epoch": result.best_epoch,
+        "epochs_run": len(result.history),
+        **{k: best.get(k) for k in ("val_elbo", "val_recon", "val_kl", "val_mse", "val_loss")},
+        "train_seconds": result.train_seconds,
+        "images_per_second": result.images_per_second,
+        "device": result.device,
+        "n_train": len(data.train),
+        "n_val": len(data.val),
+        "config": config.to_dict(),
+        "checkpoint": None,
+    }
+    if out is not None and result.best_epoch is not None:
+        folder = Path(out)
+        path = checkpoint.save(folder / "model.pt", result.model, config, epoch=result.best_epoch)
+        summary["checkpoint"] = str(path)
+        tmp = folder / f".metrics.json.{os.getpid()}.tmp"
+        tmp.write_text(json.dumps({**summary, "history": result.history}, indent=2))
+        os.replace(tmp, folder / "metrics.json")
+    return summary
