@@ -235,7 +235,8 @@ def evaluate_checkpoint(
         raise ConfigError(f"decoder_steps={steps} is out of range: it must be between 1 and 100000")
     dev = resolve_device(device if device in ("auto", "cpu", "cuda") else _bad_device(device))
     model, config, _ = checkpoint.load(path, dev)
-    changes: dict[str, Any] = {"download": download, "device": device}
+    # Evaluation always covers the whole split, whatever subset the model was trained on.
+    changes: dict[str, Any] = {"download": download, "device": device, "max_train_images": None}
     if dataset is not None:
         changes["dataset"] = dataset
         changes["data_dir"] = data_dir
