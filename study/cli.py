@@ -144,6 +144,104 @@ def _print_eval_table(r: dict[str, Any]) -> None:
         print(f"decoder_only: {r['modes']['decoder_only']['steps']} Adam steps per image through the frozen decoder")
 
 
+# --------------------------------------------------------------------------- studies
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Run a study: Ray Tune trials, proposed by Optuna (TPE), stopped early by ASHA.
+
+    A TOML config gives everything; flags override it. Results land in
+    STORAGE/NAME/{trials,epochs,digits}/*.parquet, the Optuna study in STORAGE/NAME/optuna.db.
+
+    Examples:
+        vae-study run --name demo --storage studies --trials 16 --epochs 10
+        vae-study run study.toml --name d-grid --storage studies --grid latent_dim=5,10,15,20
+        vae-study run --preset seed-replication --name seed --storage studies --dataset mnist --data-dir ~/mnist
+        vae-study run --smoke --name smoke --storage /tmp/studies
+    """
+    from study.spec import build_spec, parse_grid, read_toml
+    from study.tuner import run, summary_lines
+
+    toml = read_toml(args.config) if args.config else None
+    overrides = {
+        "name": args.name, "storage": args.storage, "trials": args.trials, "epochs": args.epochs,
+        "seed": args.seed, "mode": args.mode, "preset": args.preset, "dataset": args.dataset,
+        "data_dir": args.data_dir, "download": True if args.download else None,
+        "max_train_images": args.max_train_images, "arch": args.arch, "batch_size": args.batch_size,
+        "device": args.device, "precision": args.precision,
+        "grid": parse_grid(args.grid) if args.grid else None,
+        "objective": args.objective.split(",") if args.objective else None,
+        "scheduler": "none" if args.no_early_stopping else None,
+        "grace_period": args.grace_period, "reduction_factor": args.reduction_factor,
+        "cpus_per_trial": args.cpus_per_trial, "gpus_per_trial": args.gpus_per_trial,
+        "max_concurrent": args.max_concurrent, "max_failures": args.max_failures,
+        "address": args.address, "num_cpus": args.num_cpus, "smoke": args.smoke,
+    }
+    spec = build_spec(toml, overrides)
+    res = run(spec, overwrite=args.overwrite, printer=_log)
+    print("\n".join(summary_lines(res, spec)))
+    return 0
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    """Finish an interrupted study (driver killed, Ctrl-C, machine lost) where it stopped.
+
+    Completed trials are kept, unfinished ones continue from their last checkpoint, and the
+    Optuna study carries on in the same SQLite storage.
+
+    Example:
+        vae-study resume --name demo --storage studies
+    """
+    from study.tuner import read_spec, resume, summary_lines
+
+    res = resume(args.storage, args.name, printer=_log, address=args.address, num_cpus=args.num_cpus)
+    print("\n".join(summary_lines(res, read_spec(args.storage, args.name))))
+    return 0
+
+
+def cmd_results(args: argparse.Namespace) -> int:
+    """Query a study's results table (or every study under a root folder).
+
+    WHERE takes a SQL condition, run by DuckDB over the table.
+
+    Examples:
+        vae-study results studies/demo --top 5 --sort val_elbo
+        vae-study results studies/demo --where "status = 'completed' AND param_latent_dim >= 10" --format csv
+        vae-study results studies/demo --table digits --where "recon_mode = 'posterior_mean'" --columns trial_id,digit,mse
+    """
+    from study import results
+
+    def skipped(path: Any, reason: str) -> None:
+        print(f"{PROG}: warning: skipped unreadable file {path}: {reason}", file=sys.stderr)
+
+    df = results.load(args.path, args.table, on_skip=skipped)
+    columns = [c.strip() for c in args.columns.split(",") if c.strip()] if args.columns else None
+    if columns is None and args.format == "table":
+        columns = [c for c in _DEFAULT_COLUMNS[args.table] if c in df.columns] or None
+    df = results.query(df, where=args.where, sort=args.sort, desc=args.desc, top=args.top, columns=columns)
+    if args.format == "csv":
+        df.to_csv(sys.stdout, index=False)
+    elif args.format == "json":
+        print(df.to_json(orient="records", date_format="iso", indent=2))
+    else:
+        if len(df) == 0:
+            print("(no rows)")
+        else:
+            import pandas as pd
+
+            with pd.option_context("display.max_rows", 500, "display.max_columns", 50, "display.width", 200,
+                                   "display.float_format", "{:.5g}".format):
+                print(df.to_string(index=False))
+    return 0
+
+
+_DEFAULT_COLUMNS = {
+    "trials": ["trial_id", "status", "param_arch", "param_latent_dim", "param_beta", "param_lr",
+               "epochs_run", "val_elbo", "val_mse", "test_mse", "test_psnr", "train_seconds", "error"],
+    "epochs": ["trial_id", "epoch", "train_loss", "val_elbo", "val_recon", "val_kl", "val_mse", "seconds"],
+    "digits": ["trial_id", "split", "recon_mode", "digit", "n_images", "mse", "psnr"],
+}
+
+
 # --------------------------------------------------------------------------- parser and main
 
 def build_parser() -> argparse.ArgumentParser:
@@ -175,6 +273,64 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("table", "json"), default="table")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("run", help="run a study", description=cmd_run.__doc__, formatter_class=_fmt_help())
+    p.add_argument("config", nargs="?", help="TOML file (optional; flags override it)")
+    p.add_argument("--name", help="study name (a folder under --storage)")
+    p.add_argument("--storage", help="folder that holds studies (shared by all nodes on a cluster)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing study of this name")
+    p.add_argument("--smoke", action="store_true", help="tiny study: 2 trials, 1 epoch, 300 images")
+    p.add_argument("--preset", help="seed-replication: the reference project's experiment")
+    g = p.add_argument_group("budget and search")
+    g.add_argument("--trials", type=int, help="number of trials (default 16)")
+    g.add_argument("--epochs", type=int, help="max epochs per trial (default 10)")
+    g.add_argument("--seed", type=int, help="seeds the sampler (default 0)")
+    g.add_argument("--grid", action="append", metavar="NAME=V1,V2", help="plain grid, e.g. latent_dim=5,10,15,20 (repeatable)")
+    g.add_argument("--objective", help="val_elbo (default), val_mse, ...; two, comma-separated, for a Pareto study")
+    g.add_argument("--mode", choices=("min", "max"))
+    g.add_argument("--no-early-stopping", action="store_true", help="turn ASHA off")
+    g.add_argument("--grace-period", type=int, help="ASHA: epochs before a trial may be stopped")
+    g.add_argument("--reduction-factor", type=float, help="ASHA: keep 1/N at each rung")
+    g = p.add_argument_group("data and training")
+    g.add_argument("--dataset", help="mnist, fashion-mnist or mnist-sample")
+    g.add_argument("--data-dir", help="folder with the four IDX files")
+    g.add_argument("--download", action="store_true", help="allow a torchvision download")
+    g.add_argument("--max-train-images", type=int)
+    g.add_argument("--arch", help="fix the architecture: mlp or conv")
+    g.add_argument("--batch-size", type=int)
+    g.add_argument("--device", help="auto, cpu or cuda")
+    g.add_argument("--precision", help="fp32, tf32 or bf16 (GPU)")
+    g = p.add_argument_group("resources")
+    g.add_argument("--cpus-per-trial", type=float)
+    g.add_argument("--gpus-per-trial", type=float, help="fractions pack trials on one GPU, e.g. 0.25")
+    g.add_argument("--max-concurrent", type=int, help="trials at once (default: the free slots)")
+    g.add_argument("--max-failures", type=int, help="retries of a trial whose worker died or raised")
+    g.add_argument("--address", help="Ray cluster to join ('auto' works); default: a local runtime")
+    g.add_argument("--num-cpus", type=int, help="CPUs of the local runtime (default: all)")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("resume", help="finish an interrupted study", description=cmd_resume.__doc__,
+                       formatter_class=_fmt_help())
+    p.add_argument("--name", required=True)
+    p.add_argument("--storage", required=True)
+    p.add_argument("--address")
+    p.add_argument("--num-cpus", type=int)
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.set_defaults(func=cmd_resume)
+
+    p = sub.add_parser("results", help="query the results table", description=cmd_results.__doc__,
+                       formatter_class=_fmt_help())
+    p.add_argument("path", help="a study folder, or a storage root holding several")
+    p.add_argument("--table", choices=("trials", "epochs", "digits"), default="trials")
+    p.add_argument("--where", help="SQL condition, e.g. \"status = 'completed' AND val_elbo < 150\"")
+    p.add_argument("--sort", metavar="COL")
+    p.add_argument("--desc", action="store_true")
+    p.add_argument("--top", type=int, metavar="K")
+    p.add_argument("--columns", metavar="A,B,...")
+    p.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.set_defaults(func=cmd_results)
 
     return parser
 

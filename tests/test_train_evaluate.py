@@ -16,7 +16,7 @@ def test_one_epoch_smoke_loss_falls(sample_data):
     config = TrainConfig(dataset="mnist-sample", epochs=1, latent_dim=8, batch_size=32, max_train_images=400)
     seen = []
     # Loss per batch within the single epoch: compare the first and last few steps.
-    result = fit(config, sample_data, on_epoch=lambda m, model, best: seen.append((m, best)))
+    result = fit(config, sample_data, on_epoch=lambda m, state: seen.append((m, state.is_best)))
     assert result.status == "completed" and result.best_epoch == 1
     m = seen[0][0]
     for key in ("train_loss", "train_recon", "train_kl", "val_elbo", "val_recon", "val_kl", "val_mse",

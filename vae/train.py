@@ -25,7 +25,21 @@ EVAL_BATCH = 2048
 # How often (steps) the running loss is checked for NaN/inf; checking every step forces a sync.
 FINITE_CHECK_EVERY = 25
 
-OnEpoch = Callable[[dict[str, Any], BetaVAE, bool], Any]
+
+
+@dataclass
+class EpochState:
+    """What ``on_epoch`` sees after each epoch: enough to checkpoint and resume."""
+
+    epoch: int
+    model: BetaVAE
+    optimizer: torch.optim.Optimizer
+    is_best: bool
+    best_epoch: int | None
+    best_val_elbo: float
+
+
+OnEpoch = Callable[[dict[str, Any], EpochState], Any]
 
 
 @dataclass
@@ -44,9 +58,7 @@ class FitResult:
 
     @property
     def best(self) -> dict[str, Any] | None:
-        if self.best_epoch is None:
-            return None
-        return self.history[self.best_epoch - 1]
+        return next((h for h in self.history if h["epoch"] == self.best_epoch), None)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -85,15 +97,20 @@ def fit(
     on_epoch: OnEpoch | None = None,
     *,
     model: BetaVAE | None = None,
+    optimizer_state: dict[str, Any] | None = None,
+    start_epoch: int = 1,
+    best_val_elbo: float = math.inf,
+    best_epoch: int | None = None,
 ) -> FitResult:
     """Train a beta-VAE on ``data.train``, validating on ``data.val`` after every epoch.
 
     Args:
         config: the run's configuration.
         data: the loaded splits (``vae.data.load(config)``).
-        on_epoch: called after each epoch as ``on_epoch(metrics, model, is_best)``; the model
-            then holds the current epoch's weights. Returning ``False`` stops training.
-        model: start from these weights instead of a fresh init (resuming).
+        on_epoch: called after each epoch as ``on_epoch(metrics, state)`` (an ``EpochState``);
+            ``state.model`` then holds the current epoch's weights. Returning ``False`` stops.
+        model, optimizer_state, start_epoch, best_val_elbo, best_epoch: resume a run from a
+            checkpoint taken after epoch ``start_epoch - 1``.
 
     Returns:
         FitResult with the history, the best epoch (lowest validation -ELBO) and its weights.
@@ -109,16 +126,19 @@ def fit(
         model = BetaVAE.from_config(config)
     model = model.to(device)
     opt = make_optimizer(model, config.lr)
-    gen = torch.Generator(device=device).manual_seed(config.seed)
+    if optimizer_state is not None:
+        opt.load_state_dict(optimizer_state)
+    # A resumed run gets its own stream, so it does not replay the first epochs' batches.
+    gen = torch.Generator(device=device).manual_seed(config.seed + 1_000_003 * (start_epoch - 1))
     x_train = data.train.pixels(device)  # (N, 1, 28, 28), once per run
     x_val = data.val.pixels(device)
     n = x_train.shape[0]
     bs = min(config.batch_size, n)
-    result = FitResult(model=model, config=config, device=str(device))
-    best_elbo, best_state = math.inf, None
+    result = FitResult(model=model, config=config, device=str(device), best_epoch=best_epoch)
+    best_elbo, best_state = best_val_elbo, None
     train_seconds = 0.0
 
-    for epoch in range(1, config.epochs + 1):
+    for epoch in range(start_epoch, config.epochs + 1):
         model.train()
         t0 = time.perf_counter()
         perm = torch.randperm(n, generator=gen, device=device)
@@ -172,7 +192,8 @@ def fit(
             best_state = copy.deepcopy(model.state_dict())
             result.best_epoch = epoch
         result.history.append(metrics)
-        if on_epoch is not None and on_epoch(metrics, model, is_best) is False:
+        state = EpochState(epoch, model, opt, is_best, result.best_epoch, best_elbo)
+        if on_epoch is not None and on_epoch(metrics, state) is False:
             break
 
     if best_state is not None:
@@ -223,12 +244,12 @@ def train_and_save(
 
     data = load(config)
 
-    def report(m: dict[str, Any], _model: BetaVAE, is_best: bool) -> None:
+    def report(m: dict[str, Any], state: EpochState) -> None:
         if log is not None:
             log(
                 f"epoch {m['epoch']:>3}/{config.epochs}  train loss {m['train_loss']:8.2f}  "
                 f"val -ELBO {m['val_elbo']:8.2f}  val MSE {m['val_mse']:.5f}  "
-                f"{m['images_per_second']:8.0f} img/s{'  *' if is_best else ''}"
+                f"{m['images_per_second']:8.0f} img/s{'  *' if state.is_best else ''}"
             )
 
     result = fit(config, data, on_epoch=report)

@@ -1,0 +1,333 @@
+"""A study's specification: TOML file + CLI overrides -> one validated, frozen ``StudySpec``.
+
+Example TOML (every key optional)::
+
+    [study]
+    name = "beta-sweep"
+    trials = 32
+    epochs = 10
+    seed = 0
+    objective = "val_elbo"        # or ["val_recon", "val_kl"] for a rate/distortion Pareto study
+    mode = "min"
+
+    [data]
+    dataset = "mnist-sample"      # mnist | fashion-mnist | mnist-sample
+    data_dir = "/data/mnist"
+
+    [train]                       # fixed TrainConfig values for every trial
+    arch = "mlp"
+    batch_size = 128
+
+    [space.latent_dim]
+    type = "int"
+    low = 2
+    high = 32
+
+    [scheduler]
+    type = "asha"                 # asha | none
+    grace_period = 1
+    reduction_factor = 2
+
+    [resources]
+    cpus_per_trial = 1
+    gpus_per_trial = 0            # fractions pack trials on a GPU, e.g. 0.25
+    max_concurrent = 0            # 0: as many as there are slots
+    max_failures = 0              # retries of a trial whose worker died or raised
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from study.errors import StudyError
+from study.space import DEFAULT_SPACE, PRESETS, SEARCHABLE
+from vae.config import ARCHS, ConfigError, TrainConfig
+
+OBJECTIVES = ("val_elbo", "val_recon", "val_kl", "val_mse", "val_loss")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+_SECTIONS = {
+    "study": {"name", "trials", "epochs", "seed", "objective", "mode", "preset"},
+    "data": {"dataset", "data_dir", "val_fraction", "split_seed", "max_train_images", "download"},
+    "train": None,  # checked against TrainConfig
+    "space": None,  # checked per entry
+    "grid": None,
+    "scheduler": {"type", "grace_period", "reduction_factor"},
+    "resources": {"cpus_per_trial", "gpus_per_trial", "max_concurrent", "max_failures"},
+}
+
+
+@dataclass(frozen=True)
+class StudySpec:
+    """Everything a study needs; saved as ``study.json`` in the study folder for ``resume``."""
+
+    name: str
+    storage: str
+    trials: int = 16
+    epochs: int = 10
+    seed: int = 0
+    objective: tuple[str, ...] = ("val_elbo",)
+    mode: str = "min"
+    train: dict[str, Any] = field(default_factory=dict)  # fixed TrainConfig fields
+    space: dict[str, dict[str, Any]] = field(default_factory=lambda: dict(DEFAULT_SPACE))
+    grid: dict[str, list[Any]] = field(default_factory=dict)
+    beta_times_latent: float | None = None  # beta = value / latent_dim (the seed-replication preset)
+    scheduler: str = "asha"
+    grace_period: int = 1
+    reduction_factor: float = 2.0
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0
+    max_concurrent: int = 0
+    max_failures: int = 0
+    address: str | None = None
+    num_cpus: int | None = None
+    preset: str | None = None
+
+    @property
+    def multi_objective(self) -> bool:
+        return len(self.objective) > 1
+
+    @property
+    def n_trials(self) -> int:
+        """Trials the study will run: the grid's size when there is a grid, else ``trials``."""
+        if self.grid:
+            return math.prod(len(v) for v in self.grid.values())
+        return self.trials
+
+    def base_config(self) -> TrainConfig:
+        """The fixed part of every trial's TrainConfig (searched values filled with defaults)."""
+        return TrainConfig.from_dict({**self.train, "epochs": self.epochs})
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["objective"] = list(self.objective)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "StudySpec":
+        d = dict(d)
+        d["objective"] = tuple(d.get("objective", ("val_elbo",)))
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise StudyError(f"config file {path} does not exist")
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except tomllib.TOMLDecodeError as exc:
+        raise StudyError(f"config file {path} is not valid TOML: {exc}") from exc
+
+
+def build_spec(toml: dict[str, Any] | None, overrides: dict[str, Any]) -> StudySpec:
+    """Merge a parsed TOML file with CLI overrides (which win) and validate the result.
+
+    ``overrides`` keys: name, storage, trials, epochs, seed, objective, mode, preset, dataset,
+    data_dir, download, max_train_images, arch, batch_size, grid (dict), scheduler,
+    grace_period, reduction_factor, cpus_per_trial, gpus_per_trial, max_concurrent,
+    max_failures, address, num_cpus, smoke (bool).
+    """
+    toml = toml or {}
+    for section, value in toml.items():
+        if section not in _SECTIONS:
+            raise StudyError(f"unknown config section [{section}]; known: {', '.join(_SECTIONS)}")
+        allowed = _SECTIONS[section]
+        if not isinstance(value, dict):
+            raise StudyError(f"[{section}] must be a table, not {type(value).__name__}")
+        if allowed is not None:
+            for key in value:
+                if key not in allowed:
+                    raise StudyError(f"unknown config key {section}.{key}; known: {', '.join(sorted(allowed))}")
+    study = toml.get("study", {})
+    o = {k: v for k, v in overrides.items() if v is not None}
+
+    preset_name = o.get("preset", study.get("preset"))
+    preset: dict[str, Any] = {}
+    if preset_name is not None:
+        if preset_name not in PRESETS:
+            raise StudyError(f"unknown preset {preset_name!r}; known: {', '.join(PRESETS)}")
+        preset = PRESETS[preset_name]
+
+    train = {**preset.get("train", {}), **toml.get("data", {}), **toml.get("train", {})}
+    for key in ("dataset", "data_dir", "download", "max_train_images", "arch", "batch_size", "device", "precision"):
+        if key in o:
+            train[key] = o[key]
+    space = {k: dict(v) for k, v in toml.get("space", preset.get("space", DEFAULT_SPACE)).items()}
+    grid = {k: list(v) for k, v in {**preset.get("grid", {}), **toml.get("grid", {}), **o.get("grid", {})}.items()}
+    scheduler = toml.get("scheduler", {})
+    resources = toml.get("resources", {})
+
+    objective = o.get("objective", study.get("objective", "val_elbo"))
+    objective = tuple([objective] if isinstance(objective, str) else objective)
+
+    values: dict[str, Any] = {
+        "name": o.get("name", study.get("name")),
+        "storage": o.get("storage"),
+        "trials": o.get("trials", study.get("trials", 16)),
+        "epochs": o.get("epochs", study.get("epochs", preset.get("epochs", 10))),
+        "seed": o.get("seed", study.get("seed", 0)),
+        "objective": objective,
+        "mode": o.get("mode", study.get("mode", "min")),
+        "scheduler": o.get("scheduler", scheduler.get("type", preset.get("scheduler", "asha"))),
+        "grace_period": o.get("grace_period", scheduler.get("grace_period", 1)),
+        "reduction_factor": o.get("reduction_factor", scheduler.get("reduction_factor", 2.0)),
+        "cpus_per_trial": o.get("cpus_per_trial", resources.get("cpus_per_trial", 1.0)),
+        "gpus_per_trial": o.get("gpus_per_trial", resources.get("gpus_per_trial", 0.0)),
+        "max_concurrent": o.get("max_concurrent", resources.get("max_concurrent", 0)),
+        "max_failures": o.get("max_failures", resources.get("max_failures", 0)),
+        "address": o.get("address"),
+        "num_cpus": o.get("num_cpus"),
+        "beta_times_latent": preset.get("beta_times_latent"),
+        "preset": preset_name,
+    }
+    if o.get("smoke"):
+        values.update(trials=2, epochs=1)
+        train.setdefault("max_train_images", 300)
+        if grid:
+            grid = {k: v[:2] for k, v in list(grid.items())[:1]}
+    # Grid parameters are not searched.
+    space = {k: v for k, v in space.items() if k not in grid}
+    for k in list(space) + list(grid):
+        train.pop(k, None)
+    values["train"] = train
+    values["space"] = space
+    values["grid"] = grid
+    return validate(values)
+
+
+def validate(v: dict[str, Any]) -> StudySpec:
+    name = v["name"]
+    if not name:
+        raise StudyError("a study needs a name: pass --name NAME or set [study] name in the config")
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise StudyError(f"study name {name!r} is not allowed: use letters, digits, '_', '.', '-' (at most 100)")
+    if not v["storage"]:
+        raise StudyError("pass --storage DIR: the folder (or s3:// / gs:// URI) that holds studies")
+    _int(v, "trials", 1, 100000)
+    _int(v, "epochs", 1, 10000)
+    _int(v, "seed", 0, 2**31 - 1)
+    _int(v, "grace_period", 1, 10000)
+    _int(v, "max_concurrent", 0, 100000)
+    _int(v, "max_failures", -1, 1000)
+    _num(v, "reduction_factor", 1.0, 100.0, low_open=True)
+    _num(v, "cpus_per_trial", 0.0, 1024.0, low_open=True)
+    _num(v, "gpus_per_trial", 0.0, 64.0)
+    if v["gpus_per_trial"] > 1 and v["gpus_per_trial"] != int(v["gpus_per_trial"]):
+        raise StudyError(f"--gpus-per-trial {v['gpus_per_trial']} must be a whole number when above 1")
+    if v["num_cpus"] is not None:
+        _int(v, "num_cpus", 1, 100000)
+    if v["mode"] not in ("min", "max"):
+        raise StudyError(f"mode={v['mode']!r} is not allowed: choose min or max")
+    for obj in v["objective"]:
+        if obj not in OBJECTIVES:
+            raise StudyError(f"objective {obj!r} is not a recorded metric: choose from {', '.join(OBJECTIVES)}")
+    if len(v["objective"]) > 2 or len(set(v["objective"])) != len(v["objective"]):
+        raise StudyError("a multi-objective study takes two different metrics, e.g. val_recon,val_kl")
+    if v["scheduler"] not in ("asha", "none"):
+        raise StudyError(f"scheduler={v['scheduler']!r} is not allowed: choose asha or none")
+    if len(v["objective"]) > 1:
+        v["scheduler"] = "none"  # ASHA ranks on one metric; a Pareto study must not be pruned by it
+    if v["grace_period"] > v["epochs"]:
+        v["grace_period"] = v["epochs"]
+    for pname, p in v["space"].items():
+        _check_param(pname, p)
+    for pname, values in v["grid"].items():
+        if pname not in SEARCHABLE:
+            raise StudyError(f"cannot grid over {pname!r}: choose from {', '.join(SEARCHABLE)}")
+        if not values:
+            raise StudyError(f"--grid {pname}= needs at least one value")
+        for value in values:
+            _check_value(pname, value)
+    if not v["space"] and not v["grid"]:
+        raise StudyError("nothing to search: give a [space] entry or a --grid")
+    spec = StudySpec(**v)
+    try:
+        spec.base_config()
+    except ConfigError as exc:
+        raise StudyError(f"invalid training setting: {exc}") from exc
+    if spec.beta_times_latent is not None and "latent_dim" not in spec.grid and "latent_dim" not in spec.space:
+        raise StudyError("beta_times_latent needs latent_dim to be searched or on the grid")
+    return spec
+
+
+def _check_param(name: str, p: dict[str, Any]) -> None:
+    if name not in SEARCHABLE:
+        raise StudyError(f"cannot search over {name!r}: choose from {', '.join(SEARCHABLE)}")
+    kind = p.get("type")
+    extra = set(p) - {"type", "low", "high", "log", "choices"}
+    if extra:
+        raise StudyError(f"unknown key space.{name}.{sorted(extra)[0]}; known: type, low, high, log, choices")
+    if kind == "categorical":
+        choices = p.get("choices")
+        if not isinstance(choices, list) or not choices:
+            raise StudyError(f"space.{name} is categorical and needs a non-empty choices list")
+        for c in choices:
+            _check_value(name, c)
+        return
+    if kind not in ("int", "float"):
+        raise StudyError(f"space.{name}.type={kind!r} is not allowed: choose int, float or categorical")
+    low, high = p.get("low"), p.get("high")
+    if not isinstance(low, (int, float)) or not isinstance(high, (int, float)) or isinstance(low, bool):
+        raise StudyError(f"space.{name} needs numeric low and high")
+    if low > high:
+        raise StudyError(f"space.{name} has low={low} > high={high}: swap them")
+    if p.get("log") and low <= 0:
+        raise StudyError(f"space.{name} is log-scaled and needs low > 0, not {low}")
+    _check_value(name, low if kind == "float" else int(low))
+    _check_value(name, high if kind == "float" else int(high))
+
+
+def _check_value(name: str, value: Any) -> None:
+    try:
+        TrainConfig(**{name: value})
+    except ConfigError as exc:
+        raise StudyError(f"search value out of range: {exc}") from exc
+
+
+def _int(v: dict[str, Any], key: str, low: int, high: int) -> None:
+    x = v[key]
+    if isinstance(x, bool) or not isinstance(x, int):
+        raise StudyError(f"{key}={x!r} has the wrong type: it must be an integer")
+    if not low <= x <= high:
+        raise StudyError(f"{key}={x} is out of range: it must be between {low} and {high}")
+
+
+def _num(v: dict[str, Any], key: str, low: float, high: float, low_open: bool = False) -> None:
+    x = v[key]
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        raise StudyError(f"{key}={x!r} has the wrong type: it must be a number")
+    if (x <= low if low_open else x < low) or x > high:
+        bound = ">" if low_open else ">="
+        raise StudyError(f"{key}={x} is out of range: it must be {bound} {low:g} and <= {high:g}")
+    v[key] = float(x)
+
+
+def parse_grid(items: list[str]) -> dict[str, list[Any]]:
+    """``["latent_dim=5,10", "arch=mlp,conv"]`` -> ``{"latent_dim": [5, 10], "arch": ["mlp", "conv"]}``."""
+    grid: dict[str, list[Any]] = {}
+    for item in items:
+        if "=" not in item:
+            raise StudyError(f"--grid {item!r} must look like name=v1,v2,...")
+        name, _, raw = item.partition("=")
+        name = name.strip().replace("-", "_")
+        grid[name] = [_parse_value(x.strip()) for x in raw.split(",") if x.strip()]
+    return grid
+
+
+def _parse_value(text: str) -> Any:
+    for conv in (int, float):
+        try:
+            return conv(text)
+        except ValueError:
+            pass
+    return text
+
+
+__all__ = ["StudySpec", "build_spec", "read_toml", "parse_grid", "OBJECTIVES", "ARCHS"]
