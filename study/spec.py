@@ -192,8 +192,9 @@ def build_spec(toml: dict[str, Any] | None, overrides: dict[str, Any]) -> StudyS
         train.setdefault("max_train_images", 300)
         if grid:
             grid = {k: v[:2] for k, v in list(grid.items())[:1]}
-    # Grid parameters are not searched.
-    space = {k: v for k, v in space.items() if k not in grid}
+    # A grid is a plain grid: nothing else is searched, every other value is fixed.
+    if grid:
+        space = {}
     for k in list(space) + list(grid):
         train.pop(k, None)
     values["train"] = train

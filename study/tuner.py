@@ -124,6 +124,8 @@ def _quiet() -> None:
 
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     logging.getLogger("optuna").setLevel(logging.WARNING)
+    # Trial failures are reported, one line each, by our progress table and the trials table.
+    logging.getLogger("ray.tune").setLevel(logging.CRITICAL)
     try:
         import optuna
 
@@ -254,6 +256,16 @@ def _error_line(text: str | None) -> str:
     return lines[-1][:500]
 
 
+def _trial_error(trial: Any) -> str:
+    """The trial's error, read from the driver's local copy (the storage copy syncs later)."""
+    path = trial.error_file
+    text = None
+    if path and os.path.isfile(path):
+        with open(path, errors="replace") as f:
+            text = f.read()
+    return _error_line(text or trial.get_error())
+
+
 def _make_callbacks(spec: StudySpec, folder: Path, printer: Printer) -> list[Any]:
     from ray.tune import Callback
 
@@ -298,7 +310,7 @@ def _make_callbacks(spec: StudySpec, folder: Path, printer: Printer) -> list[Any
             self._finish(trial, status, None)
 
         def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            self._finish(trial, "failed", _error_line(trial.get_error()))
+            self._finish(trial, "failed", _trial_error(trial))
 
         def _finish(self, trial: Any, status: str, error: str | None) -> None:
             epochs, meta = self._state(trial)
@@ -357,9 +369,11 @@ def _make_callbacks(spec: StudySpec, folder: Path, printer: Printer) -> list[Any
 
         def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
             now = time.monotonic()
-            if now - self.last_table >= 15:
+            if self.last_table == 0.0:
+                self.last_table = now  # the first table comes after 15 s, when there is news
+            elif now - self.last_table >= 15:
                 self.last_table = now
-                running = [t for t in trials if t.status == "RUNNING"]
+                running = [t for t in trials if t.status == "RUNNING" and t.last_result]
                 printer(f"  -- {self.done}/{spec.n_trials} done, {len(running)} running --")
                 for t in running:
                     r = t.last_result or {}
@@ -378,7 +392,7 @@ def _make_callbacks(spec: StudySpec, folder: Path, printer: Printer) -> list[Any
 
         def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
             self.done += 1
-            printer(f"  failed   {trial.trial_id}  {_error_line(trial.get_error())}  [{self.done}/{spec.n_trials}]")
+            printer(f"  failed   {trial.trial_id}  {_trial_error(trial)}  [{self.done}/{spec.n_trials}]")
 
         def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
             printer(f"  retry    {trial.trial_id}  (attempt {trial.num_failures + 1}, from its last checkpoint)")
@@ -482,6 +496,8 @@ def _fit(spec: StudySpec, folder: Path, printer: Printer, *, restore: bool) -> S
     from ray import tune
 
     t0 = time.perf_counter()
+    # Save Ray's experiment state every few seconds (default: 10+), so a killed driver loses less.
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "3")
     n_slots = slots(spec)
     concurrent = spec.max_concurrent or n_slots
     trainable = make_trainable(spec)
@@ -522,6 +538,8 @@ def _fit(spec: StudySpec, folder: Path, printer: Printer, *, restore: bool) -> S
             f"scheduler {spec.scheduler if not spec.multi_objective else 'none'}; results in {folder}"
         )
     tuner.fit()
+    if restore:
+        _close_stale_optuna_trials(folder, spec)
     wall = time.perf_counter() - t0
     df = results.load(folder, "trials")
     best = best_trial(df, spec)
@@ -552,6 +570,20 @@ def _check_restored_searcher(tuner: Any, spec: StudySpec) -> None:
 
     if not isinstance(inner, OptunaSearch):
         raise StudyError(f"restored study {spec.name!r} lost its Optuna searcher ({type(inner).__name__}); cannot resume safely")
+
+
+def _close_stale_optuna_trials(folder: Path, spec: StudySpec) -> int:
+    """After a resumed study ends, an Optuna trial still RUNNING was asked for by the killed driver
+    after Ray last saved its state, and never ran: mark it FAIL so the study reads true."""
+    import optuna
+
+    storage = optuna.storages.RDBStorage(f"sqlite:///{folder / OPTUNA_DB}")
+    study = optuna.load_study(study_name=spec.name, storage=storage)
+    stale = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.RUNNING]
+    for t in stale:
+        storage.set_trial_system_attr(t._trial_id, "vae_study_note", "asked before a driver crash; never ran")
+        storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
+    return len(stale)
 
 
 def best_trial(df: Any, spec: StudySpec) -> dict[str, Any] | None:

@@ -1,0 +1,126 @@
+"""Real studies: Ray Tune on 127.0.0.1 with 2 CPUs, a real SQLite Optuna storage, real Parquet."""
+from __future__ import annotations
+
+import json
+
+import duckdb
+import optuna
+import pyarrow.parquet as pq
+import pytest
+
+from study import results
+from study.errors import StudyError
+from study.spec import build_spec
+from study.tuner import OPTUNA_DB, run
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    from study.tuner import init_ray
+
+    init_ray(None, 2)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def four(ray_local, tmp_path_factory):
+    storage = tmp_path_factory.mktemp("studies")
+    spec = build_spec(None, {"name": "four", "storage": str(storage), "trials": 4, "epochs": 1,
+                             "max_train_images": 300, "num_cpus": 2})
+    lines: list[str] = []
+    res = run(spec, printer=lines.append)
+    return spec, res, lines
+
+
+def test_four_trials_land_in_parquet_read_by_pyarrow_duckdb_polars(four):
+    spec, res, _ = four
+    folder = res.folder
+    t = pq.read_table(folder / "trials")
+    assert t.num_rows == 4
+    assert set(t.column("status").to_pylist()) <= {"completed", "pruned"}
+    con = duckdb.connect()
+    n_trials = con.execute(f"SELECT count(*) FROM read_parquet('{folder}/trials/*.parquet')").fetchone()[0]
+    n_epochs = con.execute(f"SELECT count(*) FROM read_parquet('{folder}/epochs/*.parquet')").fetchone()[0]
+    digits = con.execute(
+        f"SELECT recon_mode, count(*), sum(n_images) FROM read_parquet('{folder}/digits/*.parquet') "
+        "WHERE split = 'test' GROUP BY recon_mode ORDER BY recon_mode"
+    ).fetchall()
+    assert n_trials == 4 and n_epochs == 4  # one epoch each
+    # every trial: 10 digits x 2 modes, each digit over all test images of the (smoke) split
+    assert [(m, c) for m, c, _ in digits] == [("posterior_mean", 40), ("posterior_sample", 40)]
+    import polars as pl
+
+    assert pl.read_parquet(folder / "trials" / "*.parquet").height == 4
+
+
+def test_trials_table_records_params_results_and_provenance(four):
+    _, res, _ = four
+    df = results.load(res.folder)
+    assert len(df) == 4 and df["trial_id"].is_unique
+    for col in ("param_latent_dim", "param_beta", "param_lr", "val_elbo", "test_mse", "test_psnr",
+                "node", "hostname", "device", "torch_version", "ray_version", "optuna_version",
+                "checkpoint", "started_at", "finished_at", "train_seconds", "images_per_second"):
+        assert df[col].notna().all(), col
+    assert (df["param_latent_dim"].between(2, 32)).all() and (df["param_beta"].between(0.01, 10)).all()
+    assert df["param_latent_dim"].nunique() > 1  # Optuna really proposed different configs
+    assert (df["schema_version"] == results.SCHEMA_VERSION).all()
+    assert (df["device"] == "cpu").all()
+
+
+def test_optuna_storage_holds_the_same_trials(four):
+    spec, res, _ = four
+    study = optuna.load_study(study_name=spec.name, storage=f"sqlite:///{res.folder / OPTUNA_DB}")
+    trials = study.get_trials()
+    assert len(trials) == 4
+    assert all(t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED) for t in trials)
+    df = results.load(res.folder)
+    assert sorted(t.params["latent_dim"] for t in trials) == sorted(df["param_latent_dim"].tolist())
+    best_optuna = min(t.value for t in trials if t.value is not None)
+    assert best_optuna == pytest.approx(df["objective"].min())
+
+
+def test_progress_and_summary(four):
+    _, res, lines = four
+    assert any(line.strip().startswith("start") for line in lines)
+    assert sum(1 for line in lines if line.split()[0] in ("done", "pruned")) == 4
+    assert res.best is not None and res.best["val_elbo"] == pytest.approx(res.trials["val_elbo"].min())
+
+
+def test_existing_study_is_not_overwritten(four):
+    spec, res, _ = four
+    before = sorted(p.name for p in (res.folder / "trials").iterdir())
+    with pytest.raises(StudyError, match="already exists.*resume"):
+        run(spec)
+    assert sorted(p.name for p in (res.folder / "trials").iterdir()) == before
+
+
+def test_failing_trial_is_recorded_and_study_goes_on(ray_local, tmp_path):
+    # lr = 9 with beta = 1000 diverges to NaN within the first epoch; lr = 1e-3 trains fine.
+    spec = build_spec({"train": {"beta": 1000.0, "latent_dim": 4}},
+                      {"name": "nan", "storage": str(tmp_path), "epochs": 2, "max_train_images": 300,
+                       "grid": {"lr": [9.0, 0.001]}, "num_cpus": 2})
+    res = run(spec, printer=lambda s: None)
+    df = res.trials.set_index("param_lr")
+    assert len(df) == 2
+    assert df.loc[9.0, "status"] == "failed" and "non-finite" in df.loc[9.0, "error"]
+    assert df.loc[0.001, "status"] == "completed" and df.loc[0.001, "epochs_run"] == 2
+    study = optuna.load_study(study_name="nan", storage=f"sqlite:///{res.folder / OPTUNA_DB}")
+    states = sorted(t.state.name for t in study.get_trials())
+    assert states == ["COMPLETE", "FAIL"]
+
+
+def test_asha_prunes_weak_trials(ray_local, tmp_path):
+    spec = build_spec(None, {"name": "asha", "storage": str(tmp_path), "trials": 6, "epochs": 4,
+                             "max_train_images": 300, "num_cpus": 2, "max_concurrent": 1,
+                             "grace_period": 1, "reduction_factor": 2})
+    res = run(spec, printer=lambda s: None)
+    df = res.trials
+    assert len(df) == 6
+    assert (df["status"] == "pruned").any(), df[["status", "epochs_run"]]
+    pruned = df[df.status == "pruned"]
+    assert (pruned["epochs_run"] < 4).all()
+    epochs = results.load(res.folder, "epochs")
+    assert len(epochs) == df["epochs_run"].sum()
