@@ -275,6 +275,7 @@ def _make_callbacks(spec: StudySpec, folder: Path, printer: Printer) -> list[Any
         def __init__(self) -> None:
             self.epochs: dict[str, dict[int, dict[str, Any]]] = {}
             self.trial_info: dict[str, dict[str, Any]] = {}
+            self.reported: set[str] = set()  # trials that reported to this driver
 
         def _state(self, trial: Any) -> tuple[dict[int, dict[str, Any]], dict[str, Any]]:
             tid = trial.trial_id
@@ -289,6 +290,7 @@ def _make_callbacks(spec: StudySpec, folder: Path, printer: Printer) -> list[Any
 
         def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
             epochs, meta = self._state(trial)
+            self.reported.add(trial.trial_id)
             epoch = int(result["epoch"])
             epochs[epoch] = {k: result.get(k) for k in results.EPOCH_COLUMNS if k not in ("study", "trial_id")}
             for k in ("node", "hostname", "device", "precision", "torch_version", "param_beta"):
@@ -313,8 +315,12 @@ def _make_callbacks(spec: StudySpec, folder: Path, printer: Printer) -> list[Any
             self._finish(trial, "failed", _trial_error(trial))
 
         def _finish(self, trial: Any, status: str, error: str | None) -> None:
-            epochs, meta = self._state(trial)
             tid = trial.trial_id
+            if tid not in self.reported and _final_row_exists(folder, tid):
+                # Finished before a driver crash, after Ray's last state save: the resumed trial
+                # restored its final checkpoint and trained nothing. Keep the row as it was.
+                return
+            epochs, meta = self._state(trial)
             rows = [epochs[e] for e in sorted(epochs)]
             best = min(rows, key=lambda r: r["val_elbo"] if r["val_elbo"] is not None and math.isfinite(r["val_elbo"]) else math.inf, default=None)
             if best is not None and not (best["val_elbo"] is not None and math.isfinite(best["val_elbo"])):
@@ -427,6 +433,17 @@ def _params_text(config: dict[str, Any], spec: StudySpec) -> str:
         v = config.get(k)
         parts.append(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}")
     return " ".join(parts)
+
+
+def _final_row_exists(folder: Path, trial_id: str) -> bool:
+    import pyarrow.parquet as pq
+
+    path = folder / "trials" / f"{trial_id}.parquet"
+    try:
+        return path.is_file() and pq.read_table(path, columns=["status"]).column(0)[0].as_py() in (
+            "completed", "pruned", "failed")
+    except Exception:  # an unreadable row is rewritten
+        return False
 
 
 def _read_back(folder: Path, trial_id: str) -> tuple[dict[int, dict[str, Any]], dict[str, Any]]:

@@ -1,0 +1,60 @@
+"""SIGKILL the driver of a real study mid-way, then `vae-study resume`: no trial lost, none duplicated."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import optuna
+import pyarrow.parquet as pq
+
+from conftest import REPO, run_cli
+from study import results
+
+N = 6
+
+
+def test_resume_after_sigkill(tmp_path):
+    storage = tmp_path / "studies"
+    cmd = [sys.executable, "-m", "study", "run", "--name", "k", "--storage", str(storage), "--trials", str(N),
+           "--epochs", "4", "--num-cpus", "2", "--max-train-images", "400", "--no-early-stopping"]
+    driver = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    trials_dir = storage / "k" / "trials"
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        done = list(trials_dir.glob("*.parquet")) if trials_dir.is_dir() else []
+        if len(done) >= 2:
+            break
+        time.sleep(0.2)
+    os.kill(driver.pid, signal.SIGKILL)
+    driver.wait(timeout=30)
+    assert 2 <= len(done) < N, "the kill must land mid-study"
+    before = {p.stem: pq.read_table(p).column("finished_at")[0].as_py() for p in done}
+
+    r = run_cli("resume", "--name", "k", "--storage", str(storage), "--num-cpus", "2", timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    df = results.load(storage / "k")
+    assert len(df) == N and df["trial_id"].is_unique
+    assert (df["status"] == "completed").all() and (df["epochs_run"] == 4).all()
+    # the trials that had finished before the kill were kept as they were, not run again
+    for tid, finished in before.items():
+        assert df.set_index("trial_id").loc[tid, "finished_at"] == finished
+    # every trial has each of its epochs exactly once
+    ep = results.load(storage / "k", "epochs")
+    counts = ep.groupby("trial_id")["epoch"].agg(["count", "nunique", "max"])
+    assert (counts["count"] == 4).all() and (counts["nunique"] == 4).all() and (counts["max"] == 4).all()
+    # Optuna agrees: N finished trials, nothing left RUNNING, no extra completed ones
+    study = optuna.load_study(study_name="k", storage=f"sqlite:///{storage / 'k' / 'optuna.db'}")
+    states = [t.state for t in study.get_trials()]
+    assert states.count(optuna.trial.TrialState.COMPLETE) == N
+    assert optuna.trial.TrialState.RUNNING not in states
+    assert sorted(t.params["latent_dim"] for t in study.get_trials() if t.state.name == "COMPLETE") == sorted(
+        df["param_latent_dim"].tolist()
+    )
+
+
+def test_resume_of_unknown_study_is_a_clear_error(tmp_path):
+    r = run_cli("resume", "--name", "nope", "--storage", str(tmp_path))
+    assert r.returncode == 2 and "no study 'nope'" in r.stderr and len(r.stderr.strip().splitlines()) == 1
