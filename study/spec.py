@@ -187,8 +187,8 @@ def build_spec(toml: dict[str, Any] | None, overrides: dict[str, Any]) -> StudyS
         "beta_times_latent": preset.get("beta_times_latent"),
         "preset": preset_name,
     }
-    if o.get("smoke"):
-        values.update(trials=2, epochs=1)
+    if o.get("smoke"):  # tiny, unless a flag says otherwise
+        values.update(trials=o.get("trials", 2), epochs=o.get("epochs", 1))
         train.setdefault("max_train_images", 300)
         if grid:
             grid = {k: v[:2] for k, v in list(grid.items())[:1]}

@@ -1,0 +1,123 @@
+"""The real `vae-study run` and `vae-study results` commands, in subprocesses."""
+from __future__ import annotations
+
+import io
+import json
+
+import pandas as pd
+import pytest
+
+from conftest import run_cli
+
+
+@pytest.fixture(scope="module")
+def study_dir(tmp_path_factory):
+    storage = tmp_path_factory.mktemp("cli")
+    r = run_cli("run", "--smoke", "--trials", "3", "--name", "demo", "--storage", str(storage), "--num-cpus", "2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "best trial" in r.stdout and "finished" in r.stdout
+    return storage / "demo"
+
+
+def test_results_table_default(study_dir):
+    r = run_cli("results", str(study_dir))
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.strip().splitlines()
+    assert lines[0].split()[:2] == ["trial_id", "status"] and len(lines) == 1 + 3
+
+
+def test_results_csv_sort_top_columns(study_dir):
+    r = run_cli("results", str(study_dir), "--sort", "val_elbo", "--top", "2", "--columns", "trial_id,val_elbo",
+                "--format", "csv")
+    assert r.returncode == 0, r.stderr
+    df = pd.read_csv(io.StringIO(r.stdout))
+    assert list(df.columns) == ["trial_id", "val_elbo"] and len(df) == 2
+    assert df["val_elbo"].is_monotonic_increasing
+    r = run_cli("results", str(study_dir), "--sort", "val_elbo", "--desc", "--format", "csv")
+    assert pd.read_csv(io.StringIO(r.stdout))["val_elbo"].is_monotonic_decreasing
+
+
+def test_results_where_and_json(study_dir):
+    r = run_cli("results", str(study_dir), "--table", "digits", "--where",
+                "recon_mode = 'posterior_mean' AND digit < 3", "--format", "json")
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(r.stdout)
+    assert len(rows) == 3 * 3 and {row["digit"] for row in rows} == {0, 1, 2}
+    r = run_cli("results", str(study_dir), "--table", "epochs", "--format", "json")
+    assert len(json.loads(r.stdout)) == 3
+
+
+def test_results_of_a_storage_root_reads_every_study(study_dir):
+    r = run_cli("results", str(study_dir.parent), "--format", "csv", "--columns", "study,trial_id")
+    assert r.returncode == 0 and set(pd.read_csv(io.StringIO(r.stdout))["study"]) == {"demo"}
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["--where", "val_elbo <"], "invalid --where"),
+        (["--where", "no_such_col > 1"], "invalid --where"),
+        (["--sort", "no_such_col"], "unknown column 'no_such_col'"),
+        (["--columns", "trial_id,nope"], "unknown column 'nope'"),
+        (["--top", "0"], "--top 0"),
+        (["--table", "nope"], "invalid choice"),
+    ],
+)
+def test_results_bad_queries(study_dir, args, words):
+    r = run_cli("results", str(study_dir), *args)
+    assert r.returncode == 2, r.stdout
+    assert words in r.stderr and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+
+
+def test_results_missing_or_empty_folder(tmp_path):
+    r = run_cli("results", str(tmp_path / "nope"))
+    assert r.returncode == 2 and "does not exist" in r.stderr
+    r = run_cli("results", str(tmp_path))
+    assert r.returncode == 2 and "holds no study" in r.stderr
+
+
+def test_corrupt_parquet_is_reported_and_skipped(study_dir, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(study_dir, copy, ignore=shutil.ignore_patterns("tune"))
+    (copy / "trials" / "zzzz.parquet").write_bytes(b"PAR1 this is not parquet")
+    r = run_cli("results", str(copy), "--format", "csv")
+    assert r.returncode == 0
+    assert "skipped unreadable file" in r.stderr and "zzzz.parquet" in r.stderr
+    assert len(pd.read_csv(io.StringIO(r.stdout))) == 3
+
+
+def test_run_existing_name_refused_and_nothing_lost(study_dir):
+    before = sorted(p.name for p in (study_dir / "trials").iterdir())
+    r = run_cli("run", "--smoke", "--name", "demo", "--storage", str(study_dir.parent), "--num-cpus", "2")
+    assert r.returncode == 2 and "already exists" in r.stderr and "vae-study resume" in r.stderr
+    assert sorted(p.name for p in (study_dir / "trials").iterdir()) == before
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["--trials", "0"], "trials=0"),
+        (["--epochs", "0"], "epochs=0"),
+        (["--dataset", "cifar"], "dataset='cifar'"),
+        (["--dataset", "mnist", "--data-dir", "/no/such/dir"], "does not exist"),
+        (["--grid", "latent_dim=0,4"], "latent_dim=0"),
+        (["--grid", "latent_dim"], "must look like name=v1,v2"),
+        (["--gpus-per-trial", "0.25"], "has 0 GPUs"),
+        (["--objective", "train_loss"], "not a recorded metric"),
+    ],
+)
+def test_run_bad_input_writes_nothing(tmp_path, args, words):
+    storage = tmp_path / "st"
+    r = run_cli("run", "--smoke", "--name", "bad", "--storage", str(storage), "--num-cpus", "2", *args)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert words in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not (storage / "bad").exists()
+
+
+def test_run_with_malformed_toml(tmp_path):
+    f = tmp_path / "s.toml"
+    f.write_text("[space.beta]\nlow = ")
+    r = run_cli("run", str(f), "--name", "x", "--storage", str(tmp_path / "st"))
+    assert r.returncode == 2 and "not valid TOML" in r.stderr and not (tmp_path / "st").exists()

@@ -1,0 +1,110 @@
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from study.errors import StudyError
+from study.spec import build_spec, parse_grid, read_toml
+from study.tuner import fixed_params, make_scheduler, optuna_space
+
+BASE = {"name": "s", "storage": "/tmp/x"}
+
+
+def test_defaults():
+    spec = build_spec(None, BASE)
+    assert spec.objective == ("val_elbo",) and spec.mode == "min" and spec.scheduler == "asha"
+    assert spec.space["latent_dim"] == {"type": "int", "low": 2, "high": 32}
+    assert spec.space["beta"]["log"] and spec.space["beta"]["low"] == 0.01 and spec.space["beta"]["high"] == 10
+    assert spec.space["lr"]["low"] == 1e-4 and spec.space["lr"]["high"] == 3e-3
+    space = optuna_space(spec)
+    assert space["beta"].log and space["latent_dim"].low == 2
+    assert "latent_dim" not in fixed_params(spec) and fixed_params(spec)["dataset"] == "mnist-sample"
+
+
+def test_grid_expands_to_a_plain_grid():
+    spec = build_spec(None, {**BASE, "grid": parse_grid(["latent_dim=5,10,15,20", "arch=mlp,conv"])})
+    assert spec.grid == {"latent_dim": [5, 10, 15, 20], "arch": ["mlp", "conv"]}
+    assert spec.n_trials == 8 and spec.space == {}
+    assert optuna_space(spec)["latent_dim"].choices == (5, 10, 15, 20)
+    assert "beta" in fixed_params(spec)  # not searched: fixed at its default
+
+
+def test_seed_replication_preset():
+    spec = build_spec(None, {**BASE, "preset": "seed-replication"})
+    assert spec.grid == {"latent_dim": [5, 10, 15, 20]} and spec.n_trials == 4
+    assert spec.epochs == 15 and spec.scheduler == "none" and make_scheduler(spec) is None
+    base = spec.base_config()
+    assert base.arch == "conv" and base.batch_size == 32 and base.lr == 1e-3
+    from study.trainable import trial_config
+
+    for d in (5, 10, 15, 20):
+        c = trial_config({**fixed_params(spec), "latent_dim": d}, {"beta_times_latent": spec.beta_times_latent})
+        assert math.isclose(c["beta"], 0.784 / d)
+
+
+def test_smoke_is_tiny():
+    spec = build_spec(None, {**BASE, "smoke": True})
+    assert spec.trials == 2 and spec.epochs == 1 and spec.base_config().max_train_images == 300
+
+
+def test_toml_and_overrides(tmp_path):
+    f = tmp_path / "s.toml"
+    f.write_text('''
+[study]
+name = "from-toml"
+trials = 5
+objective = ["val_recon", "val_kl"]
+[train]
+arch = "conv"
+[space.beta]
+type = "float"
+low = 0.1
+high = 4.0
+log = true
+[scheduler]
+type = "asha"
+grace_period = 2
+''')
+    spec = build_spec(read_toml(f), {"storage": "/tmp/x", "trials": 7})
+    assert spec.name == "from-toml" and spec.trials == 7  # the flag wins
+    assert spec.multi_objective and spec.scheduler == "none"  # Pareto studies are not pruned
+    assert list(spec.space) == ["beta"] and spec.base_config().arch == "conv"
+
+
+@pytest.mark.parametrize(
+    "toml, overrides, words",
+    [
+        (None, {"name": None}, "needs a name"),
+        (None, {"name": "a b"}, "not allowed"),
+        ({"study": {"trails": 3}}, {}, "unknown config key study.trails"),
+        ({"bogus": {}}, {}, "unknown config section"),
+        ({"train": {"latent_dimm": 3}}, {}, "unknown config key 'latent_dimm'"),
+        ({"train": {"batch_size": "big"}}, {}, "batch_size='big' has the wrong type"),
+        ({"space": {"beta": {"type": "float", "low": 5.0, "high": 1.0}}}, {}, "low=5.0 > high=1.0"),
+        ({"space": {"beta": {"type": "float", "low": -1.0, "high": 1.0}}}, {}, "beta=-1.0"),
+        ({"space": {"latent_dim": {"type": "int", "low": 0, "high": 4}}}, {}, "latent_dim=0"),
+        ({"space": {"arch": {"type": "categorical", "choices": ["mlp", "vit"]}}}, {}, "arch='vit'"),
+        ({"space": {"optimizer": {"type": "categorical", "choices": ["adam"]}}}, {}, "cannot search over 'optimizer'"),
+        (None, {"trials": 0}, "trials=0"),
+        (None, {"epochs": 0}, "epochs=0"),
+        (None, {"objective": ["train_loss"]}, "not a recorded metric"),
+        (None, {"dataset": "cifar"}, "dataset='cifar'"),
+        (None, {"preset": "nope"}, "unknown preset"),
+        (None, {"gpus_per_trial": -1.0}, "gpus_per_trial"),
+        (None, {"grid": {"latent_dim": [0, 5]}}, "latent_dim=0"),
+    ],
+)
+def test_bad_specs(toml, overrides, words):
+    with pytest.raises(StudyError) as err:
+        build_spec(toml, {**BASE, **overrides})
+    assert words in str(err.value) and "\n" not in str(err.value)
+
+
+def test_malformed_toml(tmp_path):
+    f = tmp_path / "bad.toml"
+    f.write_text("[study\nname = 3")
+    with pytest.raises(StudyError, match="not valid TOML"):
+        read_toml(f)
+    with pytest.raises(StudyError, match="does not exist"):
+        read_toml(tmp_path / "missing.toml")
