@@ -234,6 +234,32 @@ def cmd_results(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    """Build the figures and a self-contained HTML report of a study (finished or running).
+
+    Writes PNGs, index.html (opens from a file, no server) and summary.json to --out
+    (default: STUDY/report). Arrays computed from the winner's checkpoint are cached there,
+    so a second run is fast.
+
+    Examples:
+        vae-study report studies/demo
+        vae-study report studies/demo --out paper-figs --trial 3f2a1b7c
+    """
+    from analysis.report import Options, build
+
+    opts = Options(trial=args.trial, device=args.device, tsne_points=args.tsne_points,
+                   gap_images=args.gap_images, decoder_steps=args.decoder_steps)
+    for name, value, low in (("--tsne-points", opts.tsne_points, 5), ("--gap-images", opts.gap_images, 10),
+                             ("--decoder-steps", opts.decoder_steps, 1)):
+        if value < low:
+            from study.errors import StudyError
+
+            raise StudyError(f"{name} {value} must be at least {low}")
+    index = build(args.study, args.out, options=opts, printer=_log)
+    print(f"report: {index}")
+    return 0
+
+
 _DEFAULT_COLUMNS = {
     "trials": ["trial_id", "status", "param_arch", "param_latent_dim", "param_beta", "param_lr",
                "epochs_run", "val_elbo", "val_mse", "test_mse", "test_psnr", "train_seconds", "error"],
@@ -331,6 +357,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("table", "csv", "json"), default="table")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     p.set_defaults(func=cmd_results)
+
+    p = sub.add_parser("report", help="figures and an HTML report of a study", description=cmd_report.__doc__,
+                       formatter_class=_fmt_help())
+    p.add_argument("study", help="the study folder (STORAGE/NAME)")
+    p.add_argument("--out", metavar="DIR", help="default: STUDY/report")
+    p.add_argument("--trial", metavar="ID", help="analyse this trial instead of the winner")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or auto for the checkpoint computations")
+    p.add_argument("--tsne-points", type=int, default=10000, metavar="N")
+    p.add_argument("--gap-images", type=int, default=1000, metavar="N", help="images for the decoder-only gap")
+    p.add_argument("--decoder-steps", type=int, default=150, metavar="N")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.set_defaults(func=cmd_report)
 
     return parser
 

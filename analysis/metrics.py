@@ -1,0 +1,139 @@
+"""Pure functions on the results tables and on arrays: no files, no plotting."""
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import numpy as np
+import pandas as pd
+
+# The reference project's per-digit results on the full 10k MNIST test set, from its
+# decoder row, i.e. our ``posterior_sample`` (DESIGN.md): d -> (mean MSE, mean PSNR dB,
+# best digit, its MSE, worst digit, its MSE).
+REFERENCE = {
+    5: (0.02389, 16.67, 1, 0.00493, 8, 0.03443),
+    10: (0.01323, 19.17, 1, 0.00342, 8, 0.01963),
+    15: (0.00908, 20.77, 1, 0.00247, 8, 0.01312),
+    20: (0.01430, 18.88, 1, 0.00334, 8, 0.02114),
+}
+
+FINISHED = ("completed", "pruned")
+INACTIVE_KL = 0.01  # nats: a latent dimension carrying less than this on average is unused
+
+
+def finished(trials: pd.DataFrame) -> pd.DataFrame:
+    """Trials that produced a usable model (completed or pruned, with a finite objective)."""
+    ok = trials["status"].isin(FINISHED) & trials["objective"].notna() & np.isfinite(trials["objective"].astype(float))
+    return trials[ok]
+
+
+def rank(trials: pd.DataFrame, mode: str = "min") -> pd.DataFrame:
+    """Usable trials, best first by the study objective (ties: lower val -ELBO, then trial id)."""
+    ok = finished(trials)
+    return ok.sort_values(["objective", "val_elbo", "trial_id"], ascending=[mode == "min", True, True], kind="stable")
+
+
+def winner(trials: pd.DataFrame, mode: str = "min") -> pd.Series | None:
+    ranked = rank(trials, mode)
+    return None if ranked.empty else ranked.iloc[0]
+
+
+def winners_by_latent(trials: pd.DataFrame, mode: str = "min") -> pd.DataFrame:
+    """The best trial for each latent size present, ordered by latent size."""
+    ranked = rank(trials, mode)
+    best = ranked.groupby("param_latent_dim", sort=True).head(1)
+    return best.sort_values("param_latent_dim").reset_index(drop=True)
+
+
+def digit_matrix(digits: pd.DataFrame, winners: pd.DataFrame, *, metric: str = "mse",
+                 split: str = "test", recon_mode: str = "posterior_mean") -> pd.DataFrame:
+    """A (digit x latent_dim) table of ``metric`` for each latent size's winner."""
+    ids = dict(zip(winners["trial_id"], winners["param_latent_dim"]))
+    sel = digits[digits["trial_id"].isin(ids) & (digits["split"] == split) & (digits["recon_mode"] == recon_mode)]
+    sel = sel.assign(latent_dim=sel["trial_id"].map(ids))
+    return sel.pivot_table(index="digit", columns="latent_dim", values=metric, aggfunc="first").sort_index()
+
+
+def reference_comparison(matrix_mse: pd.DataFrame, matrix_sample_mse: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Our per-latent-size mean MSE/PSNR beside the reference project's, for the sizes both have."""
+    rows = []
+    for d, ref in REFERENCE.items():
+        if d not in matrix_mse.columns:
+            continue
+        ours = matrix_mse[d]
+        row: dict[str, Any] = {
+            "latent_dim": d,
+            "ours_posterior_mean_mse": float(ours.mean()),
+            "ours_posterior_mean_psnr": float((10 * np.log10(1 / ours)).mean()),
+        }
+        if matrix_sample_mse is not None and d in matrix_sample_mse.columns:
+            s = matrix_sample_mse[d]
+            row["ours_posterior_sample_mse"] = float(s.mean())
+            row["ours_posterior_sample_psnr"] = float((10 * np.log10(1 / s)).mean())
+        row["reference_mse"], row["reference_psnr"] = ref[0], ref[1]
+        row["reference_worst"] = f"{ref[4]}: {ref[5]:.5f}"
+        row["ours_worst"] = f"{int(ours.idxmax())}: {float(ours.max()):.5f}"
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def pareto_front(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Indices of the points not dominated when both x and y are minimised, sorted by x."""
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    order = np.lexsort((y, x))
+    front, best_y = [], np.inf
+    for i in order:
+        if y[i] < best_y:
+            front.append(i)
+            best_y = y[i]
+    return np.array(front, dtype=int)
+
+
+def best_so_far(trials: pd.DataFrame, *, metric: str = "val_elbo", mode: str = "min") -> pd.DataFrame:
+    """Best-so-far ``metric`` against cumulative trial-epochs, trials in finishing order."""
+    df = trials.sort_values(["finished_at", "trial_id"]).copy()
+    vals = df[metric].astype(float).where(df["status"].isin(FINISHED))
+    vals = vals.fillna(np.inf if mode == "min" else -np.inf)
+    df["cumulative_epochs"] = df["epochs_run"].fillna(0).astype(int).cumsum()
+    df["best_so_far"] = vals.cummin() if mode == "min" else vals.cummax()
+    return df[["trial_id", "cumulative_epochs", "best_so_far"]].reset_index(drop=True)
+
+
+def status_counts(trials: pd.DataFrame) -> dict[str, int]:
+    counts = trials["status"].value_counts().to_dict()
+    return {s: int(counts.get(s, 0)) for s in ("completed", "pruned", "failed")}
+
+
+def total_compute(trials: pd.DataFrame, epochs: pd.DataFrame) -> dict[str, float]:
+    return {
+        "trials": int(len(trials)),
+        "trial_epochs": int(len(epochs)),
+        "train_seconds": float(trials["train_seconds"].fillna(0).sum()),
+    }
+
+
+def kl_per_dimension(mu: np.ndarray, logvar: np.ndarray) -> np.ndarray:
+    """Average KL(q(z_j|x) || N(0,1)) per latent dimension j over the images, in nats. (N, d) -> (d,)."""
+    return (-0.5 * (1 + logvar - mu**2 - np.exp(logvar))).mean(0)
+
+
+class Traversal(NamedTuple):
+    order: np.ndarray  # latent dimensions, most informative first
+    kl: np.ndarray  # their average KL (nats), same order
+    active: np.ndarray  # bool, same order
+    offsets: np.ndarray  # values added to the base code along each dimension
+
+
+def traversal_plan(mu: np.ndarray, logvar: np.ndarray, *, max_dims: int = 10, steps: int = 9,
+                   span: float = 3.0) -> Traversal:
+    kl = kl_per_dimension(mu, logvar)
+    order = np.argsort(-kl, kind="stable")[:max_dims]
+    return Traversal(order, kl[order], kl[order] >= INACTIVE_KL, np.linspace(-span, span, steps))
+
+
+def amortisation_gap(digits: pd.DataFrame) -> pd.DataFrame:
+    """Per digit: posterior_mean MSE, decoder_only MSE and the gap between them."""
+    pv = digits.pivot_table(index="digit", columns="recon_mode", values="mse", aggfunc="first")
+    out = pd.DataFrame({"posterior_mean": pv["posterior_mean"], "decoder_only": pv["decoder_only"]})
+    out["gap"] = out["posterior_mean"] - out["decoder_only"]
+    out["gap_percent"] = 100 * out["gap"] / out["posterior_mean"]
+    return out.reset_index()

@@ -1,0 +1,496 @@
+"""The only writer of the analysis package: PNGs, a self-contained index.html and summary.json.
+
+``build(study_dir)`` reads the Parquet results, picks the winner, computes what needs its
+checkpoint through the ``vae`` package (t-SNE, reconstruction panel, decoder-only gap,
+traversals, prior samples), caches those arrays in ``<out>/cache/`` and draws every figure.
+A figure that cannot be made is left out with a visible note, never a crash.
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import html
+import json
+import os
+import time
+import uuid
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pandas as pd
+
+from analysis import figures as F
+from analysis import metrics as M
+from study import results
+from study.errors import StudyError
+
+DPI = 200
+CACHE_VERSION = 1
+
+
+@dataclass
+class Section:
+    title: str
+    images: list[str] = field(default_factory=list)
+    tables: list[tuple[str, pd.DataFrame]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    text: str = ""
+
+
+@dataclass
+class Options:
+    trial: str | None = None
+    device: str = "cpu"
+    tsne_points: int = 10000
+    gap_images: int = 1000
+    decoder_steps: int = 150
+    k: int = 10
+    seed: int = 0
+
+
+# --------------------------------------------------------------------------- entry point
+
+def build(study_dir: str | os.PathLike, out: str | os.PathLike | None = None, *,
+          options: Options | None = None, printer: Callable[[str], None] | None = None) -> Path:
+    """Build the report of one study; returns the path of ``index.html``.
+
+    Raises:
+        StudyError: the folder holds no study, or the study has no trials yet.
+    """
+    opts = options or Options()
+    say = printer or (lambda s: None)
+    folder = Path(study_dir)
+    if not folder.exists():
+        raise StudyError(f"study folder {folder} does not exist")
+    if not ((folder / "study.json").is_file() or (folder / "trials").is_dir()):
+        raise StudyError(f"{folder} holds no study (no study.json or trials/); pass the folder of one study")
+    spec = _read_spec(folder)
+    skipped: list[str] = []
+    trials = results.load(folder, "trials", on_skip=lambda p, r: skipped.append(f"skipped unreadable {p.name}: {r}"))
+    if trials.empty:
+        raise StudyError(f"study {folder.name} has no trials recorded yet; run or resume it first")
+    epochs = results.load(folder, "epochs")
+    digits = results.load(folder, "digits")
+    out = Path(out) if out is not None else folder / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    mode = spec.get("mode", "min")
+    name = spec.get("name", folder.name)
+
+    t0 = time.perf_counter()
+    timings: dict[str, float] = {}
+    sections: list[Section] = []
+    summary: dict[str, Any] = {"study": name, "folder": str(folder), "objective": spec.get("objective", ["val_elbo"]),
+                               "mode": mode, "counts": M.status_counts(trials),
+                               "compute": M.total_compute(trials, epochs), "notes": list(skipped)}
+
+    if opts.trial is not None:
+        if opts.trial not in set(trials["trial_id"]):
+            raise StudyError(f"trial {opts.trial!r} is not in study {name}; see `vae-study results {folder}`")
+        win = trials[trials["trial_id"] == opts.trial].iloc[0]
+    else:
+        win = M.winner(trials, mode)
+    summary["winner"] = None if win is None else _jsonable(win.to_dict())
+
+    def step(label: str, fn: Callable[[], Section | None]) -> None:
+        s0 = time.perf_counter()
+        try:
+            section = fn()
+        except Exception as exc:  # a figure that cannot be made is noted, not fatal
+            section = Section(label, notes=[f"not drawn: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"])
+        timings[label] = time.perf_counter() - s0
+        if section is not None:
+            sections.append(section)
+        say(f"  {label:<34} {timings[label]:6.1f} s")
+
+    step("Summary", lambda: _summary_section(trials, win, digits, summary))
+    step("Per-digit MSE and PSNR vs latent size", lambda: _digits_vs_latent(out, trials, digits, mode, win, summary))
+    step("Loss curves", lambda: _loss_curves(out, epochs, win))
+    arrays: dict[str, np.ndarray] | None = None
+    if win is not None:
+        try:
+            s0 = time.perf_counter()
+            arrays = _winner_arrays(out, win, opts, say)
+            timings["winner computations"] = time.perf_counter() - s0
+        except Exception as exc:
+            sections.append(Section("Winner's checkpoint", notes=[f"figures that need the checkpoint are left out: {exc}"]))
+    if arrays is not None:
+        step("t-SNE of the latent space", lambda: _tsne(out, arrays))
+        step("Reconstruction panel", lambda: _panel(out, arrays))
+        step("Amortisation gap", lambda: _gap(out, arrays, summary))
+        step("Latent traversals", lambda: _traversals(out, arrays))
+        step("Samples from the prior", lambda: _prior(out, arrays))
+    step("Rate-distortion plane", lambda: _rate_distortion(out, trials, win))
+    step("Study plots (Optuna)", lambda: _optuna(out, folder, spec))
+    step("Top trials", lambda: _top_trials(trials, mode))
+    summary["timings_seconds"] = {k: round(v, 3) for k, v in timings.items()}
+    summary["seconds"] = round(time.perf_counter() - t0, 3)
+
+    index = out / "index.html"
+    _atomic_write(index, _html(name, folder, sections, summary, out))
+    _atomic_write(out / "summary.json", json.dumps(summary, indent=2, default=str))
+    return index
+
+
+# --------------------------------------------------------------------------- sections
+
+def _summary_section(trials: pd.DataFrame, win: pd.Series | None, digits: pd.DataFrame, summary: dict) -> Section:
+    s = Section("Summary")
+    c, comp = summary["counts"], summary["compute"]
+    s.text = (f"{len(trials)} trials: {c['completed']} completed, {c['pruned']} pruned by ASHA, {c['failed']} failed; "
+              f"{comp['trial_epochs']} trial-epochs, {comp['train_seconds']:.1f} s of training in all.")
+    if win is None:
+        s.notes.append("no trial finished with a usable model, so there is no winner to analyse")
+        return s
+    cfg = {k.removeprefix("param_"): win[k] for k in win.index if k.startswith("param_")}
+    cfg.update({k: win[k] for k in ("dataset", "best_epoch", "epochs_run", "val_elbo", "val_recon", "val_kl",
+                                    "val_mse", "test_elbo", "test_mse", "test_psnr", "device", "checkpoint")})
+    s.tables.append((f"Winner {win['trial_id']}", pd.DataFrame({"value": cfg}).reset_index(names="setting")))
+    d = digits[digits["trial_id"] == win["trial_id"]]
+    if not d.empty:
+        pv = d.pivot_table(index="digit", columns="recon_mode", values=["mse", "psnr"], aggfunc="first")
+        pv.columns = [f"{m} {k}" for k, m in pv.columns]
+        n = d.groupby("digit")["n_images"].first()
+        s.tables.append(("Winner's per-digit test metrics", pv.assign(n_images=n).reset_index()))
+    return s
+
+
+def _digits_vs_latent(out: Path, trials: pd.DataFrame, digits: pd.DataFrame, mode: str,
+                      win: pd.Series | None, summary: dict) -> Section:
+    s = Section("Per-digit MSE and PSNR vs latent size")
+    winners = M.winners_by_latent(trials, mode)
+    if winners["param_latent_dim"].nunique() < 2:
+        s.notes.append("left out: the study has fewer than two latent sizes with a finished trial "
+                       "(the seed-replication preset, or --grid latent_dim=5,10,15,20, gives four)")
+        return s
+    mse = M.digit_matrix(digits, winners, metric="mse")
+    psnr = M.digit_matrix(digits, winners, metric="psnr")
+    for metric, matrix, fname in (("MSE", mse, "digits_mse.png"), ("PSNR", psnr, "digits_psnr.png")):
+        ax = F.plot_digit_metric_vs_latent(matrix, metric=metric)
+        _save(ax, out / fname)
+        s.images.append(fname)
+    s.tables.append(("Per-digit test MSE (posterior_mean) of the best trial per latent size",
+                     mse.rename(columns=lambda d: f"d={d}").reset_index()))
+    dataset = str(win["dataset"]) if win is not None else ""
+    if dataset.startswith("mnist"):
+        sample = M.digit_matrix(digits, winners, metric="mse", recon_mode="posterior_sample")
+        ref = M.reference_comparison(mse, sample)
+        if not ref.empty:
+            s.tables.append(("Against the reference project (its numbers: full 10k MNIST test set, its decoder row = "
+                             "our posterior_sample)", ref))
+            summary["reference_comparison"] = ref.to_dict(orient="records")
+            if dataset == "mnist-sample":
+                s.notes.append("this study used the 5,000-digit embedded sample (1,000 test images); the reference "
+                               "trained on 48,000 images, about 10x more")
+    return s
+
+
+def _loss_curves(out: Path, epochs: pd.DataFrame, win: pd.Series | None) -> Section:
+    s = Section("Loss curves")
+    if win is None or epochs[epochs["trial_id"] == win["trial_id"]].empty:
+        s.notes.append("left out: no epochs recorded for a winner")
+        return s
+    fig = F.plot_loss_curves(epochs, str(win["trial_id"]))
+    _save(fig, out / "loss_curves.png")
+    s.images.append("loss_curves.png")
+    return s
+
+
+def _tsne(out: Path, a: dict[str, np.ndarray]) -> Section:
+    s = Section("t-SNE of the latent space")
+    ax = F.plot_tsne(a["tsne"], a["tsne_labels"])
+    _save(ax, out / "tsne.png")
+    s.images.append("tsne.png")
+    s.text = (f"openTSNE, PCA initialisation, seed {int(a['seed'])}, on the winner's latent means of "
+              f"{len(a['tsne_labels'])} test images; computed in {float(a['tsne_seconds']):.1f} s.")
+    return s
+
+
+def _panel(out: Path, a: dict[str, np.ndarray]) -> Section:
+    s = Section("Reconstruction panel")
+    rows = {m: (a[f"panel_{m}"], a[f"panel_{m}_mse"]) for m in ("posterior_mean", "posterior_sample", "decoder_only")}
+    rows = {"full VAE (posterior_mean)" if k == "posterior_mean" else k: v for k, v in rows.items()}
+    fig = F.plot_recon_panel(a["panel_original"], rows, [int(d) for d in a["panel_digits"]])
+    _save(fig, out / "recon_panel.png")
+    s.images.append("recon_panel.png")
+    s.text = ("One representative test image per digit (chosen without the model: the median-typical of "
+              f"{int(a['k'])} evenly spaced by distance to the digit's mean image); test-set positions "
+              f"{', '.join(str(int(i)) for i in a['panel_index'])}. The full-VAE row decodes the posterior mean: "
+              "a real reconstruction, unlike the reference project's row, which showed the input.")
+    return s
+
+
+def _gap(out: Path, a: dict[str, np.ndarray], summary: dict) -> Section:
+    s = Section("Amortisation gap")
+    rows = []
+    for mode in ("posterior_mean", "decoder_only"):
+        for d in range(10):
+            sel = a["gap_labels"] == d
+            if sel.any():
+                rows.append({"recon_mode": mode, "digit": d, "mse": float(a[f"gap_{mode}_mse"][sel].mean())})
+    gap = M.amortisation_gap(pd.DataFrame(rows))
+    ax = F.plot_amortisation_gap(gap)
+    _save(ax, out / "amortisation_gap.png")
+    s.images.append("amortisation_gap.png")
+    s.tables.append(("Per-digit MSE: encoder vs decoder-only", gap))
+    s.text = (f"decoder_only: z* = argmin BCE(decode(z), x) + 1/2|z|^2 by {int(a['decoder_steps'])} Adam steps through "
+              f"the frozen decoder, on {len(a['gap_labels'])} test images (a stratified subset when the split is larger).")
+    summary["amortisation_gap"] = gap.to_dict(orient="records")
+    return s
+
+
+def _traversals(out: Path, a: dict[str, np.ndarray]) -> Section:
+    s = Section("Latent traversals")
+    plan = M.Traversal(a["trav_order"], a["trav_kl"], a["trav_active"], a["trav_offsets"])
+    fig = F.plot_traversals(a["trav_images"], plan)
+    _save(fig, out / "traversals.png")
+    s.images.append("traversals.png")
+    n_inactive = int((a["kl_all"] < M.INACTIVE_KL).sum())
+    s.text = (f"Each row sweeps one latent dimension from the mean code of the test set; {n_inactive} of "
+              f"{len(a['kl_all'])} dimensions carry under {M.INACTIVE_KL} nats (inactive).")
+    return s
+
+
+def _prior(out: Path, a: dict[str, np.ndarray]) -> Section:
+    s = Section("Samples from the prior")
+    ax = F.plot_image_grid(a["prior"], title="decode(z), z ~ N(0, I): pixel probabilities")
+    _save(ax, out / "prior_samples.png")
+    s.images.append("prior_samples.png")
+    return s
+
+
+def _rate_distortion(out: Path, trials: pd.DataFrame, win: pd.Series | None) -> Section:
+    s = Section("Rate-distortion plane")
+    ok = M.finished(trials).dropna(subset=["val_kl", "val_recon", "param_beta"])
+    if len(ok) < 2:
+        s.notes.append("left out: fewer than two finished trials")
+        return s
+    ax = F.plot_rate_distortion(ok, winner_id=None if win is None else str(win["trial_id"]))
+    _save(ax, out / "rate_distortion.png")
+    s.images.append("rate_distortion.png")
+    return s
+
+
+def _optuna(out: Path, folder: Path, spec: dict) -> Section:
+    import optuna
+    from optuna.visualization import matplotlib as ovm
+
+    s = Section("Study plots (Optuna)")
+    db = folder / "optuna.db"
+    if not db.is_file():
+        s.notes.append("left out: no optuna.db in the study folder")
+        return s
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.load_study(study_name=spec.get("name", folder.name), storage=f"sqlite:///{db}")
+    done = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if len(study.directions) > 1:
+            ax = ovm.plot_pareto_front(study, target_names=[f"best {m}" for m in spec.get("objective", [])])
+            _save(ax, out / "optuna_pareto.png")
+            s.images.append("optuna_pareto.png")
+            return s
+        if not done:
+            s.notes.append("left out: no completed Optuna trials")
+            return s
+        ax = ovm.plot_optimization_history(study)
+        _save(ax, out / "optuna_history.png")
+        s.images.append("optuna_history.png")
+        if len(done) >= 3 and len(study.best_trial.params) >= 2:
+            ax = ovm.plot_param_importances(study)
+            _save(ax, out / "optuna_importances.png")
+            s.images.append("optuna_importances.png")
+        else:
+            s.notes.append("parameter importances left out: they need 3+ completed trials and 2+ searched parameters")
+    return s
+
+
+def _top_trials(trials: pd.DataFrame, mode: str) -> Section:
+    s = Section("Top trials")
+    cols = ["trial_id", "status", "param_arch", "param_latent_dim", "param_beta", "param_lr", "epochs_run",
+            "objective", "val_elbo", "val_mse", "test_mse", "train_seconds"]
+    ranked = M.rank(trials, mode)
+    s.tables.append(("Best 10 by the study objective", ranked[[c for c in cols if c in ranked]].head(10)))
+    failed = trials[trials["status"] == "failed"]
+    if not failed.empty:
+        s.tables.append(("Failed trials", failed[["trial_id", "error"]]))
+    return s
+
+
+# --------------------------------------------------------------------------- checkpoint computations
+
+def _winner_arrays(out: Path, win: pd.Series, opts: Options, say: Callable[[str], None]) -> dict[str, np.ndarray]:
+    ckpt = win.get("checkpoint")
+    if not isinstance(ckpt, str) or not ckpt:
+        raise StudyError(f"trial {win['trial_id']} has no checkpoint recorded")
+    path = Path(ckpt)
+    if not path.is_file():
+        raise StudyError(f"checkpoint {path} of trial {win['trial_id']} is missing")
+    key = hashlib.sha256(json.dumps([CACHE_VERSION, str(path), path.stat().st_mtime_ns, path.stat().st_size,
+                                     opts.tsne_points, opts.gap_images, opts.decoder_steps, opts.k, opts.seed]).encode()).hexdigest()[:16]
+    cache = out / "cache" / f"{win['trial_id']}-{key}.npz"
+    if cache.is_file():
+        with np.load(cache, allow_pickle=False) as z:
+            say(f"  winner arrays from cache {cache.name}")
+            return {k: z[k] for k in z.files}
+    arrays = compute_winner_arrays(path, opts, say)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_name(f".{cache.name}.{uuid.uuid4().hex[:6]}.tmp")
+    with open(tmp, "wb") as f:
+        np.savez_compressed(f, **arrays)
+    os.replace(tmp, cache)
+    return arrays
+
+
+def compute_winner_arrays(checkpoint_path: Path, opts: Options, say: Callable[[str], None] = lambda s: None) -> dict[str, np.ndarray]:
+    """Everything the checkpoint-based figures need, as plain arrays (cached by the caller)."""
+    import torch
+
+    from vae import checkpoint
+    from vae.data import load, stratified_subset
+    from vae.evaluate import (decode_probs, encode, mse_per_image, optimise_latents, reconstruct,
+                              representative_indices)
+
+    device = torch.device(opts.device if opts.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    model, config, _ = checkpoint.load(checkpoint_path, device)
+    test = load(config).test
+    x = test.pixels(device)
+    labels = test.labels.numpy()
+    a: dict[str, np.ndarray] = {"seed": np.array(opts.seed), "k": np.array(opts.k),
+                                "decoder_steps": np.array(opts.decoder_steps)}
+
+    t = time.perf_counter()
+    mu, logvar = encode(model, x)
+    mu_np, logvar_np = mu.float().cpu().numpy(), logvar.float().cpu().numpy()
+    a["kl_all"] = M.kl_per_dimension(mu_np, logvar_np)
+
+    sel = np.arange(len(labels)) if len(labels) <= opts.tsne_points else stratified_subset(labels, opts.tsne_points, opts.seed)
+    a["tsne"], a["tsne_labels"] = tsne(mu_np[sel], opts.seed), labels[sel]
+    a["tsne_seconds"] = np.array(time.perf_counter() - t)
+    say(f"  t-SNE of {len(sel)} latent means      {float(a['tsne_seconds']):6.1f} s")
+
+    reps = representative_indices(test, k=opts.k)
+    digits = sorted(reps)
+    panel_idx = np.array([reps[d][len(reps[d]) // 2] for d in digits])
+    xp = x[panel_idx]
+    a["panel_digits"], a["panel_index"] = np.array(digits), test.index.numpy()[panel_idx]
+    a["panel_original"] = xp[:, 0].cpu().numpy()
+    for mode in ("posterior_mean", "posterior_sample", "decoder_only"):
+        rec = reconstruct(model, xp, mode, seed=opts.seed, decoder_steps=opts.decoder_steps)
+        a[f"panel_{mode}"] = rec[:, 0].float().cpu().numpy()
+        a[f"panel_{mode}_mse"] = mse_per_image(rec, xp).cpu().numpy()
+
+    t = time.perf_counter()
+    gsel = np.arange(len(labels)) if len(labels) <= opts.gap_images else stratified_subset(labels, opts.gap_images, opts.seed)
+    xg = x[torch.as_tensor(gsel, device=device)]
+    a["gap_labels"] = labels[gsel]
+    a["gap_posterior_mean_mse"] = mse_per_image(decode_probs(model, mu[torch.as_tensor(gsel, device=device)]), xg).cpu().numpy()
+    zg = optimise_latents(model, xg, steps=opts.decoder_steps, seed=opts.seed)
+    a["gap_decoder_only_mse"] = mse_per_image(decode_probs(model, zg), xg).cpu().numpy()
+    say(f"  decoder-only on {len(gsel)} images        {time.perf_counter() - t:6.1f} s")
+
+    plan = M.traversal_plan(mu_np, logvar_np)
+    base = torch.as_tensor(mu_np.mean(0), device=device)
+    codes = base.repeat(len(plan.order), len(plan.offsets), 1)  # (rows, cols, d)
+    for r, dim in enumerate(plan.order):
+        codes[r, :, dim] = base[dim] + torch.as_tensor(plan.offsets, device=device, dtype=codes.dtype)
+    imgs = decode_probs(model, codes.reshape(-1, model.latent_dim))
+    a["trav_images"] = imgs[:, 0].reshape(len(plan.order), len(plan.offsets), 28, 28).cpu().numpy()
+    a["trav_order"], a["trav_kl"], a["trav_active"], a["trav_offsets"] = plan.order, plan.kl, plan.active, plan.offsets
+
+    gen = torch.Generator(device=device).manual_seed(opts.seed)
+    z = torch.randn((64, model.latent_dim), generator=gen, device=device)
+    a["prior"] = decode_probs(model, z)[:, 0].cpu().numpy()
+    return a
+
+
+def tsne(points: np.ndarray, seed: int = 0) -> np.ndarray:
+    """2-D t-SNE, PCA-initialised and seeded: openTSNE (faster here), else scikit-learn."""
+    if len(points) < 5:
+        raise ValueError(f"t-SNE needs at least 5 points, got {len(points)}")
+    perplexity = float(min(30, (len(points) - 1) / 3))
+    try:
+        from openTSNE import TSNE
+
+        return np.asarray(TSNE(n_components=2, perplexity=perplexity, initialization="pca", random_state=seed,
+                               n_jobs=os.cpu_count() or 1, verbose=False).fit(points.astype(np.float64)))
+    except ImportError:
+        from sklearn.manifold import TSNE as SkTSNE
+
+        return SkTSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(points)
+
+
+# --------------------------------------------------------------------------- output
+
+def _save(obj: Any, path: Path) -> None:
+    fig = obj if hasattr(obj, "savefig") else obj.figure
+    tmp = path.with_name(f".{path.stem}.{uuid.uuid4().hex[:6]}.png")
+    fig.savefig(tmp, dpi=DPI)
+    os.replace(tmp, path)
+    F.close(fig)
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:6]}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _read_spec(folder: Path) -> dict[str, Any]:
+    try:
+        return json.loads((folder / "study.json").read_text())
+    except (OSError, ValueError):
+        return {"name": folder.name}
+
+
+def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, (np.integer,)):
+            v = int(v)
+        elif isinstance(v, (np.floating, float)):
+            v = None if not np.isfinite(v) else float(v)
+        elif isinstance(v, pd.Timestamp):
+            v = v.isoformat()
+        elif v is pd.NaT:
+            v = None
+        out[k] = v
+    return out
+
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}
+h1{font-size:1.6em}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:2em}
+img{max-width:100%;height:auto;display:block;margin:1em 0;border:1px solid #eee}
+table{border-collapse:collapse;font-size:.85em;margin:.8em 0}th,td{border:1px solid #ddd;padding:3px 8px;text-align:right}
+th{background:#f4f4f4}td:first-child,th:first-child{text-align:left}
+.note{background:#fff6dd;border-left:4px solid #e0b000;padding:.4em .8em}.muted{color:#666;font-size:.9em}
+nav a{margin-right:1em}
+"""
+
+
+def _html(name: str, folder: Path, sections: list[Section], summary: dict, out: Path) -> str:
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>vae-study report: {html.escape(name)}</title>",
+             f"<style>{_CSS}</style></head><body>",
+             f"<h1>β-VAE study <code>{html.escape(name)}</code></h1>",
+             f"<p class='muted'>{html.escape(str(folder))} · built {time.strftime('%Y-%m-%d %H:%M:%S')} in "
+             f"{summary['seconds']:.1f} s · objective {html.escape('+'.join(summary['objective']))} ({summary['mode']})</p>",
+             "<nav>" + "".join(f"<a href='#s{i}'>{html.escape(s.title)}</a>" for i, s in enumerate(sections)) + "</nav>"]
+    for note in summary.get("notes", []):
+        parts.append(f"<p class='note'>{html.escape(note)}</p>")
+    for i, s in enumerate(sections):
+        parts.append(f"<h2 id='s{i}'>{html.escape(s.title)}</h2>")
+        if s.text:
+            parts.append(f"<p>{html.escape(s.text)}</p>")
+        for note in s.notes:
+            parts.append(f"<p class='note'>{html.escape(note)}</p>")
+        for img in s.images:
+            data = base64.b64encode((out / img).read_bytes()).decode()
+            parts.append(f"<img alt='{html.escape(img)}' src='data:image/png;base64,{data}'>")
+        for title, df in s.tables:
+            parts.append(f"<h3>{html.escape(title)}</h3>")
+            parts.append(df.to_html(index=False, float_format=lambda v: f"{v:.5g}", na_rep="", border=0))
+    parts.append("</body></html>")
+    return "\n".join(parts)
