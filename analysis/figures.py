@@ -64,8 +64,9 @@ def plot_loss_curves(epochs: pd.DataFrame, winner_id: str, *, fig: Figure | None
         ax.set_title(title)
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
-    lo, hi = np.nanpercentile(epochs["val_elbo"], [0, 90]) if len(epochs) else (0, 1)
-    axes[0].set_ylim(lo - 0.05 * (hi - lo), hi)
+    lo, hi = np.nanpercentile(epochs["val_elbo"], [0, 90]) if len(epochs) else (0.0, 1.0)
+    if hi > lo:  # clip the far tail of diverged trials so the winner's curve stays readable
+        axes[0].set_ylim(lo - 0.05 * (hi - lo), hi)
     axes[0].plot([], [], color="0.6", alpha=0.6, label="other trials (validation)")
     axes[0].legend(fontsize=8)
     fig.suptitle(f"Loss curves of the winner {winner_id}; train -ELBO is recon + KL at beta = 1")

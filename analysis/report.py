@@ -112,7 +112,7 @@ def build(study_dir: str | os.PathLike, out: str | os.PathLike | None = None, *,
     if win is not None:
         try:
             s0 = time.perf_counter()
-            arrays = _winner_arrays(out, win, opts, say)
+            arrays = _winner_arrays(folder, out, win, opts, say)
             timings["winner computations"] = time.perf_counter() - s0
         except Exception as exc:
             sections.append(Section("Winner's checkpoint", notes=[f"figures that need the checkpoint are left out: {exc}"]))
@@ -321,11 +321,12 @@ def _top_trials(trials: pd.DataFrame, mode: str) -> Section:
 
 # --------------------------------------------------------------------------- checkpoint computations
 
-def _winner_arrays(out: Path, win: pd.Series, opts: Options, say: Callable[[str], None]) -> dict[str, np.ndarray]:
+def _winner_arrays(folder: Path, out: Path, win: pd.Series, opts: Options,
+                   say: Callable[[str], None]) -> dict[str, np.ndarray]:
     ckpt = win.get("checkpoint")
     if not isinstance(ckpt, str) or not ckpt:
         raise StudyError(f"trial {win['trial_id']} has no checkpoint recorded")
-    path = Path(ckpt)
+    path = folder / ckpt  # relative to the study folder (an absolute path stays as it is)
     if not path.is_file():
         raise StudyError(f"checkpoint {path} of trial {win['trial_id']} is missing")
     key = hashlib.sha256(json.dumps([CACHE_VERSION, str(path), path.stat().st_mtime_ns, path.stat().st_size,

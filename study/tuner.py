@@ -354,7 +354,7 @@ def _make_callbacks(spec: StudySpec, folder: Path, printer: Printer) -> list[Any
                 "ray_version": _ray_version(),
                 "optuna_version": _optuna_version(),
                 "git_sha": _GIT_SHA,
-                "checkpoint": _checkpoint_path(trial),
+                "checkpoint": _checkpoint_path(trial, folder),
                 "started_at": meta.get("started_at"),
                 "finished_at": _now(),
             }
@@ -421,9 +421,17 @@ def _optuna_version() -> str:
     return optuna.__version__
 
 
-def _checkpoint_path(trial: Any) -> str | None:
+def _checkpoint_path(trial: Any, folder: Path) -> str | None:
+    """The best checkpoint, relative to the study folder when inside it, so a moved or copied
+    study folder stays whole."""
     ck = trial.checkpoint
-    return str(Path(ck.path) / "model.pt") if ck is not None else None
+    if ck is None:
+        return None
+    path = Path(ck.path) / "model.pt"
+    try:
+        return str(path.relative_to(folder))
+    except ValueError:
+        return str(path)
 
 
 def _params_text(config: dict[str, Any], spec: StudySpec) -> str:
@@ -632,7 +640,7 @@ def summary_lines(res: StudyResult, spec: StudySpec) -> list[str]:
             f"  val -ELBO {b['val_elbo']:.2f} (recon {b['val_recon']:.2f}, KL {b['val_kl']:.2f}) at epoch "
             f"{int(b['best_epoch'])}/{int(b['epochs_run'])}; test MSE {b['test_mse']:.5f}, PSNR {b['test_psnr']:.2f} dB"
         )
-        lines.append(f"  checkpoint: {b['checkpoint']}")
+        lines.append(f"  checkpoint: {res.folder / b['checkpoint'] if b['checkpoint'] else None}")
     lines.append(f"results: {res.folder}  (vae-study results {res.folder})")
     lines.append(f"optuna:  sqlite:///{res.folder / OPTUNA_DB}  (study name {res.name!r})")
     return lines

@@ -68,6 +68,12 @@ def test_trials_table_records_params_results_and_provenance(four):
     assert df["param_latent_dim"].nunique() > 1  # Optuna really proposed different configs
     assert (df["schema_version"] == results.SCHEMA_VERSION).all()
     assert (df["device"] == "cpu").all()
+    for ck in df["checkpoint"]:  # relative to the study folder, and loadable safely
+        from vae import checkpoint
+
+        assert not ck.startswith("/")
+        model, config, payload = checkpoint.load(res.folder / ck)
+        assert config.epochs == 1 and payload["epoch"] == 1
 
 
 def test_optuna_storage_holds_the_same_trials(four):
