@@ -56,6 +56,7 @@ TRIAL_COLUMNS: dict[str, pa.DataType] = {
     "objective": pa.float64(),
     "train_seconds": pa.float64(),
     "images_per_second": pa.float64(),
+    "setup_seconds": pa.float64(),
     "attempts": pa.int64(),
     "node": pa.string(),
     "hostname": pa.string(),
@@ -83,6 +84,7 @@ EPOCH_COLUMNS: dict[str, pa.DataType] = {
     "val_kl": pa.float64(),
     "val_mse": pa.float64(),
     "seconds": pa.float64(),
+    "val_seconds": pa.float64(),
     "images_per_second": pa.float64(),
 }
 DIGIT_COLUMNS: dict[str, pa.DataType] = {

@@ -213,10 +213,23 @@ def make_scheduler(spec: StudySpec) -> Any:
     )
 
 
+def asha_rungs(spec: StudySpec) -> list[int]:
+    """Epochs at which ASHA may stop a trial (it decides at the first result at or past each rung):
+    grace_period * reduction_factor**k up to max_t. Trials persist a checkpoint there."""
+    if make_scheduler(spec) is None:
+        return []
+    rungs, t = [], float(min(spec.grace_period, spec.epochs))
+    while t < spec.epochs:
+        rungs.append(math.ceil(t))
+        t *= spec.reduction_factor
+    return rungs
+
+
 def make_trainable(spec: StudySpec) -> Any:
     from ray import tune
 
-    runtime = {"beta_times_latent": spec.beta_times_latent, "cpus_per_trial": spec.cpus_per_trial}
+    runtime = {"beta_times_latent": spec.beta_times_latent, "cpus_per_trial": spec.cpus_per_trial,
+               "persist_epochs": asha_rungs(spec)}
     fn = tune.with_parameters(train_trial, runtime=runtime)
     return tune.with_resources(fn, {"cpu": spec.cpus_per_trial, "gpu": spec.gpus_per_trial})
 
@@ -289,11 +302,18 @@ def _make_callbacks(spec: StudySpec, folder: Path, printer: Printer) -> list[Any
             meta.setdefault("started_at", _now())
 
         def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+            t0 = time.perf_counter()
+            try:
+                self._on_result(trial, result)
+            finally:
+                WRITE_SECONDS[0] += time.perf_counter() - t0
+
+        def _on_result(self, trial: Any, result: dict) -> None:
             epochs, meta = self._state(trial)
             self.reported.add(trial.trial_id)
             epoch = int(result["epoch"])
             epochs[epoch] = {k: result.get(k) for k in results.EPOCH_COLUMNS if k not in ("study", "trial_id")}
-            for k in ("node", "hostname", "device", "precision", "torch_version", "param_beta"):
+            for k in ("node", "hostname", "device", "precision", "torch_version", "param_beta", "setup_seconds"):
                 if k in result:
                     meta[k] = result[k]
             if "test_digits" in result:
@@ -315,6 +335,13 @@ def _make_callbacks(spec: StudySpec, folder: Path, printer: Printer) -> list[Any
             self._finish(trial, "failed", _trial_error(trial))
 
         def _finish(self, trial: Any, status: str, error: str | None) -> None:
+            t0 = time.perf_counter()
+            try:
+                self._write_final(trial, status, error)
+            finally:
+                WRITE_SECONDS[0] += time.perf_counter() - t0
+
+        def _write_final(self, trial: Any, status: str, error: str | None) -> None:
             tid = trial.trial_id
             if tid not in self.reported and _final_row_exists(folder, tid):
                 # Finished before a driver crash, after Ray's last state save: the resumed trial
@@ -345,6 +372,7 @@ def _make_callbacks(spec: StudySpec, folder: Path, printer: Printer) -> list[Any
                 "objective": last.get(objective_metrics(spec)[0]) if best else None,
                 "train_seconds": total_seconds,
                 "images_per_second": n_images / total_seconds if total_seconds else None,
+                "setup_seconds": meta.get("setup_seconds"),
                 "attempts": int(trial.num_failures) + 1,
                 "node": meta.get("node"),
                 "hostname": meta.get("hostname"),
@@ -407,6 +435,8 @@ def _make_callbacks(spec: StudySpec, folder: Path, printer: Printer) -> list[Any
 
 
 _GIT_SHA = git_sha()
+# Seconds the driver spent writing Parquet in this process (the study-overhead benchmark reads it).
+WRITE_SECONDS = [0.0]
 
 
 def _ray_version() -> str:

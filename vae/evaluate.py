@@ -19,7 +19,6 @@ import torch
 import torch.nn.functional as F
 
 from vae.data import Split
-from vae.loss import per_image_terms
 from vae.model import BetaVAE
 
 MODES = ("posterior_mean", "posterior_sample", "decoder_only")
@@ -139,22 +138,6 @@ def reconstruct(
     raise ValueError(f"unknown reconstruction mode {mode!r}: choose from {', '.join(MODES)}")
 
 
-@torch.no_grad()
-def neg_elbo(model: BetaVAE, x: torch.Tensor, seed: int = 0) -> dict[str, float]:
-    """Single-sample estimate of -ELBO per image on x, with its recon and KL parts."""
-    model.eval()
-    gen = torch.Generator(device=x.device).manual_seed(seed)
-    recon_sum = kl_sum = 0.0
-    for i in range(0, x.shape[0], EVAL_BATCH):
-        xb = x[i : i + EVAL_BATCH]
-        mu, logvar = model.encode(xb)
-        recon, kl = per_image_terms(model.decode(model.reparameterize(mu, logvar, gen)), xb, mu, logvar)
-        recon_sum += float(recon.sum())
-        kl_sum += float(kl.sum())
-    n = x.shape[0]
-    return {"neg_elbo": (recon_sum + kl_sum) / n, "recon": recon_sum / n, "kl": kl_sum / n}
-
-
 def evaluate_split(
     model: BetaVAE,
     split: Split,
@@ -172,14 +155,33 @@ def evaluate_split(
         "mean_psnr", "per_digit": [{"digit", "n_images", "mse", "psnr"}, ...]}}}``; the
         ``decoder_only`` entry also records ``steps``.
     """
-    model = model.to(device)
+    model = model.to(device).eval()
     x = split.pixels(device)
     labels = split.labels.numpy()
-    out: dict[str, Any] = {"split": split_name, "n_images": len(split), **neg_elbo(model, x, seed)}
+    # One encoder pass serves every mode; the posterior sample's decode also gives -ELBO.
+    mu, logvar = encode(model, x)
+    gen = torch.Generator(device=x.device).manual_seed(seed)
+    z = model.reparameterize(mu, logvar, gen)
+    recon_sum = 0.0
+    sample_probs = []
+    with torch.no_grad():
+        for i in range(0, x.shape[0], EVAL_BATCH):
+            logits = model.decode(z[i : i + EVAL_BATCH]).float()
+            recon_sum += float(F.binary_cross_entropy_with_logits(
+                logits, x[i : i + EVAL_BATCH], reduction="none").flatten(1).sum(1).sum())
+            sample_probs.append(torch.sigmoid(logits))
+    kl = float((-0.5 * (1 + logvar - mu.pow(2) - logvar.exp())).sum()) / len(split)
+    recon = recon_sum / len(split)
+    out: dict[str, Any] = {"split": split_name, "n_images": len(split), "neg_elbo": recon + kl, "recon": recon, "kl": kl}
     out["modes"] = {}
     for mode in modes:
-        recon = reconstruct(model, x, mode, seed=seed, decoder_steps=decoder_steps)
-        entry = summarise(per_digit(mse_per_image(recon, x).cpu().numpy(), labels))
+        if mode == "posterior_mean":
+            probs = decode_probs(model, mu)
+        elif mode == "posterior_sample":
+            probs = torch.cat(sample_probs)
+        else:
+            probs = reconstruct(model, x, mode, seed=seed, decoder_steps=decoder_steps)
+        entry = summarise(per_digit(mse_per_image(probs, x).cpu().numpy(), labels))
         if mode == "decoder_only":
             entry["steps"] = decoder_steps
             entry["lr"] = DECODER_LR

@@ -37,6 +37,7 @@ class EpochState:
     is_best: bool
     best_epoch: int | None
     best_val_elbo: float
+    best_state: dict[str, torch.Tensor] | None  # weights of the best epoch (None: before any, this run)
 
 
 OnEpoch = Callable[[dict[str, Any], EpochState], Any]
@@ -171,7 +172,9 @@ def fit(
             )
             break
         train = (sums / n).tolist()
+        v0 = time.perf_counter()
         val = evaluate_loss(model, x_val, config.beta)
+        val_seconds = time.perf_counter() - v0
         metrics: dict[str, Any] = {
             "epoch": epoch,
             "train_loss": train[0],
@@ -179,6 +182,7 @@ def fit(
             "train_kl": train[2],
             **{f"val_{k}": v for k, v in val.items()},
             "seconds": seconds,
+            "val_seconds": val_seconds,
             "images_per_second": n / seconds if seconds > 0 else float("nan"),
         }
         if not math.isfinite(metrics["val_elbo"]):
@@ -192,7 +196,7 @@ def fit(
             best_state = copy.deepcopy(model.state_dict())
             result.best_epoch = epoch
         result.history.append(metrics)
-        state = EpochState(epoch, model, opt, is_best, result.best_epoch, best_elbo)
+        state = EpochState(epoch, model, opt, is_best, result.best_epoch, best_elbo, best_state)
         if on_epoch is not None and on_epoch(metrics, state) is False:
             break
 

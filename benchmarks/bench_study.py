@@ -1,0 +1,84 @@
+"""Study overhead: a 16-trial study's wall time against the ideal, with the overhead broken down.
+
+ideal = (sum of the trials' own training seconds) / (parallel slots). The trials' training
+seconds are measured inside the trials (the training loop of every epoch), so the ratio
+wall / ideal is what Ray start-up, actor start, imports, data loading, validation, per-digit
+evaluation, checkpoints and Parquet writes cost on top.
+
+    python benchmarks/bench_study.py                       # 16 trials x 15 epochs, mlp, mnist-sample, no ASHA
+    python benchmarks/bench_study.py --arch conv --epochs 3
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--trials", type=int, default=16)
+    ap.add_argument("--epochs", type=int, default=15)
+    ap.add_argument("--arch", default="mlp")
+    ap.add_argument("--num-cpus", type=int, default=2)
+    ap.add_argument("--asha", action="store_true", help="keep ASHA on (default: off, so every trial runs all epochs)")
+    ap.add_argument("--json", help="write the results here")
+    args = ap.parse_args()
+
+    t_import = time.perf_counter()
+    import ray
+
+    from study import results, tuner
+    from study.spec import build_spec
+    import_seconds = time.perf_counter() - t_import
+
+    with tempfile.TemporaryDirectory() as tmp:
+        spec = build_spec(None, {"name": "bench", "storage": tmp, "trials": args.trials, "epochs": args.epochs,
+                                 "arch": args.arch, "num_cpus": args.num_cpus,
+                                 "scheduler": None if args.asha else "none"})
+        t0 = time.perf_counter()
+        tuner.init_ray(None, args.num_cpus)
+        ray_init = time.perf_counter() - t0
+        res = tuner.run(spec, printer=lambda s: None)
+        wall = time.perf_counter() - t0
+        slots = tuner.slots(spec)
+        trials = results.load(res.folder)
+        epochs = results.load(res.folder, "epochs")
+        ray.shutdown()
+
+    train = float(trials["train_seconds"].sum())
+    val = float(epochs["val_seconds"].sum())
+    setup = float(trials["setup_seconds"].sum())
+    ideal = train / slots
+    out = {
+        "trials": len(trials), "epochs": int(len(epochs)), "arch": args.arch, "slots": slots,
+        "wall_seconds": wall, "ideal_seconds": ideal, "ratio": wall / ideal,
+        "breakdown_seconds": {
+            "ray_init": ray_init,
+            "driver_imports": import_seconds,
+            "trial_setup_per_slot (imports, data, model; in the trial)": setup / slots,
+            "validation_per_slot (in the trial, every epoch)": val / slots,
+            "parquet_writes (driver, overlaps trials)": tuner.WRITE_SECONDS[0],
+            "rest (scheduling, checkpoints, per-digit test eval, reports)": wall - ray_init - ideal - setup / slots - val / slots,
+        },
+        "first_setup_seconds": float(trials.sort_values("started_at")["setup_seconds"].iloc[0]),
+        "median_setup_seconds": float(trials["setup_seconds"].median()),
+    }
+    print(f"{out['trials']} trials x {args.epochs} epochs ({args.arch}, {slots} slots): wall {wall:.1f} s, "
+          f"ideal {ideal:.1f} s -> {out['ratio']:.2f}x")
+    for k, v in out["breakdown_seconds"].items():
+        print(f"  {k:<62} {v:7.2f} s")
+    print(f"  trial set-up: first {out['first_setup_seconds']:.2f} s (cold worker), median {out['median_setup_seconds']:.2f} s")
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()
