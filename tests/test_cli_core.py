@@ -61,6 +61,8 @@ BAD_TRAIN = [
     (["--dataset", "cifar10"], "dataset='cifar10'"),
     (["--latent-dim", "abc"], "invalid int value"),
     (["--dataset", "mnist", "--data-dir", "/nonexistent/dir"], "does not exist"),
+    (["--device", "cuda"], "no CUDA GPU is visible"),
+    (["--device", "tpu"], "device='tpu'"),
 ]
 
 
