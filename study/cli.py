@@ -11,7 +11,7 @@ import sys
 from dataclasses import fields
 from typing import Any, Sequence
 
-from study.errors import USER_ERRORS
+from study.errors import USER_ERRORS, StudyInterrupted
 
 PROG = "vae-study"
 
@@ -388,6 +388,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
+    except StudyInterrupted as exc:
+        print(f"{PROG}: interrupted: {exc}", file=sys.stderr)
+        return 130
     except KeyboardInterrupt:
         if debug:
             raise

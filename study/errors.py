@@ -10,4 +10,8 @@ class StudyError(RuntimeError):
     """A study cannot be run, resumed, read or reported as asked."""
 
 
+class StudyInterrupted(RuntimeError):
+    """The study stopped before all its trials finished (Ctrl-C); it can be resumed."""
+
+
 USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, DataError, CheckpointError, StudyError)

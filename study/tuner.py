@@ -9,6 +9,7 @@ A study lives in ``<storage>/<name>/``::
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -21,10 +22,10 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from study import results
-from study.errors import StudyError
+from study.errors import StudyError, StudyInterrupted
 from study.spec import StudySpec
 from study.trainable import TrialFailed, train_trial
 
@@ -373,7 +374,8 @@ def _make_callbacks(spec: StudySpec, folder: Path, printer: Printer) -> list[Any
                 "train_seconds": total_seconds,
                 "images_per_second": n_images / total_seconds if total_seconds else None,
                 "setup_seconds": meta.get("setup_seconds"),
-                "attempts": int(trial.num_failures) + 1,
+                # num_failures counts every failure, a final one included
+                "attempts": int(trial.num_failures) + (0 if status == "failed" else 1),
                 "node": meta.get("node"),
                 "hostname": meta.get("hostname"),
                 "device": meta.get("device"),
@@ -510,12 +512,7 @@ def run(spec: StudySpec, *, overwrite: bool = False, printer: Printer = print) -
             not writable, or the cluster cannot provide what the spec asks for.
     """
     folder = study_folder(spec)
-    if folder.exists() and any(folder.iterdir()):
-        if not overwrite:
-            raise StudyError(
-                f"study {spec.name!r} already exists in {folder.parent}: resume it with "
-                f"`vae-study resume --name {spec.name} --storage {spec.storage}`, pick another --name, or pass --overwrite"
-            )
+    _refuse_existing(folder, spec, overwrite)
     check_writable(folder.parent)
     # Data problems surface here, in the driver, before Ray starts and before anything is written.
     from vae.data import load
@@ -523,11 +520,38 @@ def run(spec: StudySpec, *, overwrite: bool = False, printer: Printer = print) -
     load(spec.base_config())
     init_ray(spec.address, spec.num_cpus)
     check_gpus(spec)
-    if overwrite and folder.exists():
-        shutil.rmtree(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    write_spec(folder, spec)
-    return _fit(spec, folder, printer, restore=False)
+    with _study_lock(folder, spec.name):
+        _refuse_existing(folder, spec, overwrite)  # again, now that no other driver can race us
+        if overwrite and folder.exists():
+            shutil.rmtree(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        write_spec(folder, spec)
+        return _fit(spec, folder, printer, restore=False)
+
+
+def _refuse_existing(folder: Path, spec: StudySpec, overwrite: bool) -> None:
+    if folder.exists() and any(folder.iterdir()) and not overwrite:
+        raise StudyError(
+            f"study {spec.name!r} already exists in {folder.parent}: resume it with "
+            f"`vae-study resume --name {spec.name} --storage {spec.storage}`, pick another --name, or pass --overwrite"
+        )
+
+
+@contextlib.contextmanager
+def _study_lock(folder: Path, name: str) -> Iterator[None]:
+    """One driver per study: a second `run` or `resume` of the same study fails at once."""
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(str(folder.parent / f".{name}.lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise StudyError(f"study {name!r} in {folder.parent} is being run by another process right now; "
+                         "wait for it, or pick another --name") from None
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def resume(storage: str, name: str, *, printer: Printer = print, address: str | None = None,
@@ -544,7 +568,8 @@ def resume(storage: str, name: str, *, printer: Printer = print, address: str | 
     check_writable(folder)
     init_ray(spec.address, spec.num_cpus)
     check_gpus(spec)
-    return _fit(spec, folder, printer, restore=True)
+    with _study_lock(folder, name):
+        return _fit(spec, folder, printer, restore=True)
 
 
 def _fit(spec: StudySpec, folder: Path, printer: Printer, *, restore: bool) -> StudyResult:
@@ -593,10 +618,17 @@ def _fit(spec: StudySpec, folder: Path, printer: Printer, *, restore: bool) -> S
             f"scheduler {spec.scheduler if not spec.multi_objective else 'none'}; results in {folder}"
         )
     tuner.fit()
+    df = results.load(folder, "trials")
+    finished = int(df["status"].isin(["completed", "pruned", "failed"]).sum()) if len(df) else 0
+    if finished < spec.n_trials:
+        # Ray stopped on Ctrl-C and saved its state; the finished trials' rows are all on disk.
+        raise StudyInterrupted(
+            f"study {spec.name!r} stopped with {finished} of {spec.n_trials} trials finished; finish it with "
+            f"`vae-study resume --name {spec.name} --storage {spec.storage}`"
+        )
     if restore:
         _close_stale_optuna_trials(folder, spec)
     wall = time.perf_counter() - t0
-    df = results.load(folder, "trials")
     best = best_trial(df, spec)
     return StudyResult(spec.name, folder, df, best, wall)
 
