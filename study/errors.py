@@ -1,9 +1,7 @@
 """The errors a user can cause. The CLI turns each into one line on stderr and exit code 2."""
 from __future__ import annotations
 
-from vae.checkpoint import CheckpointError
-from vae.config import ConfigError
-from vae.data import DataError
+from vae.errors import CheckpointError, ConfigError, DataError
 
 
 class StudyError(RuntimeError):

@@ -100,6 +100,7 @@ DIGIT_COLUMNS: dict[str, pa.DataType] = {
 COLUMNS = {"trials": TRIAL_COLUMNS, "epochs": EPOCH_COLUMNS, "digits": DIGIT_COLUMNS}
 
 _SAFE_ID = re.compile(r"^[A-Za-z0-9_.-]+$")
+COMPACTED = "_compacted.parquet"  # one file per table holding many finished trials (see compact)
 
 
 def study_dir(root: str | os.PathLike, name: str) -> Path:
@@ -111,11 +112,17 @@ def _arrow_table(table: str, rows: list[dict[str, Any]]) -> pa.Table:
     extra = sorted({k for r in rows for k in r} - set(known))
     arrays, names = [], []
     for col in [*known, *extra]:
-        values = [r.get(col) for r in rows]
         typ = known.get(col)
+        values = [r.get(col) for r in rows]
+        if typ is not None and not pa.types.is_floating(typ):
+            values = [None if _missing(v) else v for v in values]  # rows that came through pandas
         arrays.append(pa.array(values, type=typ) if typ is not None else pa.array(values))
         names.append(col)
     return pa.Table.from_arrays(arrays, names=names)
+
+
+def _missing(value: Any) -> bool:
+    return value is None or value is pd.NaT or (isinstance(value, float) and value != value)
 
 
 def write_rows(root: str | os.PathLike, study: str, table: str, trial_id: str, rows: list[dict[str, Any]]) -> Path:
@@ -193,20 +200,70 @@ def load(path: str | os.PathLike, table: str = "trials", *, on_skip: Any = None)
         raise StudyError(f"results folder {path} does not exist")
     if not find_studies(path):
         raise StudyError(f"{path} holds no study (no study.json or trials/ folder); pass a study folder or its root")
+    merged = read_arrow(path, table, on_skip=on_skip)
+    return _empty_frame(table) if merged is None else merged.to_pandas()
+
+
+def read_arrow(path: str | os.PathLike, table: str, *, on_skip: Any = None) -> pa.Table | None:
+    """The union of a table's files under ``path`` as one Arrow table (None when there are none)."""
     tables = []
-    for f in table_files(path, table):
+    files = table_files(path, table)
+    # A trial's own file wins over its rows in a compacted file (a trial rewritten after
+    # compaction, or the moment between writing the compacted file and removing the originals).
+    own = {(f.parent, f.stem) for f in files if f.name != COMPACTED}
+    for f in files:
         try:
-            tables.append(pq.read_table(f))
+            t = pq.read_table(f)
         except Exception as exc:  # corrupt or foreign file: report it, keep the rest
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             if on_skip is not None:
                 on_skip(f, reason)
             else:
                 warnings.warn(f"skipped unreadable results file {f}: {reason}", stacklevel=2)
+            continue
+        if f.name == COMPACTED:
+            shadowed = [stem for parent, stem in own if parent == f.parent]
+            if shadowed:
+                import pyarrow.compute as pc
+
+                t = t.filter(pc.invert(pc.is_in(t.column("trial_id"), value_set=pa.array(shadowed))))
+        tables.append(t)
     if not tables:
-        return _empty_frame(table)
-    merged = pa.concat_tables(tables, promote_options="permissive")
-    return merged.to_pandas()
+        return None
+    return pa.concat_tables(tables, promote_options="permissive")
+
+
+def compact(study: str | os.PathLike) -> dict[str, int]:
+    """Merge a study's per-trial files into one ``_compacted.parquet`` per table.
+
+    The rows do not change (``load`` returns the same frame before and after). The compacted
+    file is written atomically first, then the per-trial files it holds are removed; readers
+    prefer a trial's own file, so no moment shows a row twice. Returns files merged per table.
+    """
+    folder = Path(study)
+    if not (folder / "trials").is_dir():
+        raise StudyError(f"{folder} holds no study results to compact")
+    merged: dict[str, int] = {}
+    for table in TABLES:
+        tdir = folder / table
+        if not tdir.is_dir():
+            continue
+        singles = [f for f in sorted(tdir.glob("*.parquet")) if f.name != COMPACTED]
+        if not singles:
+            merged[table] = 0
+            continue
+        arrow = read_arrow(folder, table)
+        tmp = tdir / f".{COMPACTED}.{uuid.uuid4().hex[:8]}.tmp"
+        try:
+            pq.write_table(arrow, tmp)
+            os.replace(tmp, tdir / COMPACTED)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+        for f in singles:
+            f.unlink()
+        merged[table] = len(singles)
+    return merged
 
 
 def _empty_frame(table: str) -> pd.DataFrame:

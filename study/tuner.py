@@ -673,6 +673,13 @@ def _close_stale_optuna_trials(folder: Path, spec: StudySpec) -> int:
     return len(stale)
 
 
+def compact_study(folder: str | Path) -> dict[str, int]:
+    """``results.compact`` under the study's lock: never while a driver is writing."""
+    folder = Path(folder).resolve()
+    with _study_lock(folder, folder.name):
+        return results.compact(folder)
+
+
 def best_trial(df: Any, spec: StudySpec) -> dict[str, Any] | None:
     """The best completed or pruned trial by the (first) objective."""
     if df is None or len(df) == 0:

@@ -121,3 +121,35 @@ def test_run_with_malformed_toml(tmp_path):
     f.write_text("[space.beta]\nlow = ")
     r = run_cli("run", str(f), "--name", "x", "--storage", str(tmp_path / "st"))
     assert r.returncode == 2 and "not valid TOML" in r.stderr and not (tmp_path / "st").exists()
+
+
+def test_compact_keeps_every_row_and_readers_agree(study_dir, tmp_path):
+    import shutil
+
+    import duckdb
+    import polars as pl
+
+    from study import results
+
+    copy = tmp_path / "demo"
+    shutil.copytree(study_dir, copy, ignore=shutil.ignore_patterns("tune"))
+    before = {t: results.load(copy, t) for t in results.TABLES}
+    r = run_cli("compact", str(copy))
+    assert r.returncode == 0, r.stderr
+    assert "trials: 3 files merged" in r.stdout
+    assert sorted(p.name for p in (copy / "trials").iterdir()) == ["_compacted.parquet"]
+    for t in results.TABLES:
+        after = results.load(copy, t)
+        key = ["trial_id"] + (["epoch"] if t == "epochs" else ["recon_mode", "digit"] if t == "digits" else [])
+        pd.testing.assert_frame_equal(before[t].sort_values(key).reset_index(drop=True),
+                                      after.sort_values(key).reset_index(drop=True))
+    assert duckdb.sql(f"SELECT count(*) FROM '{copy}/epochs/*.parquet'").fetchall()[0][0] == len(before["epochs"])
+    assert pl.read_parquet(copy / "digits" / "*.parquet").height == len(before["digits"])
+    # a trial file written after compaction wins over its compacted rows
+    from study.results import write_rows
+
+    row = before["trials"].iloc[0].to_dict()
+    row["status"] = "failed"
+    write_rows(copy.parent, "demo", "trials", row["trial_id"], [row])
+    again = results.load(copy)
+    assert len(again) == 3 and (again.set_index("trial_id").loc[row["trial_id"], "status"] == "failed")

@@ -9,13 +9,10 @@ from typing import Any
 import torch
 
 from vae.config import ConfigError, TrainConfig
+from vae.errors import CheckpointError
 from vae.model import BetaVAE
 
 FORMAT = "vae-study-checkpoint/1"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, unreadable or does not match its architecture."""
 
 
 def library_versions() -> dict[str, str]:

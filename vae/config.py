@@ -11,6 +11,10 @@ import math
 from dataclasses import dataclass, fields
 from typing import Any
 
+from vae.errors import ConfigError
+
+__all__ = ["ConfigError", "TrainConfig", "ARCHS", "DATASETS", "DEVICES", "PRECISIONS"]
+
 ARCHS = ("mlp", "conv")
 DATASETS = ("mnist", "fashion-mnist", "mnist-sample")
 DEVICES = ("auto", "cpu", "cuda")
@@ -20,10 +24,6 @@ MAX_LATENT_DIM = 1024
 MAX_HIDDEN = 16384
 MAX_BATCH = 65536
 MAX_EPOCHS = 10000
-
-
-class ConfigError(ValueError):
-    """A configuration value is out of range or of the wrong type."""
 
 
 @dataclass(frozen=True)

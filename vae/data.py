@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from vae.config import TrainConfig
+from vae.errors import DataError
 
 SAMPLE_TEST_PER_CLASS = 100
 _IDX_NAMES = {
@@ -34,10 +35,6 @@ _IDX_NAMES = {
 _TORCHVISION_DIRS = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST"}
 # The split of the fixed test set from the embedded sample never changes with a config.
 _SAMPLE_TEST_SEED = 20170101
-
-
-class DataError(RuntimeError):
-    """The requested data cannot be found, read or downloaded."""
 
 
 @dataclass(frozen=True)
