@@ -37,7 +37,12 @@ def plot_digit_metric_vs_latent(matrix: pd.DataFrame, *, metric: str = "MSE", ax
     ax.set_ylabel(f"test {metric} ({recon_mode})" + (" [dB]" if metric == "PSNR" else ""))
     if metric == "MSE":
         ax.set_yscale("log")
-    ax.set_xticks(xs)
+    if len(xs) <= 8:
+        ax.set_xticks(xs)
+    else:
+        from matplotlib.ticker import MaxNLocator
+
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     ax.legend(title="digit", ncols=2, fontsize=8, title_fontsize=8, loc="best")
     ax.set_title(f"Per-digit {metric} against latent size")

@@ -175,7 +175,8 @@ def build_spec(toml: dict[str, Any] | None, overrides: dict[str, Any]) -> StudyS
         "seed": o.get("seed", study.get("seed", 0)),
         "objective": objective,
         "mode": o.get("mode", study.get("mode", "min")),
-        "scheduler": o.get("scheduler", scheduler.get("type", preset.get("scheduler", "asha"))),
+        # a plain grid runs every trial to the end unless early stopping is asked for
+        "scheduler": o.get("scheduler", scheduler.get("type", preset.get("scheduler", "none" if grid else "asha"))),
         "grace_period": o.get("grace_period", scheduler.get("grace_period", 1)),
         "reduction_factor": o.get("reduction_factor", scheduler.get("reduction_factor", 2.0)),
         "cpus_per_trial": o.get("cpus_per_trial", resources.get("cpus_per_trial", 1.0)),

@@ -25,7 +25,7 @@ def test_defaults():
 def test_grid_expands_to_a_plain_grid():
     spec = build_spec(None, {**BASE, "grid": parse_grid(["latent_dim=5,10,15,20", "arch=mlp,conv"])})
     assert spec.grid == {"latent_dim": [5, 10, 15, 20], "arch": ["mlp", "conv"]}
-    assert spec.n_trials == 8 and spec.space == {}
+    assert spec.n_trials == 8 and spec.space == {} and spec.scheduler == "none"
     assert optuna_space(spec)["latent_dim"].choices == (5, 10, 15, 20)
     assert "beta" in fixed_params(spec)  # not searched: fixed at its default
 
