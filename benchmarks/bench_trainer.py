@@ -112,6 +112,7 @@ def main() -> None:
     ap.add_argument("--canonical-images", type=int, default=20000, help="images the canonical loop trains on")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved repetitions; medians are reported")
     ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--profile", action="store_true", help="also print where a batch-128 training step spends its time")
     args = ap.parse_args()
 
     data_dir = str(FASHION) if args.dataset == "fashion-mnist" else None
@@ -137,6 +138,9 @@ def main() -> None:
         "canonical_b128_img_s": canon_128,
         "fit_b128_img_s": ours_128,
         "speedup_b128": ours_128 / canon_128,
+        "speedup_b128_paired_median": float(np.median(np.array(rounds["b128"]) / np.array(rounds["canon"]))),
+        "speedup_b128_paired_range": [float(min(np.array(rounds["b128"]) / np.array(rounds["canon"]))),
+                                      float(max(np.array(rounds["b128"]) / np.array(rounds["canon"])))],
         "fit_b512_img_s": ours_512,
         "fit_b512_gflops": ours_512 * fpi / 1e9,
         "matmul_limit_gflops": limit,
@@ -147,9 +151,21 @@ def main() -> None:
     print(f"dataset {res['dataset']} ({res['n_train']} training images), {res['threads']} threads, "
           f"torch {res['torch']}, median of {args.rounds} interleaved rounds")
     print(f"canonical DataLoader loop, batch 128: {canon_128:10.0f} img/s")
-    print(f"vae.train.fit, batch 128:            {ours_128:10.0f} img/s  ({res['speedup_b128']:.2f}x)")
+    lo, hi = res["speedup_b128_paired_range"]
+    print(f"vae.train.fit, batch 128:            {ours_128:10.0f} img/s  ({res['speedup_b128']:.2f}x; "
+          f"per round {lo:.2f}x-{hi:.2f}x, median {res['speedup_b128_paired_median']:.2f}x)")
     print(f"vae.train.fit, batch 512:            {ours_512:10.0f} img/s  = {res['fit_b512_gflops']:.1f} GFLOP/s")
     print(f"fp32 matmul limit (torch.mm 2048):   {limit:10.1f} GFLOP/s -> {100 * res['fraction_of_limit_b512']:.0f}% of it at batch 512")
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        small = base.replace(batch_size=128, epochs=1, max_train_images=128 * 100)
+        data = load(small)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            fit(small, data)
+        table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12)
+        print(table)
+        res["profile_b128"] = table
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=2))
 

@@ -117,7 +117,10 @@ def train_trial(config: dict[str, Any], runtime: dict[str, Any]) -> None:
                 [{"split": "test", "recon_mode": mode, **row}
                  for mode, entry in ev["modes"].items() for row in entry["per_digit"]]
             )
-            metrics.update({k: best_values[k] for k in ("test_elbo", "test_mse", "test_psnr", "test_digits")})
+        # Every persisted checkpoint carries the best weights' test metrics, so a driver that
+        # restarted since they were computed still records them.
+        metrics.update({k: best_values[k] for k in ("test_elbo", "test_mse", "test_psnr", "test_digits")
+                        if k in best_values})
         with tempfile.TemporaryDirectory(prefix="vae-ckpt-") as tmp:
             if state.best_state is not None:
                 scratch.load_state_dict(state.best_state)

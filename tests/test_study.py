@@ -130,3 +130,17 @@ def test_asha_prunes_weak_trials(ray_local, tmp_path):
     assert (pruned["epochs_run"] < 4).all()
     epochs = results.load(res.folder, "epochs")
     assert len(epochs) == df["epochs_run"].sum()
+
+
+def test_rate_distortion_pareto_study(ray_local, tmp_path):
+    spec = build_spec(None, {"name": "rd", "storage": str(tmp_path), "trials": 3, "epochs": 2,
+                             "max_train_images": 300, "objective": ["val_recon", "val_kl"], "num_cpus": 2})
+    assert spec.multi_objective and spec.scheduler == "none"
+    res = run(spec, printer=lambda s: None)
+    assert len(res.trials) == 3 and (res.trials["status"] == "completed").all()
+    study = optuna.load_study(study_name="rd", storage=f"sqlite:///{res.folder / OPTUNA_DB}")
+    assert len(study.directions) == 2 and len(study.best_trials) >= 1
+    for t in study.trials:  # Optuna got (recon, KL) at each trial's best -ELBO epoch
+        row = res.trials.set_index("param_latent_dim").loc[t.params["latent_dim"]]
+        row = row.iloc[0] if hasattr(row, "iloc") and row.ndim > 1 else row
+        assert t.values == pytest.approx([row["val_recon"], row["val_kl"]])
