@@ -35,6 +35,8 @@ def main() -> None:
     ap.add_argument("--tpe-trials", type=int, default=48)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--num-cpus", type=int, default=2)
+    ap.add_argument("--grace-period", type=int, default=1)
+    ap.add_argument("--reduction-factor", type=float, default=2.0)
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args()
 
@@ -48,7 +50,9 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tuner.init_ray(None, args.num_cpus)
-    curves, summary = {}, {"epochs": args.epochs, "runs": {}}
+    curves = {}
+    summary = {"epochs": args.epochs, "grace_period": args.grace_period, "reduction_factor": args.reduction_factor,
+               "runs": {}}
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         grid = build_spec(None, {"name": "grid", "storage": tmp, "epochs": args.epochs, "scheduler": "none",
@@ -70,7 +74,8 @@ def main() -> None:
         for seed in args.seeds:
             t0 = time.perf_counter()
             spec = build_spec(None, {"name": f"tpe{seed}", "storage": tmp, "trials": args.tpe_trials,
-                                     "epochs": args.epochs, "seed": seed, "grace_period": 1, "reduction_factor": 2})
+                                     "epochs": args.epochs, "seed": seed, "grace_period": args.grace_period,
+                                     "reduction_factor": args.reduction_factor})
             r = tuner.run(spec, printer=lambda s: None)
             df = results.load(r.folder)
             curve = M.best_so_far(df)
@@ -85,9 +90,13 @@ def main() -> None:
             }
     ray.shutdown()
     ax = F.plot_search_efficiency(curves, target=target)
-    ax.set_ylim(grid_best * 0.97, grid_best * 1.15)
-    ax.figure.savefig(out / "search_efficiency.png", dpi=150)
-    (out / "search_efficiency.json").write_text(json.dumps(summary, indent=2, default=float))
+    lowest = min(float(c["best_so_far"].min()) for c in curves.values())
+    ax.set_ylim(lowest - 0.02 * grid_best, grid_best * 1.15)
+    tag = f"rf{args.reduction_factor:g}"
+    summary["curves"] = {name: c[["cumulative_epochs", "best_so_far"]].values.tolist() for name, c in curves.items()}
+    ax.set_title(f"Search efficiency (ASHA grace {args.grace_period}, reduction factor {args.reduction_factor:g})")
+    ax.figure.savefig(out / f"search_efficiency_{tag}.png", dpi=150)
+    (out / f"search_efficiency_{tag}.json").write_text(json.dumps(summary, indent=2, default=float))
     g = summary["runs"]["grid"]
     print(f"grid best val -ELBO {grid_best:.2f}; target (within 1%) {target:.2f}")
     print(f"grid: {g['trial_epochs_to_target']} trial-epochs to target, {g['trial_epochs_total']} in all, {g['wall_seconds']:.0f} s")

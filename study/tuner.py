@@ -513,11 +513,11 @@ def run(spec: StudySpec, *, overwrite: bool = False, printer: Printer = print) -
     """
     folder = study_folder(spec)
     _refuse_existing(folder, spec, overwrite)
-    check_writable(folder.parent)
     # Data problems surface here, in the driver, before Ray starts and before anything is written.
     from vae.data import load
 
     load(spec.base_config())
+    check_writable(folder.parent)
     init_ray(spec.address, spec.num_cpus)
     check_gpus(spec)
     with _study_lock(folder, spec.name):
