@@ -37,6 +37,7 @@ def main() -> None:
     ap.add_argument("--num-cpus", type=int, default=2)
     ap.add_argument("--grace-period", type=int, default=1)
     ap.add_argument("--reduction-factor", type=float, default=2.0)
+    ap.add_argument("--startup-trials", type=int, default=None, help="TPE's random start (default: the tool's)")
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args()
 
@@ -52,6 +53,7 @@ def main() -> None:
     tuner.init_ray(None, args.num_cpus)
     curves = {}
     summary = {"epochs": args.epochs, "grace_period": args.grace_period, "reduction_factor": args.reduction_factor,
+               "startup_trials": args.startup_trials,
                "runs": {}}
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
@@ -75,7 +77,8 @@ def main() -> None:
             t0 = time.perf_counter()
             spec = build_spec(None, {"name": f"tpe{seed}", "storage": tmp, "trials": args.tpe_trials,
                                      "epochs": args.epochs, "seed": seed, "grace_period": args.grace_period,
-                                     "reduction_factor": args.reduction_factor})
+                                     "reduction_factor": args.reduction_factor,
+                                     "startup_trials": args.startup_trials})
             r = tuner.run(spec, printer=lambda s: None)
             df = results.load(r.folder)
             curve = M.best_so_far(df)
@@ -92,7 +95,7 @@ def main() -> None:
     ax = F.plot_search_efficiency(curves, target=target)
     lowest = min(float(c["best_so_far"].min()) for c in curves.values())
     ax.set_ylim(lowest - 0.02 * grid_best, grid_best * 1.15)
-    tag = f"rf{args.reduction_factor:g}"
+    tag = f"rf{args.reduction_factor:g}" + (f"_startup{args.startup_trials}" if args.startup_trials else "")
     summary["curves"] = {name: c[["cumulative_epochs", "best_so_far"]].values.tolist() for name, c in curves.items()}
     ax.set_title(f"Search efficiency (ASHA grace {args.grace_period}, reduction factor {args.reduction_factor:g})")
     ax.figure.savefig(out / f"search_efficiency_{tag}.png", dpi=150)

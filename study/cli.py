@@ -164,7 +164,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     toml = read_toml(args.config) if args.config else None
     overrides = {
         "name": args.name, "storage": args.storage, "trials": args.trials, "epochs": args.epochs,
-        "seed": args.seed, "mode": args.mode, "preset": args.preset, "dataset": args.dataset,
+        "seed": args.seed, "startup_trials": args.startup_trials, "mode": args.mode, "preset": args.preset, "dataset": args.dataset,
         "data_dir": args.data_dir, "download": True if args.download else None,
         "max_train_images": args.max_train_images, "arch": args.arch, "batch_size": args.batch_size,
         "device": args.device, "precision": args.precision,
@@ -327,6 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--trials", type=int, help="number of trials (default 16)")
     g.add_argument("--epochs", type=int, help="max epochs per trial (default 10)")
     g.add_argument("--seed", type=int, help="seeds the sampler (default 0)")
+    g.add_argument("--startup-trials", type=int, help="TPE: random trials before it models (default: min(10, trials/4))")
     g.add_argument("--grid", action="append", metavar="NAME=V1,V2", help="plain grid, e.g. latent_dim=5,10,15,20 (repeatable)")
     g.add_argument("--objective", help="val_elbo (default), val_mse, ...; two, comma-separated, for a Pareto study")
     g.add_argument("--mode", choices=("min", "max"))

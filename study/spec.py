@@ -51,7 +51,7 @@ from vae.config import ARCHS, ConfigError, TrainConfig
 OBJECTIVES = ("val_elbo", "val_recon", "val_kl", "val_mse", "val_loss")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 _SECTIONS = {
-    "study": {"name", "trials", "epochs", "seed", "objective", "mode", "preset"},
+    "study": {"name", "trials", "epochs", "seed", "objective", "mode", "preset", "startup_trials"},
     "data": {"dataset", "data_dir", "val_fraction", "split_seed", "max_train_images", "download"},
     "train": None,  # checked against TrainConfig
     "space": None,  # checked per entry
@@ -86,6 +86,7 @@ class StudySpec:
     address: str | None = None
     num_cpus: int | None = None
     preset: str | None = None
+    startup_trials: int | None = None  # TPE's random trials before it models; None: min(10, trials // 4)
 
     @property
     def multi_objective(self) -> bool:
@@ -187,6 +188,7 @@ def build_spec(toml: dict[str, Any] | None, overrides: dict[str, Any]) -> StudyS
         "num_cpus": o.get("num_cpus"),
         "beta_times_latent": preset.get("beta_times_latent"),
         "preset": preset_name,
+        "startup_trials": o.get("startup_trials", study.get("startup_trials")),
     }
     if o.get("smoke"):  # tiny, unless a flag says otherwise
         values.update(trials=o.get("trials", 2), epochs=o.get("epochs", 1))
@@ -225,6 +227,8 @@ def validate(v: dict[str, Any]) -> StudySpec:
         raise StudyError(f"--gpus-per-trial {v['gpus_per_trial']} must be a whole number when above 1")
     if v["num_cpus"] is not None:
         _int(v, "num_cpus", 1, 100000)
+    if v["startup_trials"] is not None:
+        _int(v, "startup_trials", 1, 100000)
     if v["mode"] not in ("min", "max"):
         raise StudyError(f"mode={v['mode']!r} is not allowed: choose min or max")
     for obj in v["objective"]:

@@ -189,7 +189,8 @@ def make_searcher(spec: StudySpec, folder: Path) -> Any:
             {k: list(v) for k, v in spec.grid.items()}, seed=spec.seed
         )
     else:
-        sampler = optuna.samplers.TPESampler(seed=spec.seed, multivariate=True, n_startup_trials=min(10, max(2, spec.trials // 4)))
+        startup = spec.startup_trials if spec.startup_trials is not None else min(10, max(2, spec.trials // 4))
+        sampler = optuna.samplers.TPESampler(seed=spec.seed, multivariate=True, n_startup_trials=startup)
     metrics = objective_metrics(spec)
     return OptunaSearch(
         space=optuna_space(spec),
