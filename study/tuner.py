@@ -682,14 +682,13 @@ def compact_study(folder: str | Path) -> dict[str, int]:
 
 
 def best_trial(df: Any, spec: StudySpec) -> dict[str, Any] | None:
-    """The best completed or pruned trial by the (first) objective."""
+    """The best completed or pruned trial by the (first) objective; the report's winner too."""
+    from analysis.metrics import winner
+
     if df is None or len(df) == 0:
         return None
-    ok = df[df["status"].isin(["completed", "pruned"]) & df["objective"].notna()]
-    if len(ok) == 0:
-        return None
-    ok = ok.sort_values("objective", ascending=spec.mode == "min", kind="stable")
-    return ok.iloc[0].to_dict()
+    w = winner(df, spec.mode)
+    return None if w is None else w.to_dict()
 
 
 def summary_lines(res: StudyResult, spec: StudySpec) -> list[str]:
