@@ -286,22 +286,26 @@ _DEFAULT_COLUMNS = {
 
 # --------------------------------------------------------------------------- parser and main
 
+def _command(sub: Any, name: str, func: Any, help: str) -> argparse.ArgumentParser:
+    """A subcommand whose --help is its function's docstring; every command takes --debug."""
+    p = sub.add_parser(name, help=help, description=func.__doc__, formatter_class=_fmt_help())
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.set_defaults(func=func)
+    return p
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description="Distributed hyperparameter studies for beta-VAEs on MNIST.",
                      formatter_class=_fmt_help())
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
-    p = sub.add_parser("train", help="train one configuration", description=cmd_train.__doc__,
-                       formatter_class=_fmt_help())
+    p = _command(sub, "train", cmd_train, "train one configuration")
     _add_config_flags(p)
     p.add_argument("--out", metavar="DIR", help="write model.pt and metrics.json here")
     p.add_argument("--format", choices=("table", "json"), default="table")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
-    p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("evaluate", help="per-digit metrics of a checkpoint", description=cmd_evaluate.__doc__,
-                       formatter_class=_fmt_help())
+    p = _command(sub, "evaluate", cmd_evaluate, "per-digit metrics of a checkpoint")
     p.add_argument("checkpoint", help="model.pt written by train or a study")
     p.add_argument("--dataset", help="default: the checkpoint's dataset")
     p.add_argument("--data-dir", help="folder with the four IDX files")
@@ -313,10 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Adam steps of decoder_only latent optimisation (default: 150)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--format", choices=("table", "json"), default="table")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
-    p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("run", help="run a study", description=cmd_run.__doc__, formatter_class=_fmt_help())
+    p = _command(sub, "run", cmd_run, "run a study")
     p.add_argument("config", nargs="?", help="TOML file (optional; flags override it)")
     p.add_argument("--name", help="study name (a folder under --storage)")
     p.add_argument("--storage", help="folder that holds studies (shared by all nodes on a cluster)")
@@ -350,20 +352,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-failures", type=int, help="retries of a trial whose worker died or raised")
     g.add_argument("--address", help="Ray cluster to join ('auto' works); default: a local runtime")
     g.add_argument("--num-cpus", type=int, help="CPUs of the local runtime (default: all)")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
-    p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("resume", help="finish an interrupted study", description=cmd_resume.__doc__,
-                       formatter_class=_fmt_help())
+    p = _command(sub, "resume", cmd_resume, "finish an interrupted study")
     p.add_argument("--name", required=True)
     p.add_argument("--storage", required=True)
     p.add_argument("--address")
     p.add_argument("--num-cpus", type=int)
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
-    p.set_defaults(func=cmd_resume)
 
-    p = sub.add_parser("results", help="query the results table", description=cmd_results.__doc__,
-                       formatter_class=_fmt_help())
+    p = _command(sub, "results", cmd_results, "query the results table")
     p.add_argument("path", help="a study folder, or a storage root holding several")
     p.add_argument("--table", choices=("trials", "epochs", "digits"), default="trials")
     p.add_argument("--where", help="SQL condition, e.g. \"status = 'completed' AND val_elbo < 150\"")
@@ -372,11 +368,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, metavar="K")
     p.add_argument("--columns", metavar="A,B,...")
     p.add_argument("--format", choices=("table", "csv", "json"), default="table")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
-    p.set_defaults(func=cmd_results)
 
-    p = sub.add_parser("report", help="figures and an HTML report of a study", description=cmd_report.__doc__,
-                       formatter_class=_fmt_help())
+    p = _command(sub, "report", cmd_report, "figures and an HTML report of a study")
     p.add_argument("study", help="the study folder (STORAGE/NAME)")
     p.add_argument("--out", metavar="DIR", help="default: STUDY/report")
     p.add_argument("--trial", metavar="ID", help="analyse this trial instead of the winner")
@@ -384,14 +377,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tsne-points", type=int, default=10000, metavar="N")
     p.add_argument("--gap-images", type=int, default=1000, metavar="N", help="images for the decoder-only gap")
     p.add_argument("--decoder-steps", type=int, default=150, metavar="N")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
-    p.set_defaults(func=cmd_report)
 
-    p = sub.add_parser("compact", help="merge a finished study's files", description=cmd_compact.__doc__,
-                       formatter_class=_fmt_help())
+    p = _command(sub, "compact", cmd_compact, "merge a finished study's files")
     p.add_argument("study", help="the study folder (STORAGE/NAME)")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
-    p.set_defaults(func=cmd_compact)
 
     return parser
 
