@@ -6,6 +6,8 @@ from typing import Any, NamedTuple
 import numpy as np
 import pandas as pd
 
+from study.results import FINISHED
+
 # The reference project's per-digit results on the full 10k MNIST test set, from its
 # decoder row, i.e. our ``posterior_sample`` (DESIGN.md): d -> (mean MSE, mean PSNR dB,
 # best digit, its MSE, worst digit, its MSE).
@@ -16,32 +18,7 @@ REFERENCE = {
     20: (0.01430, 18.88, 1, 0.00334, 8, 0.02114),
 }
 
-FINISHED = ("completed", "pruned")
 INACTIVE_KL = 0.01  # nats: a latent dimension carrying less than this on average is unused
-
-
-def finished(trials: pd.DataFrame) -> pd.DataFrame:
-    """Trials that produced a usable model (completed or pruned, with a finite objective)."""
-    ok = trials["status"].isin(FINISHED) & trials["objective"].notna() & np.isfinite(trials["objective"].astype(float))
-    return trials[ok]
-
-
-def rank(trials: pd.DataFrame, mode: str = "min") -> pd.DataFrame:
-    """Usable trials, best first by the study objective (ties: lower val -ELBO, then trial id)."""
-    ok = finished(trials)
-    return ok.sort_values(["objective", "val_elbo", "trial_id"], ascending=[mode == "min", True, True], kind="stable")
-
-
-def winner(trials: pd.DataFrame, mode: str = "min") -> pd.Series | None:
-    ranked = rank(trials, mode)
-    return None if ranked.empty else ranked.iloc[0]
-
-
-def winners_by_latent(trials: pd.DataFrame, mode: str = "min") -> pd.DataFrame:
-    """The best trial for each latent size present, ordered by latent size."""
-    ranked = rank(trials, mode)
-    best = ranked.groupby("param_latent_dim", sort=True).head(1)
-    return best.sort_values("param_latent_dim").reset_index(drop=True)
 
 
 def digit_matrix(digits: pd.DataFrame, winners: pd.DataFrame, *, metric: str = "mse",

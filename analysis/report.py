@@ -1,7 +1,7 @@
 """The only writer of the analysis package: PNGs, a self-contained index.html and summary.json.
 
-``build(study_dir)`` reads the Parquet results, picks the winner, computes what needs its
-checkpoint through the ``vae`` package (t-SNE, reconstruction panel, decoder-only gap,
+``build(study_dir)`` reads the Parquet results (a folder or a bucket, through ``study.storage``),
+picks the winner (``study.results.winner``), computes what needs its checkpoint through the ``vae`` package (t-SNE, reconstruction panel, decoder-only gap,
 traversals, prior samples), caches those arrays in ``<out>/cache/`` and draws every figure.
 A figure that cannot be made is left out with a visible note, never a crash.
 """
@@ -12,6 +12,7 @@ import hashlib
 import html
 import json
 import os
+import tempfile
 import time
 import uuid
 import warnings
@@ -26,6 +27,7 @@ from analysis import figures as F
 from analysis import metrics as M
 from study import results
 from study.errors import StudyError
+from study.storage import REPORT_DIR, SPEC_FILE, Location, OptunaDB, is_study
 
 DPI = 200
 CACHE_VERSION = 1
@@ -53,45 +55,61 @@ class Options:
 
 # --------------------------------------------------------------------------- entry point
 
-def build(study_dir: str | os.PathLike, out: str | os.PathLike | None = None, *,
-          options: Options | None = None, printer: Callable[[str], None] | None = None) -> Path:
-    """Build the report of one study; returns the path of ``index.html``.
+def build(study_dir: str | os.PathLike | Location, out: str | os.PathLike | Location | None = None, *,
+          options: Options | None = None, printer: Callable[[str], None] | None = None) -> str:
+    """Build the report of one study; returns where ``index.html`` is (a path, or a URI).
+
+    ``study_dir`` and ``out`` are folders or bucket URIs (``s3://``, ``gs://``). A report bound
+    for a bucket is drawn in a local staging folder, then each file is uploaded whole.
 
     Raises:
         StudyError: the folder holds no study, or the study has no trials yet.
     """
+    study = Location(study_dir)
+    if not study.exists():
+        raise StudyError(f"study folder {study} does not exist")
+    if not is_study(study):
+        raise StudyError(f"{study} holds no study (no study.json or trials/); pass the folder of one study")
+    dest = Location(out) if out is not None else study / REPORT_DIR
+    if dest.local is not None:
+        return str(_build(study, dest.local, dest, options, printer))
+    with tempfile.TemporaryDirectory(prefix="vae-report-") as tmp:
+        index = _build(study, Path(tmp), dest, options, printer)
+        for rel in sorted(p.relative_to(tmp).as_posix() for p in Path(tmp).rglob("*") if p.is_file()):
+            if rel != index.name:
+                dest.upload(Path(tmp) / rel, rel)
+        dest.upload(index, index.name)  # last: its presence means the report is whole
+    return f"{dest.uri}/{index.name}"
+
+
+def _build(study: Location, out: Path, dest: Location, options: Options | None,
+           printer: Callable[[str], None] | None) -> Path:
     opts = options or Options()
     say = printer or (lambda s: None)
-    folder = Path(study_dir)
-    if not folder.exists():
-        raise StudyError(f"study folder {folder} does not exist")
-    if not ((folder / "study.json").is_file() or (folder / "trials").is_dir()):
-        raise StudyError(f"{folder} holds no study (no study.json or trials/); pass the folder of one study")
-    spec = _read_spec(folder)
+    spec = _read_spec(study)
     skipped: list[str] = []
-    trials = results.load(folder, "trials", on_skip=lambda p, r: skipped.append(f"skipped unreadable {p.name}: {r}"))
+    trials = results.load(study, "trials", on_skip=lambda p, r: skipped.append(f"skipped unreadable {Path(str(p)).name}: {r}"))
     if trials.empty:
-        raise StudyError(f"study {folder.name} has no trials recorded yet; run or resume it first")
-    epochs = results.load(folder, "epochs")
-    digits = results.load(folder, "digits")
-    out = Path(out) if out is not None else folder / "report"
+        raise StudyError(f"study {study.name} has no trials recorded yet; run or resume it first")
+    epochs = results.load(study, "epochs")
+    digits = results.load(study, "digits")
     out.mkdir(parents=True, exist_ok=True)
     mode = spec.get("mode", "min")
-    name = spec.get("name", folder.name)
+    name = spec.get("name", study.name)
 
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
     sections: list[Section] = []
-    summary: dict[str, Any] = {"study": name, "folder": str(folder), "objective": spec.get("objective", ["val_elbo"]),
+    summary: dict[str, Any] = {"study": name, "folder": study.uri, "objective": spec.get("objective", ["val_elbo"]),
                                "mode": mode, "counts": M.status_counts(trials),
                                "compute": M.total_compute(trials, epochs), "notes": list(skipped)}
 
     if opts.trial is not None:
         if opts.trial not in set(trials["trial_id"]):
-            raise StudyError(f"trial {opts.trial!r} is not in study {name}; see `vae-study results {folder}`")
+            raise StudyError(f"trial {opts.trial!r} is not in study {name}; see `vae-study results {study}`")
         win = trials[trials["trial_id"] == opts.trial].iloc[0]
     else:
-        win = M.winner(trials, mode)
+        win = results.winner(trials, mode)
     summary["winner"] = None if win is None else _jsonable(win.to_dict())
 
     def step(label: str, fn: Callable[[], Section | None]) -> None:
@@ -112,7 +130,7 @@ def build(study_dir: str | os.PathLike, out: str | os.PathLike | None = None, *,
     if win is not None:
         try:
             s0 = time.perf_counter()
-            arrays = _winner_arrays(folder, out, win, opts, say)
+            arrays = _winner_arrays(study, out, dest, win, opts, say)
             timings["winner computations"] = time.perf_counter() - s0
         except Exception as exc:
             sections.append(Section("Winner's checkpoint", notes=[f"figures that need the checkpoint are left out: {exc}"]))
@@ -124,14 +142,14 @@ def build(study_dir: str | os.PathLike, out: str | os.PathLike | None = None, *,
         step("Samples from the prior", lambda: _prior(out, arrays))
     step("Rate-distortion plane", lambda: _rate_distortion(out, trials, win))
     step("Search progress", lambda: _search_progress(out, trials))
-    step("Study plots (Optuna)", lambda: _optuna(out, folder, spec))
+    step("Study plots (Optuna)", lambda: _optuna(out, study, spec))
     step("Top trials", lambda: _top_trials(trials, mode))
     summary["timings_seconds"] = {k: round(v, 3) for k, v in timings.items()}
     summary["seconds"] = round(time.perf_counter() - t0, 3)
 
     index = out / "index.html"
-    _atomic_write(index, _html(name, folder, sections, summary, out))
     _atomic_write(out / "summary.json", json.dumps(summary, indent=2, default=str))
+    _atomic_write(index, _html(name, study.uri, sections, summary, out))
     return index
 
 
@@ -163,11 +181,11 @@ def _digits_vs_latent(out: Path, trials: pd.DataFrame, digits: pd.DataFrame, mod
     s = Section("Per-digit MSE and PSNR vs latent size")
     # Sizes compare fairly only at full training: ASHA-pruned trials stopped early, so they count
     # only when fewer than two sizes have a completed trial.
-    winners = M.winners_by_latent(trials[trials["status"] == "completed"], mode)
+    winners = results.winners_by_latent(trials[trials["status"] == "completed"], mode)
     if winners["param_latent_dim"].nunique() >= 2:
         s.text = "For each latent size, its best completed trial by the study objective; test split, posterior mean."
     else:
-        winners = M.winners_by_latent(trials, mode)
+        winners = results.winners_by_latent(trials, mode)
         s.text = ("For each latent size, its best trial by the study objective, pruned trials included (fewer than two "
                   "sizes have a completed trial); test split, posterior mean.")
     if winners["param_latent_dim"].nunique() < 2:
@@ -272,7 +290,7 @@ def _prior(out: Path, a: dict[str, np.ndarray]) -> Section:
 
 def _rate_distortion(out: Path, trials: pd.DataFrame, win: pd.Series | None) -> Section:
     s = Section("Rate-distortion plane")
-    ok = M.finished(trials).dropna(subset=["val_kl", "val_recon", "param_beta"])
+    ok = results.finished(trials).dropna(subset=["val_kl", "val_recon", "param_beta"])
     if len(ok) < 2:
         s.notes.append("left out: fewer than two finished trials")
         return s
@@ -299,17 +317,23 @@ def _search_progress(out: Path, trials: pd.DataFrame) -> Section:
     return s
 
 
-def _optuna(out: Path, folder: Path, spec: dict) -> Section:
+def _optuna(out: Path, folder: Location, spec: dict) -> Section:
+    with OptunaDB(folder).read_copy() as db:
+        if db is None:
+            s = Section("Study plots (Optuna)")
+            s.notes.append("left out: no optuna.db in the study folder")
+            return s
+        return _optuna_plots(out, db, spec.get("name", folder.name), spec)
+
+
+def _optuna_plots(out: Path, db: Path, name: str, spec: dict) -> Section:
     import optuna
     from optuna.visualization import matplotlib as ovm
 
     s = Section("Study plots (Optuna)")
-    db = folder / "optuna.db"
-    if not db.is_file():
-        s.notes.append("left out: no optuna.db in the study folder")
-        return s
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.load_study(study_name=spec.get("name", folder.name), storage=f"sqlite:///{db}")
+    storage = optuna.storages.RDBStorage(f"sqlite:///{db}")
+    study = optuna.load_study(study_name=name, storage=storage)
     done = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -337,7 +361,7 @@ def _top_trials(trials: pd.DataFrame, mode: str) -> Section:
     s = Section("Top trials")
     cols = ["trial_id", "status", "param_arch", "param_latent_dim", "param_beta", "param_lr", "epochs_run",
             "objective", "val_elbo", "val_mse", "test_mse", "train_seconds"]
-    ranked = M.rank(trials, mode)
+    ranked = results.rank(trials, mode)
     s.tables.append(("Best 10 by the study objective", ranked[[c for c in cols if c in ranked]].head(10)))
     failed = trials[trials["status"] == "failed"]
     if not failed.empty:
@@ -347,27 +371,34 @@ def _top_trials(trials: pd.DataFrame, mode: str) -> Section:
 
 # --------------------------------------------------------------------------- checkpoint computations
 
-def _winner_arrays(folder: Path, out: Path, win: pd.Series, opts: Options,
+def _winner_arrays(study: Location, out: Path, dest: Location, win: pd.Series, opts: Options,
                    say: Callable[[str], None]) -> dict[str, np.ndarray]:
     ckpt = win.get("checkpoint")
     if not isinstance(ckpt, str) or not ckpt:
         raise StudyError(f"trial {win['trial_id']} has no checkpoint recorded")
-    path = folder / ckpt  # relative to the study folder (an absolute path stays as it is)
-    if not path.is_file():
-        raise StudyError(f"checkpoint {path} of trial {win['trial_id']} is missing")
-    key = hashlib.sha256(json.dumps([CACHE_VERSION, str(path), path.stat().st_mtime_ns, path.stat().st_size,
-                                     opts.tsne_points, opts.gap_images, opts.decoder_steps, opts.k, opts.seed]).encode()).hexdigest()[:16]
-    cache = out / "cache" / f"{win['trial_id']}-{key}.npz"
+    # Relative to the study folder (an absolute path, from an older study, stays as it is).
+    where = Location(ckpt) if ckpt.startswith("/") or "://" in ckpt else study / ckpt
+    if not where.is_file():
+        raise StudyError(f"checkpoint {where} of trial {win['trial_id']} is missing")
+    size, mtime = where.stat()
+    key = hashlib.sha256(json.dumps([CACHE_VERSION, where.uri, mtime, size, opts.tsne_points, opts.gap_images,
+                                     opts.decoder_steps, opts.k, opts.seed]).encode()).hexdigest()[:16]
+    rel = f"cache/{win['trial_id']}-{key}.npz"
+    cache = out / rel
+    if not cache.is_file() and dest.remote and dest.is_file(rel):
+        dest.download(rel, cache)
     if cache.is_file():
         with np.load(cache, allow_pickle=False) as z:
             say(f"  winner arrays from cache {cache.name}")
             return {k: z[k] for k in z.files}
-    arrays = compute_winner_arrays(path, opts, say)
+    with tempfile.TemporaryDirectory(prefix="vae-ckpt-") as tmp:
+        local = where.local if where.local is not None else where.parent.download(where.name, Path(tmp) / "model.pt")
+        arrays = compute_winner_arrays(local, opts, say)
     cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_name(f".{cache.name}.{uuid.uuid4().hex[:6]}.tmp")
-    with open(tmp, "wb") as f:
+    tmpf = cache.with_name(f".{cache.name}.{uuid.uuid4().hex[:6]}.tmp")
+    with open(tmpf, "wb") as f:
         np.savez_compressed(f, **arrays)
-    os.replace(tmp, cache)
+    os.replace(tmpf, cache)
     return arrays
 
 
@@ -465,11 +496,11 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _read_spec(folder: Path) -> dict[str, Any]:
+def _read_spec(study: Location) -> dict[str, Any]:
     try:
-        return json.loads((folder / "study.json").read_text())
-    except (OSError, ValueError):
-        return {"name": folder.name}
+        return json.loads(study.read_text(SPEC_FILE))
+    except (OSError, ValueError, StudyError):
+        return {"name": study.name}
 
 
 def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
@@ -498,11 +529,11 @@ nav a{margin-right:1em}
 """
 
 
-def _html(name: str, folder: Path, sections: list[Section], summary: dict, out: Path) -> str:
+def _html(name: str, folder: str, sections: list[Section], summary: dict, out: Path) -> str:
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>vae-study report: {html.escape(name)}</title>",
              f"<style>{_CSS}</style></head><body>",
              f"<h1>β-VAE study <code>{html.escape(name)}</code></h1>",
-             f"<p class='muted'>{html.escape(str(folder))} · built {time.strftime('%Y-%m-%d %H:%M:%S')} in "
+             f"<p class='muted'>{html.escape(folder)} · built {time.strftime('%Y-%m-%d %H:%M:%S')} in "
              f"{summary['seconds']:.1f} s · objective {html.escape('+'.join(summary['objective']))} ({summary['mode']})</p>",
              "<nav>" + "".join(f"<a href='#s{i}'>{html.escape(s.title)}</a>" for i, s in enumerate(sections)) + "</nav>"]
     for note in summary.get("notes", []):

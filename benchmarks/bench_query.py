@@ -53,7 +53,7 @@ def synthesize(root: Path, n_trials: int, n_epochs: int, seed: int = 0) -> Path:
                  "train_seconds": 4.5, "images_per_second": 12000.0, "attempts": 1, "node": "n", "hostname": "h",
                  "device": "cpu", "started_at": t0 + timedelta(seconds=5 * i),
                  "finished_at": t0 + timedelta(seconds=5 * i + 5)}
-        results.write_trial(root, study, tid, trial, epochs, digits)
+        results.write_trial(folder, tid, trial, epochs, digits)
     return folder
 
 

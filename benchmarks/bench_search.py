@@ -45,12 +45,12 @@ def main() -> None:
 
     from analysis import figures as F
     from analysis import metrics as M
-    from study import results, tuner
+    from study import cluster, results, tuner
     from study.spec import build_spec
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    tuner.init_ray(None, args.num_cpus)
+    cluster.init_ray(None, args.num_cpus)
     curves = {}
     summary = {"epochs": args.epochs, "grace_period": args.grace_period, "reduction_factor": args.reduction_factor,
                "startup_trials": args.startup_trials,

@@ -35,7 +35,7 @@ def main() -> None:
     t_import = time.perf_counter()
     import ray
 
-    from study import results, tuner
+    from study import cluster, results, tuner
     from study.spec import build_spec
     import_seconds = time.perf_counter() - t_import
 
@@ -44,11 +44,11 @@ def main() -> None:
                                  "arch": args.arch, "num_cpus": args.num_cpus,
                                  "scheduler": None if args.asha else "none"})
         t0 = time.perf_counter()
-        tuner.init_ray(None, args.num_cpus)
+        cluster.init_ray(None, args.num_cpus)
         ray_init = time.perf_counter() - t0
         res = tuner.run(spec, printer=lambda s: None)
         wall = time.perf_counter() - t0
-        slots = tuner.slots(spec)
+        slots = cluster.slots(spec, cluster.view())
         trials = results.load(res.folder)
         epochs = results.load(res.folder, "epochs")
         ray.shutdown()
@@ -65,7 +65,7 @@ def main() -> None:
             "driver_imports": import_seconds,
             "trial_setup_per_slot (imports, data, model; in the trial)": setup / slots,
             "validation_per_slot (in the trial, every epoch)": val / slots,
-            "parquet_writes (driver, overlaps trials)": tuner.WRITE_SECONDS[0],
+            "parquet_writes (driver, overlaps trials)": res.write_seconds,
             "rest (scheduling, checkpoints, per-digit test eval, reports)": wall - ray_init - ideal - setup / slots - val / slots,
         },
         "first_setup_seconds": float(trials.sort_values("started_at")["setup_seconds"].iloc[0]),

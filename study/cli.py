@@ -151,15 +151,18 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     A TOML config gives everything; flags override it. Results land in
     STORAGE/NAME/{trials,epochs,digits}/*.parquet, the Optuna study in STORAGE/NAME/optuna.db.
+    STORAGE is a folder or a bucket (s3://bucket/prefix, gs://bucket/prefix); on a cluster whose
+    nodes do not share a disk, use a bucket. Exit code 1 if no trial finished.
 
     Examples:
         vae-study run --name demo --storage studies --trials 16 --epochs 10
         vae-study run study.toml --name d-grid --storage studies --grid latent_dim=5,10,15,20
         vae-study run --preset seed-replication --name seed --storage studies --dataset mnist --data-dir ~/mnist
         vae-study run --smoke --name smoke --storage /tmp/studies
+        vae-study run --name sweep --storage s3://my-bucket/studies --address auto --gpus-per-trial 0.25
     """
     from study.spec import build_spec, parse_grid, read_toml
-    from study.tuner import run, summary_lines
+    from study.tuner import run
 
     toml = read_toml(args.config) if args.config else None
     overrides = {
@@ -175,10 +178,22 @@ def cmd_run(args: argparse.Namespace) -> int:
         "cpus_per_trial": args.cpus_per_trial, "gpus_per_trial": args.gpus_per_trial,
         "max_concurrent": args.max_concurrent, "max_failures": args.max_failures,
         "address": args.address, "num_cpus": args.num_cpus, "smoke": args.smoke,
+        "shared_storage": True if args.shared_storage else None,
     }
     spec = build_spec(toml, overrides)
     res = run(spec, overwrite=args.overwrite, printer=_log)
+    return _finish(res, spec)
+
+
+def _finish(res: Any, spec: Any) -> int:
+    """Print the summary; a study in which no trial finished is a failure (exit 1)."""
+    from study.tuner import summary_lines
+
     print("\n".join(summary_lines(res, spec)))
+    if not res.any_finished:
+        print(f"{PROG}: error: no trial of study {res.name!r} finished; the first error: {res.first_error()}",
+              file=sys.stderr)
+        return 1
     return 0
 
 
@@ -186,27 +201,35 @@ def cmd_resume(args: argparse.Namespace) -> int:
     """Finish an interrupted study (driver killed, Ctrl-C, machine lost) where it stopped.
 
     Completed trials are kept, unfinished ones continue from their last checkpoint, and the
-    Optuna study carries on in the same SQLite storage.
+    Optuna study carries on from its storage (for a study in a bucket, its last published
+    snapshot). Exit code 1 if no trial finished.
 
-    Example:
+    A study folder is trusted input: resuming unpickles Ray Tune's own experiment state
+    (tune/tuner.pkl and the searcher's state). Only resume a folder or bucket you trust;
+    `results` and `report` never unpickle anything.
+
+    Examples:
         vae-study resume --name demo --storage studies
+        vae-study resume --name sweep --storage s3://my-bucket/studies --address auto
     """
-    from study.tuner import read_spec, resume, summary_lines
+    from study.tuner import read_spec, resume
 
-    res = resume(args.storage, args.name, printer=_log, address=args.address, num_cpus=args.num_cpus)
-    print("\n".join(summary_lines(res, read_spec(args.storage, args.name))))
-    return 0
+    res = resume(args.storage, args.name, printer=_log, address=args.address, num_cpus=args.num_cpus,
+                 shared_storage=True if args.shared_storage else None)
+    return _finish(res, read_spec(args.storage, args.name))
 
 
 def cmd_results(args: argparse.Namespace) -> int:
     """Query a study's results table (or every study under a root folder).
 
-    WHERE takes a SQL condition, run by DuckDB over the table.
+    PATH is a folder or a bucket URI (s3://bucket/prefix/study). WHERE takes a SQL condition,
+    run by DuckDB over the table.
 
     Examples:
         vae-study results studies/demo --top 5 --sort val_elbo
         vae-study results studies/demo --where "status = 'completed' AND param_latent_dim >= 10" --format csv
         vae-study results studies/demo --table digits --where "recon_mode = 'posterior_mean'" --columns trial_id,digit,mse
+        vae-study results s3://my-bucket/studies          # every study under a storage root
     """
     from study import results
 
@@ -238,12 +261,13 @@ def cmd_report(args: argparse.Namespace) -> int:
     """Build the figures and a self-contained HTML report of a study (finished or running).
 
     Writes PNGs, index.html (opens from a file, no server) and summary.json to --out
-    (default: STUDY/report). Arrays computed from the winner's checkpoint are cached there,
-    so a second run is fast.
+    (default: STUDY/report; for a study in a bucket, the report goes there too). Arrays
+    computed from the winner's checkpoint are cached there, so a second run is fast.
 
     Examples:
         vae-study report studies/demo
         vae-study report studies/demo --out paper-figs --trial 3f2a1b7c
+        vae-study report s3://my-bucket/studies/sweep --out sweep-report
     """
     from analysis.report import Options, build
 
@@ -321,7 +345,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = _command(sub, "run", cmd_run, "run a study")
     p.add_argument("config", nargs="?", help="TOML file (optional; flags override it)")
     p.add_argument("--name", help="study name (a folder under --storage)")
-    p.add_argument("--storage", help="folder that holds studies (shared by all nodes on a cluster)")
+    p.add_argument("--storage", help="folder or bucket (s3://bucket/prefix, gs://bucket/prefix) that holds studies")
+    p.add_argument("--shared-storage", action="store_true",
+                   help="the --storage folder is mounted on every node, including nodes an autoscaler adds later")
     p.add_argument("--overwrite", action="store_true", help="replace an existing study of this name")
     p.add_argument("--smoke", action="store_true", help="tiny study: 2 trials, 1 epoch, 300 images")
     p.add_argument("--preset", help="seed-replication: the reference project's experiment")
@@ -355,12 +381,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _command(sub, "resume", cmd_resume, "finish an interrupted study")
     p.add_argument("--name", required=True)
-    p.add_argument("--storage", required=True)
+    p.add_argument("--storage", required=True, help="the folder or bucket URI the study was run with")
     p.add_argument("--address")
     p.add_argument("--num-cpus", type=int)
+    p.add_argument("--shared-storage", action="store_true", help="as for run")
 
     p = _command(sub, "results", cmd_results, "query the results table")
-    p.add_argument("path", help="a study folder, or a storage root holding several")
+    p.add_argument("path", help="a study folder or URI, or a storage root holding several")
     p.add_argument("--table", choices=("trials", "epochs", "digits"), default="trials")
     p.add_argument("--where", help="SQL condition, e.g. \"status = 'completed' AND val_elbo < 150\"")
     p.add_argument("--sort", metavar="COL")
@@ -370,8 +397,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("table", "csv", "json"), default="table")
 
     p = _command(sub, "report", cmd_report, "figures and an HTML report of a study")
-    p.add_argument("study", help="the study folder (STORAGE/NAME)")
-    p.add_argument("--out", metavar="DIR", help="default: STUDY/report")
+    p.add_argument("study", help="the study folder or URI (STORAGE/NAME)")
+    p.add_argument("--out", metavar="DIR", help="a folder or URI; default: STUDY/report")
     p.add_argument("--trial", metavar="ID", help="analyse this trial instead of the winner")
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto for the checkpoint computations")
     p.add_argument("--tsne-points", type=int, default=10000, metavar="N")
@@ -379,7 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decoder-steps", type=int, default=150, metavar="N")
 
     p = _command(sub, "compact", cmd_compact, "merge a finished study's files")
-    p.add_argument("study", help="the study folder (STORAGE/NAME)")
+    p.add_argument("study", help="the study folder or URI (STORAGE/NAME)")
 
     return parser
 

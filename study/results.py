@@ -6,25 +6,28 @@ Layout, one file per trial per table::
     <root>/<study>/epochs/<trial_id>.parquet   one row per trial per epoch
     <root>/<study>/digits/<trial_id>.parquet   one row per trial x split x recon_mode x digit
 
-Writes are atomic: a temporary name in the same folder, then ``os.replace`` (a single PUT on an
-object store). Readers take the union of the files' schemas and skip, with a warning, any file
+Every file is written whole through ``study.storage``: a temporary name in the same folder, then
+``os.replace``, or a single PUT on an object store. Readers take the union of the files' schemas and skip, with a warning, any file
 that cannot be read, so a query never sees half a file and one bad file costs only its rows.
 pandas, pyarrow, DuckDB and polars read the folders unchanged.
 """
 from __future__ import annotations
 
+import io
 import os
 import re
-import uuid
 import warnings
-from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Union
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from study.errors import StudyError
+from study.storage import Location, find_studies
+
+StudyPath = Union[str, "os.PathLike[str]", Location]  # a folder, or an s3:// / gs:// URI
 
 SCHEMA_VERSION = 1
 TABLES = ("trials", "epochs", "digits")
@@ -100,11 +103,16 @@ DIGIT_COLUMNS: dict[str, pa.DataType] = {
 COLUMNS = {"trials": TRIAL_COLUMNS, "epochs": EPOCH_COLUMNS, "digits": DIGIT_COLUMNS}
 
 _SAFE_ID = re.compile(r"^[A-Za-z0-9_.-]+$")
-COMPACTED = "_compacted.parquet"  # one file per table holding many finished trials (see compact)
+# One file per table holding many finished trials (see compact). Its name starts with neither '_'
+# nor '.', which pyarrow's and polars' folder readers skip. Studies compacted by older versions
+# hold _compacted.parquet, which is read the same way.
+COMPACTED = "compacted.parquet"
+_COMPACTED_NAMES = (COMPACTED, "_compacted.parquet")
 
 
-def study_dir(root: str | os.PathLike, name: str) -> Path:
-    return Path(root) / name
+def _is_compacted(rel: str) -> bool:
+    return rel.rsplit("/", 1)[-1] in _COMPACTED_NAMES
+FINISHED = ("completed", "pruned")  # statuses of trials that produced a usable model
 
 
 def _arrow_table(table: str, rows: list[dict[str, Any]]) -> pa.Table:
@@ -125,145 +133,182 @@ def _missing(value: Any) -> bool:
     return value is None or value is pd.NaT or (isinstance(value, float) and value != value)
 
 
-def write_rows(root: str | os.PathLike, study: str, table: str, trial_id: str, rows: list[dict[str, Any]]) -> Path:
-    """Atomically (re)write one trial's rows of one table."""
+def parquet_bytes(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    return sink.getvalue().to_pybytes()
+
+
+def write_rows(study: StudyPath, table: str, trial_id: str, rows: list[dict[str, Any]]) -> str:
+    """Write one trial's rows of one table, whole (replacing what was there)."""
     if table not in TABLES:
         raise ValueError(f"unknown table {table!r}")
-    if not _SAFE_ID.match(trial_id):
+    if not _SAFE_ID.match(trial_id) or f"{trial_id}.parquet" in _COMPACTED_NAMES:
         raise ValueError(f"unsafe trial id {trial_id!r}")
-    folder = study_dir(root, study) / table
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{trial_id}.parquet"
-    tmp = folder / f".{trial_id}.{uuid.uuid4().hex[:8]}.tmp"
-    try:
-        pq.write_table(_arrow_table(table, rows), tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    rel = f"{table}/{trial_id}.parquet"
+    Location(study).write_bytes(rel, parquet_bytes(_arrow_table(table, rows)))
+    return rel
 
 
 def write_trial(
-    root: str | os.PathLike,
-    study: str,
+    study: StudyPath,
     trial_id: str,
     trial: dict[str, Any],
     epochs: list[dict[str, Any]],
     digits: list[dict[str, Any]],
 ) -> None:
     """Write a finished trial's three tables. The trials row goes last: its presence means done."""
-    base = {"study": study, "trial_id": trial_id}
-    write_rows(root, study, "epochs", trial_id, [{**base, **r} for r in epochs])
-    write_rows(root, study, "digits", trial_id, [{**base, **r} for r in digits])
-    write_rows(root, study, "trials", trial_id, [{**base, "schema_version": SCHEMA_VERSION, **trial}])
+    loc = Location(study)
+    base = {"study": loc.name, "trial_id": trial_id}
+    write_rows(loc, "epochs", trial_id, [{**base, **r} for r in epochs])
+    write_rows(loc, "digits", trial_id, [{**base, **r} for r in digits])
+    write_rows(loc, "trials", trial_id, [{**base, "schema_version": SCHEMA_VERSION, **trial}])
 
 
-def table_files(path: str | os.PathLike, table: str) -> list[Path]:
-    """The Parquet files of ``table`` under ``path``: a study folder, or a root of studies."""
-    path = Path(path)
-    if (path / table).is_dir():
-        folders = [path / table]
-    else:
-        folders = sorted(p / table for p in path.iterdir() if (p / table).is_dir()) if path.is_dir() else []
-    return [f for folder in folders for f in sorted(folder.glob("*.parquet"))]
+def table_files(path: StudyPath, table: str) -> list[tuple[Location, str]]:
+    """(study folder, relative path) of each Parquet file of ``table`` under ``path``: a study
+    folder, or a root of studies."""
+    return [(study, f"{table}/{name}") for study in find_studies(Location(path))
+            for name in study.files(table, ".parquet")]
 
 
-def find_studies(path: str | os.PathLike) -> list[Path]:
-    """Study folders at ``path``: the folder itself if it is one, else its children that are."""
-    path = Path(path)
-    if _is_study(path):
-        return [path]
-    if path.is_dir():
-        return sorted(p for p in path.iterdir() if _is_study(p))
-    return []
-
-
-def _is_study(p: Path) -> bool:
-    return p.is_dir() and ((p / "study.json").is_file() or (p / "trials").is_dir())
-
-
-def load(path: str | os.PathLike, table: str = "trials", *, on_skip: Any = None) -> pd.DataFrame:
+def load(path: StudyPath, table: str = "trials", *, on_skip: Any = None) -> pd.DataFrame:
     """Read one table of a study folder (or of every study under a root) as a DataFrame.
 
-    Works while a study runs: only complete files exist under their final names. Schemas are
-    unioned across files; a file that cannot be read is skipped and reported through
-    ``on_skip(path, reason)`` (default: a warning).
+    ``path`` is a folder or an ``s3://`` / ``gs://`` URI. Works while a study runs: only complete
+    files exist under their final names. Schemas are unioned across files; a file that cannot be
+    read is skipped and reported through ``on_skip(path, reason)`` (default: a warning).
 
     Raises:
         StudyError: the folder does not exist or holds no study.
     """
     if table not in TABLES:
         raise StudyError(f"unknown table {table!r}: choose one of {', '.join(TABLES)}")
-    path = Path(path)
-    if not path.exists():
-        raise StudyError(f"results folder {path} does not exist")
-    if not find_studies(path):
-        raise StudyError(f"{path} holds no study (no study.json or trials/ folder); pass a study folder or its root")
-    merged = read_arrow(path, table, on_skip=on_skip)
+    loc = Location(path)
+    if not loc.exists():
+        raise StudyError(f"results folder {loc} does not exist")
+    if not find_studies(loc):
+        raise StudyError(f"{loc} holds no study (no study.json or trials/ folder); pass a study folder or its root")
+    merged = read_arrow(loc, table, on_skip=on_skip)
     return _empty_frame(table) if merged is None else merged.to_pandas()
 
 
-def read_arrow(path: str | os.PathLike, table: str, *, on_skip: Any = None) -> pa.Table | None:
+def read_arrow(path: StudyPath, table: str, *, on_skip: Any = None) -> pa.Table | None:
     """The union of a table's files under ``path`` as one Arrow table (None when there are none)."""
-    tables = []
     files = table_files(path, table)
     # A trial's own file wins over its rows in a compacted file (a trial rewritten after
     # compaction, or the moment between writing the compacted file and removing the originals).
-    own = {(f.parent, f.stem) for f in files if f.name != COMPACTED}
-    for f in files:
-        try:
-            t = pq.read_table(f)
-        except Exception as exc:  # corrupt or foreign file: report it, keep the rest
-            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    own: dict[Location, list[str]] = {}
+    for study, rel in files:
+        if not _is_compacted(rel):
+            own.setdefault(study, []).append(rel.rsplit("/", 1)[1].removesuffix(".parquet"))
+    tables = []
+    for (study, rel), got in zip(files, _read_all(files)):
+        if isinstance(got, BaseException):  # corrupt or foreign file: report it, keep the rest
+            reason = str(got).splitlines()[0] if str(got) else type(got).__name__
+            where = study.local / rel if study.local else f"{study.uri}/{rel}"
             if on_skip is not None:
-                on_skip(f, reason)
+                on_skip(where, reason)
             else:
-                warnings.warn(f"skipped unreadable results file {f}: {reason}", stacklevel=2)
+                warnings.warn(f"skipped unreadable results file {where}: {reason}", stacklevel=2)
             continue
-        if f.name == COMPACTED:
-            shadowed = [stem for parent, stem in own if parent == f.parent]
-            if shadowed:
-                import pyarrow.compute as pc
+        if _is_compacted(rel) and own.get(study):
+            import pyarrow.compute as pc
 
-                t = t.filter(pc.invert(pc.is_in(t.column("trial_id"), value_set=pa.array(shadowed))))
-        tables.append(t)
+            got = got.filter(pc.invert(pc.is_in(got.column("trial_id"), value_set=pa.array(own[study]))))
+        tables.append(got)
     if not tables:
         return None
     return pa.concat_tables(tables, promote_options="permissive")
 
 
-def compact(study: str | os.PathLike) -> dict[str, int]:
-    """Merge a study's per-trial files into one ``_compacted.parquet`` per table.
+def _read_one(study: Location, rel: str) -> pa.Table | BaseException:
+    try:
+        if study.local is not None:
+            return pq.read_table(study.local / rel)
+        return pq.read_table(io.BytesIO(study.read_bytes(rel)))
+    except Exception as exc:  # noqa: BLE001 - reported by the caller
+        return exc
+
+
+def _read_all(files: list[tuple[Location, str]]) -> list[pa.Table | BaseException]:
+    """Read files in order; a bucket's many small objects are fetched concurrently."""
+    if len(files) > 1 and any(study.remote for study, _ in files):
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=16) as pool:
+            return list(pool.map(lambda f: _read_one(*f), files))
+    return [_read_one(*f) for f in files]
+
+
+def read_trial(study: StudyPath, table: str, trial_id: str) -> pa.Table | None:
+    """One trial's rows of ``table``: its own file, else its rows in the compacted file."""
+    loc = Location(study)
+    for rel in (f"{table}/{trial_id}.parquet", *(f"{table}/{n}" for n in _COMPACTED_NAMES)):
+        if not loc.is_file(rel):
+            continue
+        got = _read_one(loc, rel)
+        if isinstance(got, BaseException):
+            continue
+        if _is_compacted(rel):
+            import pyarrow.compute as pc
+
+            got = got.filter(pc.equal(got.column("trial_id"), trial_id))
+            if got.num_rows == 0:
+                continue
+        return got
+    return None
+
+
+def compact(study: StudyPath) -> dict[str, int]:
+    """Merge a study's per-trial files into one ``compacted.parquet`` per table.
 
     The rows do not change (``load`` returns the same frame before and after). The compacted
-    file is written atomically first, then the per-trial files it holds are removed; readers
+    file is written whole first, then the per-trial files it holds are removed; readers
     prefer a trial's own file, so no moment shows a row twice. Returns files merged per table.
     """
-    folder = Path(study)
-    if not (folder / "trials").is_dir():
-        raise StudyError(f"{folder} holds no study results to compact")
+    loc = Location(study)
+    if not loc.is_dir("trials"):
+        raise StudyError(f"{loc} holds no study results to compact")
     merged: dict[str, int] = {}
     for table in TABLES:
-        tdir = folder / table
-        if not tdir.is_dir():
-            continue
-        singles = [f for f in sorted(tdir.glob("*.parquet")) if f.name != COMPACTED]
+        singles = [n for n in loc.files(table, ".parquet") if n != COMPACTED]  # the legacy name too
         if not singles:
             merged[table] = 0
             continue
-        arrow = read_arrow(folder, table)
-        tmp = tdir / f".{COMPACTED}.{uuid.uuid4().hex[:8]}.tmp"
-        try:
-            pq.write_table(arrow, tmp)
-            os.replace(tmp, tdir / COMPACTED)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
-        for f in singles:
-            f.unlink()
+        arrow = read_arrow(loc, table)
+        loc.write_bytes(f"{table}/{COMPACTED}", parquet_bytes(arrow))
+        for name in singles:
+            loc.delete(f"{table}/{name}")
         merged[table] = len(singles)
     return merged
+
+
+# --------------------------------------------------------------------------- winner and ranking
+
+def finished(trials: pd.DataFrame) -> pd.DataFrame:
+    """Trials that produced a usable model (completed or pruned, with a finite objective)."""
+    ok = trials["status"].isin(FINISHED) & trials["objective"].notna() & np.isfinite(trials["objective"].astype(float))
+    return trials[ok]
+
+
+def rank(trials: pd.DataFrame, mode: str = "min") -> pd.DataFrame:
+    """Usable trials, best first by the study objective (ties: lower val -ELBO, then trial id)."""
+    ok = finished(trials)
+    return ok.sort_values(["objective", "val_elbo", "trial_id"], ascending=[mode == "min", True, True], kind="stable")
+
+
+def winner(trials: pd.DataFrame, mode: str = "min") -> pd.Series | None:
+    """The study's winner: the best usable trial by the study objective (validation only)."""
+    ranked = rank(trials, mode)
+    return None if ranked.empty else ranked.iloc[0]
+
+
+def winners_by_latent(trials: pd.DataFrame, mode: str = "min") -> pd.DataFrame:
+    """The best trial for each latent size present, ordered by latent size."""
+    ranked = rank(trials, mode)
+    best = ranked.groupby("param_latent_dim", sort=True).head(1)
+    return best.sort_values("param_latent_dim").reset_index(drop=True)
 
 
 def _empty_frame(table: str) -> pd.DataFrame:

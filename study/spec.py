@@ -33,6 +33,7 @@ Example TOML (every key optional)::
     gpus_per_trial = 0            # fractions pack trials on a GPU, e.g. 0.25
     max_concurrent = 0            # 0: as many as there are slots
     max_failures = 0              # retries of a trial whose worker died or raised
+    shared_storage = false        # a local --storage folder is mounted on every node (autoscaling clusters)
 """
 from __future__ import annotations
 
@@ -57,7 +58,7 @@ _SECTIONS = {
     "space": None,  # checked per entry
     "grid": None,
     "scheduler": {"type", "grace_period", "reduction_factor"},
-    "resources": {"cpus_per_trial", "gpus_per_trial", "max_concurrent", "max_failures"},
+    "resources": {"cpus_per_trial", "gpus_per_trial", "max_concurrent", "max_failures", "shared_storage"},
 }
 
 
@@ -87,6 +88,7 @@ class StudySpec:
     num_cpus: int | None = None
     preset: str | None = None
     startup_trials: int | None = None  # TPE's random trials before it models; None: min(10, trials // 4)
+    shared_storage: bool = False  # a local --storage folder is mounted on every node, those to come too
 
     @property
     def multi_objective(self) -> bool:
@@ -189,6 +191,7 @@ def build_spec(toml: dict[str, Any] | None, overrides: dict[str, Any]) -> StudyS
         "beta_times_latent": preset.get("beta_times_latent"),
         "preset": preset_name,
         "startup_trials": o.get("startup_trials", study.get("startup_trials")),
+        "shared_storage": bool(o.get("shared_storage", resources.get("shared_storage", False))),
     }
     if o.get("smoke"):  # tiny, unless a flag says otherwise
         values.update(trials=o.get("trials", 2), epochs=o.get("epochs", 1))
@@ -214,6 +217,9 @@ def validate(v: dict[str, Any]) -> StudySpec:
         raise StudyError(f"study name {name!r} is not allowed: use letters, digits, '_', '.', '-' (at most 100)")
     if not v["storage"]:
         raise StudyError("pass --storage DIR: the folder (or s3:// / gs:// URI) that holds studies")
+    from study.storage import Location
+
+    Location(v["storage"])  # a bad URI is refused here, before anything starts
     _int(v, "trials", 1, 100000)
     _int(v, "epochs", 1, 10000)
     _int(v, "seed", 0, 2**31 - 1)

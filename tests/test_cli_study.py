@@ -134,10 +134,22 @@ def test_compact_keeps_every_row_and_readers_agree(study_dir, tmp_path):
     copy = tmp_path / "demo"
     shutil.copytree(study_dir, copy, ignore=shutil.ignore_patterns("tune"))
     before = {t: results.load(copy, t) for t in results.TABLES}
+    # a finished study is compacted when it ends: one file per table
+    for t in results.TABLES:
+        assert sorted(p.name for p in (copy / t).iterdir()) == ["compacted.parquet"], t
+    # a trial file written after compaction wins over its compacted rows, and compact merges it
+    from study.results import write_rows
+
+    row = before["trials"].iloc[0].to_dict()
+    row["status"] = "failed"
+    write_rows(copy, "trials", row["trial_id"], [row])
+    again = results.load(copy)
+    assert len(again) == 3 and (again.set_index("trial_id").loc[row["trial_id"], "status"] == "failed")
+    before["trials"] = again
     r = run_cli("compact", str(copy))
     assert r.returncode == 0, r.stderr
-    assert "trials: 3 files merged" in r.stdout
-    assert sorted(p.name for p in (copy / "trials").iterdir()) == ["_compacted.parquet"]
+    assert "trials: 1 files merged" in r.stdout and "epochs: 0 files merged" in r.stdout
+    assert sorted(p.name for p in (copy / "trials").iterdir()) == ["compacted.parquet"]
     for t in results.TABLES:
         after = results.load(copy, t)
         key = ["trial_id"] + (["epoch"] if t == "epochs" else ["recon_mode", "digit"] if t == "digits" else [])
@@ -145,11 +157,3 @@ def test_compact_keeps_every_row_and_readers_agree(study_dir, tmp_path):
                                       after.sort_values(key).reset_index(drop=True))
     assert duckdb.sql(f"SELECT count(*) FROM '{copy}/epochs/*.parquet'").fetchall()[0][0] == len(before["epochs"])
     assert pl.read_parquet(copy / "digits" / "*.parquet").height == len(before["digits"])
-    # a trial file written after compaction wins over its compacted rows
-    from study.results import write_rows
-
-    row = before["trials"].iloc[0].to_dict()
-    row["status"] = "failed"
-    write_rows(copy.parent, "demo", "trials", row["trial_id"], [row])
-    again = results.load(copy)
-    assert len(again) == 3 and (again.set_index("trial_id").loc[row["trial_id"], "status"] == "failed")

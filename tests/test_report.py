@@ -13,6 +13,7 @@ import pytest
 from analysis import metrics as M
 from analysis.report import Options, build
 from conftest import run_cli
+from study import results
 from study.errors import StudyError
 
 
@@ -90,8 +91,8 @@ def test_pareto_front_and_ranking():
     assert M.pareto_front(x, y).tolist() == [0, 1, 2]
     df = pd.DataFrame({"trial_id": ["a", "b", "c"], "status": ["completed", "failed", "pruned"],
                        "objective": [3.0, 1.0, 2.0], "val_elbo": [3.0, 1.0, 2.0], "param_latent_dim": [4, 4, 8]})
-    assert M.winner(df)["trial_id"] == "c"  # a failed trial never wins
-    assert M.winners_by_latent(df)["trial_id"].tolist() == ["a", "c"]
+    assert results.winner(df)["trial_id"] == "c"  # a failed trial never wins
+    assert results.winners_by_latent(df)["trial_id"].tolist() == ["a", "c"]
 
 
 def test_kl_per_dimension_marks_inactive():

@@ -6,7 +6,8 @@ import pytest
 
 from study.errors import StudyError
 from study.spec import build_spec, parse_grid, read_toml
-from study.tuner import fixed_params, make_scheduler, optuna_space
+from study.search import make_scheduler, optuna_space
+from study.tuner import fixed_params
 
 BASE = {"name": "s", "storage": "/tmp/x"}
 

@@ -11,14 +11,15 @@ import pytest
 from study import results
 from study.errors import StudyError
 from study.spec import build_spec
-from study.tuner import OPTUNA_DB, run
+from study.storage import OPTUNA_DB
+from study.tuner import run
 
 
 @pytest.fixture(scope="module")
 def ray_local():
     import ray
 
-    from study.tuner import init_ray
+    from study.cluster import init_ray
 
     init_ray(None, 2)
     yield

@@ -26,6 +26,21 @@ EVAL_BATCH = 2048
 FINITE_CHECK_EVERY = 25
 
 
+def improves(val_elbo: float | None, best_val_elbo: float) -> bool:
+    """The one definition of a better epoch: a finite validation -ELBO strictly below the best so
+    far (a tie keeps the earlier epoch). ``fit`` keeps those weights; a study's trials row reports
+    the metrics of that epoch (``best_epoch``), and its objective is read there too."""
+    return val_elbo is not None and math.isfinite(val_elbo) and val_elbo < best_val_elbo
+
+
+def best_epoch(history: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The best epoch's row of an epoch history (rows with ``epoch`` and ``val_elbo``), or None."""
+    best, best_val = None, math.inf
+    for row in sorted(history, key=lambda r: r["epoch"]):
+        if improves(row.get("val_elbo"), best_val):
+            best, best_val = row, row["val_elbo"]
+    return best
+
 
 @dataclass
 class EpochState:
@@ -190,7 +205,7 @@ def fit(
             result.status = "failed"
             result.error = f"non-finite validation -ELBO at epoch {epoch} (lr={config.lr:g}); try a lower lr"
             break
-        is_best = metrics["val_elbo"] < best_elbo
+        is_best = improves(metrics["val_elbo"], best_elbo)
         if is_best:
             best_elbo = metrics["val_elbo"]
             best_state = copy.deepcopy(model.state_dict())

@@ -1,0 +1,220 @@
+"""Tune callbacks -> Parquet rows: the results recorder, around the pure ``trial_row``.
+
+The driver writes every row (through ``study.results`` and so ``study.storage``): a trial's
+epochs as they are reported, its per-digit test metrics when a checkpoint carries them, and its
+trials row when it ends. The trials row is written last; its presence means the trial is done.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+from ray.tune import Callback
+
+from study import results
+from study.storage import Location
+from vae.train import best_epoch
+
+Printer = Callable[[str], None]
+PARAM_KEYS = ("latent_dim", "beta", "lr", "batch_size", "arch", "hidden", "epochs", "seed")
+_META_KEYS = ("node", "hostname", "device", "precision", "torch_version", "param_beta", "setup_seconds")
+_EPOCH_KEYS = [k for k in results.EPOCH_COLUMNS if k not in ("study", "trial_id")]
+_DIGIT_KEYS = ("split", "recon_mode", "digit", "n_images", "mse", "psnr")
+
+
+def trial_row(epochs: list[dict[str, Any]], *, status: str, objective: str) -> dict[str, Any]:
+    """A trial's results from its epoch rows: the best epoch (``vae.train.best_epoch``, the one
+    definition of it), that epoch's validation metrics, and the objective read at that epoch.
+
+    Args:
+        epochs: one dict per epoch with ``epoch``, ``val_*``, ``seconds``, ``images_per_second``.
+        status: completed, pruned or failed.
+        objective: the metric the study ranks on (its first objective), e.g. ``val_elbo``.
+    """
+    best = best_epoch(epochs)
+    seconds = sum(r.get("seconds") or 0 for r in epochs)
+    images = sum((r.get("images_per_second") or 0) * (r.get("seconds") or 0) for r in epochs)
+    return {
+        "status": status,
+        "best_epoch": best["epoch"] if best else None,
+        "epochs_run": max((r["epoch"] for r in epochs), default=0),
+        **{k: (best[k] if best else None) for k in ("val_elbo", "val_recon", "val_kl", "val_mse")},
+        "objective": best.get(objective) if best else None,
+        "train_seconds": seconds,
+        "images_per_second": images / seconds if seconds else None,
+    }
+
+
+def git_sha() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
+                             capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or None if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def error_line(text: str | None) -> str:
+    """The most useful line of a Ray error trace: the exception message of the root cause."""
+    if not text:
+        return "trial failed (no error recorded)"
+    lines = [ln.strip() for ln in str(text).splitlines() if ln.strip()]
+    for ln in reversed(lines):
+        if ln.startswith("TrialFailed:") or ".TrialFailed:" in ln:
+            return ln.split("TrialFailed:", 1)[1].strip()
+    for ln in reversed(lines):
+        head = ln.split(":")[0]
+        if ln[:1].isalpha() and ("Error" in head or "Exception" in head):
+            return ln[:500]
+    return lines[-1][:500]
+
+
+def trial_error(trial: Any) -> str:
+    """The trial's error, read from the driver's local copy (the storage copy syncs later)."""
+    path = trial.error_file
+    text = None
+    if path and os.path.isfile(path):
+        with open(path, errors="replace") as f:
+            text = f.read()
+    return error_line(text or trial.get_error())
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class _TrialLog:
+    """What the driver has heard of one trial: its epochs and facts about where it ran."""
+
+    def __init__(self, epochs: dict[int, dict[str, Any]], meta: dict[str, Any]) -> None:
+        self.epochs = epochs
+        self.meta = meta
+        self.reported = False  # reported to this driver (not only read back after a restart)
+
+
+class ResultsRecorder(Callback):
+    """Writes each trial's Parquet rows from the driver: epochs as they come, the rest at the end.
+
+    Args:
+        study: the study's folder (local or in a bucket).
+        spec: the study's spec (its name, objective and epochs).
+    """
+
+    def __init__(self, study: Location, spec: Any) -> None:
+        self.study = study
+        self.spec = spec
+        self.logs: dict[str, _TrialLog] = {}
+        self.write_seconds = 0.0  # time the driver spent writing (the study benchmark reads it)
+        self.git_sha = git_sha()
+        import optuna
+        import ray
+
+        self.versions = {"ray_version": ray.__version__, "optuna_version": optuna.__version__}
+
+    def attach(self, study: Location) -> None:
+        """Write to this study folder (a resumed study may have been moved since it was pickled)."""
+        self.study = study
+        self.logs = {}
+        self.write_seconds = 0.0
+
+    def _log(self, trial: Any) -> _TrialLog:
+        tid = trial.trial_id
+        if tid not in self.logs:
+            # A trial resumed by a new driver: pick up what the old one wrote.
+            self.logs[tid] = _read_back(self.study, tid)
+        return self.logs[tid]
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._log(trial).meta.setdefault("started_at", _now())
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        t0 = time.perf_counter()
+        log = self._log(trial)
+        log.reported = True
+        log.epochs[int(result["epoch"])] = {k: result.get(k) for k in _EPOCH_KEYS}
+        log.meta.update({k: result[k] for k in _META_KEYS if k in result})
+        base = {"study": self.spec.name, "trial_id": trial.trial_id}
+        if "test_digits" in result:
+            log.meta["digits"] = json.loads(result["test_digits"])
+            log.meta.update({k: result[k] for k in ("test_elbo", "test_mse", "test_psnr")})
+            results.write_rows(self.study, "digits", trial.trial_id, [{**base, **r} for r in log.meta["digits"]])
+        results.write_rows(self.study, "epochs", trial.trial_id,
+                           [{**base, **log.epochs[e]} for e in sorted(log.epochs)])
+        self.write_seconds += time.perf_counter() - t0
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        log = self._log(trial)
+        done = bool(log.epochs) and max(log.epochs) >= int(trial.config.get("epochs", self.spec.epochs))
+        self._finish(trial, "completed" if done else "pruned", None)
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._finish(trial, "failed", trial_error(trial))
+
+    def _finish(self, trial: Any, status: str, error: str | None) -> None:
+        t0 = time.perf_counter()
+        tid = trial.trial_id
+        log = self._log(trial)
+        if not log.reported and _final_row_exists(self.study, tid):
+            # Finished before a driver crash, after Ray's last state save: the resumed trial
+            # restored its final checkpoint and trained nothing. Keep the row as it was.
+            self.logs.pop(tid, None)
+            return
+        rows = [log.epochs[e] for e in sorted(log.epochs)]
+        meta = log.meta
+        params = {f"param_{k}": trial.config.get(k) for k in PARAM_KEYS}
+        if "param_beta" in meta:  # derived in the trial (beta_times_latent)
+            params["param_beta"] = meta["param_beta"]
+        row = {
+            **trial_row(rows, status=status, objective=self.spec.objective[0]),
+            "error": error,
+            **params,
+            "dataset": trial.config.get("dataset"),
+            **{k: meta.get(k) for k in ("test_elbo", "test_mse", "test_psnr", "setup_seconds")},
+            # num_failures counts every failure, a final one included
+            "attempts": int(trial.num_failures) + (0 if status == "failed" else 1),
+            **{k: meta.get(k) for k in ("node", "hostname", "device", "precision", "torch_version")},
+            **self.versions,
+            "git_sha": self.git_sha,
+            "checkpoint": checkpoint_path(trial, self.study),
+            "started_at": meta.get("started_at"),
+            "finished_at": _now(),
+        }
+        results.write_trial(self.study, tid, row, rows, meta.get("digits", []))
+        self.logs.pop(tid, None)
+        self.write_seconds += time.perf_counter() - t0
+
+
+def checkpoint_path(trial: Any, study: Location) -> str | None:
+    """The best checkpoint's ``model.pt``, relative to the study folder when inside it, so a moved
+    or copied study (a folder or a bucket prefix) stays whole."""
+    ck = trial.checkpoint
+    if ck is None:
+        return None
+    path = f"{str(ck.path).rstrip('/')}/model.pt"
+    prefix = study.path.rstrip("/") + "/"
+    return path[len(prefix):] if path.startswith(prefix) else path
+
+
+def _final_row_exists(study: Location, trial_id: str) -> bool:
+    try:
+        row = results.read_trial(study, "trials", trial_id)
+        return row is not None and row.column("status")[0].as_py() in ("completed", "pruned", "failed")
+    except Exception:  # noqa: BLE001 - an unreadable row is rewritten
+        return False
+
+
+def _read_back(study: Location, trial_id: str) -> _TrialLog:
+    epochs: dict[int, dict[str, Any]] = {}
+    meta: dict[str, Any] = {}
+    ep = results.read_trial(study, "epochs", trial_id)
+    for r in ep.to_pylist() if ep is not None else []:
+        epochs[int(r["epoch"])] = {k: r.get(k) for k in _EPOCH_KEYS}
+    dg = results.read_trial(study, "digits", trial_id)
+    if dg is not None:
+        meta["digits"] = [{k: r[k] for k in _DIGIT_KEYS} for r in dg.to_pylist()]
+    return _TrialLog(epochs, meta)

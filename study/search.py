@@ -1,0 +1,141 @@
+"""The search: Optuna (TPE or a grid) in a SQLite storage, and ASHA.
+
+SQLite cannot live on an object store. For a study in a bucket the driver works on a copy in a
+local cache folder and publishes a consistent snapshot (SQLite's backup API) to
+``STUDY/optuna.db`` whenever a trial is asked for or told its result, and at the end; ``resume``
+starts from that snapshot. On a file system the study's ``optuna.db`` is the storage itself.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import optuna
+from ray.tune.search.optuna import OptunaSearch
+
+from study.spec import StudySpec
+from study.storage import OptunaDB
+
+
+def objective_metrics(spec: StudySpec) -> list[str]:
+    """Tune metric names: the best-so-far value of each objective (at the best -ELBO epoch)."""
+    return [f"best_{m}" for m in spec.objective]
+
+
+def optuna_space(spec: StudySpec) -> dict[str, Any]:
+    od = optuna.distributions
+
+    space: dict[str, Any] = {}
+    for name, p in spec.space.items():
+        if p["type"] == "int":
+            space[name] = od.IntDistribution(int(p["low"]), int(p["high"]), log=bool(p.get("log", False)))
+        elif p["type"] == "float":
+            space[name] = od.FloatDistribution(float(p["low"]), float(p["high"]), log=bool(p.get("log", False)))
+        else:
+            space[name] = od.CategoricalDistribution(list(p["choices"]))
+    for name, values in spec.grid.items():
+        space[name] = od.CategoricalDistribution(list(values))
+    return space
+
+
+class StudySearch(OptunaSearch):
+    """Ray's OptunaSearch on the study's OptunaDB: it publishes a snapshot after every change a
+    trial makes (asked, told), and reopens the working copy after a restore, so a resumed study
+    never points at the old driver's files."""
+
+    def __init__(self, *, db: OptunaDB, **kwargs: Any) -> None:
+        self._db = db
+        super().__init__(storage=db.storage(), **kwargs)
+
+    def attach(self, db: OptunaDB) -> None:
+        """Use this study's storage (call after ``Tuner.restore``, before ``fit``)."""
+        self._db = db
+
+    def suggest(self, trial_id: str) -> Any:
+        params = super().suggest(trial_id)
+        self._db.publish()
+        return params
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        super().on_trial_complete(trial_id, result=result, error=error)
+        self._db.publish()
+
+    def restore(self, checkpoint_path: str) -> None:
+        db = self._db
+        super().restore(checkpoint_path)
+        self._db = db
+        storage = db.storage()
+        self._storage = storage
+        self._ot_study = optuna.load_study(study_name=self._study_name, storage=storage,
+                                           sampler=self._sampler, pruner=optuna.pruners.NopPruner())
+        self._ot_trials = {tid: optuna.trial.Trial(self._ot_study, t._trial_id) for tid, t in self._ot_trials.items()}
+
+
+def make_searcher(spec: StudySpec, db: OptunaDB) -> StudySearch:
+    if spec.grid:
+        sampler: Any = optuna.samplers.GridSampler({k: list(v) for k, v in spec.grid.items()}, seed=spec.seed)
+    else:
+        startup = spec.startup_trials if spec.startup_trials is not None else min(10, max(2, spec.trials // 4))
+        sampler = optuna.samplers.TPESampler(seed=spec.seed, multivariate=True, n_startup_trials=startup)
+    metrics = objective_metrics(spec)
+    return StudySearch(
+        db=db,
+        space=optuna_space(spec),
+        metric=metrics if spec.multi_objective else metrics[0],
+        mode=[spec.mode] * len(metrics) if spec.multi_objective else spec.mode,
+        sampler=sampler,
+        study_name=spec.name,
+    )
+
+
+def make_scheduler(spec: StudySpec) -> Any:
+    if spec.scheduler == "none" or spec.multi_objective:
+        return None
+    from ray.tune.schedulers import ASHAScheduler
+
+    return ASHAScheduler(
+        time_attr="training_iteration",
+        max_t=spec.epochs,
+        grace_period=min(spec.grace_period, spec.epochs),
+        reduction_factor=spec.reduction_factor,
+    )
+
+
+def asha_rungs(spec: StudySpec) -> list[int]:
+    """Epochs at which ASHA may stop a trial (it decides at the first result at or past each rung):
+    grace_period * reduction_factor**k up to max_t. Trials persist a checkpoint there."""
+    if spec.scheduler == "none" or spec.multi_objective:
+        return []
+    rungs, t = [], float(min(spec.grace_period, spec.epochs))
+    while t < spec.epochs:
+        rungs.append(math.ceil(t))
+        t *= spec.reduction_factor
+    return rungs
+
+
+def restored_searcher(tuner: Any) -> Any:
+    """The StudySearch inside a restored Tuner (under Tune's wrappers), or None if it is not one."""
+    try:
+        search_alg = tuner._local_tuner.get_tune_config().search_alg
+    except AttributeError:  # pragma: no cover - private API moved
+        return None
+    inner = search_alg
+    while hasattr(inner, "searcher"):
+        inner = inner.searcher
+    return inner if isinstance(inner, StudySearch) else None
+
+
+def close_stale_trials(db: OptunaDB, name: str) -> int:
+    """After a resumed study ends, an Optuna trial still RUNNING was asked for by the killed driver
+    after Ray last saved its state, and never ran: mark it FAIL so the study reads true."""
+    import optuna
+
+    storage = db.storage()
+    study = optuna.load_study(study_name=name, storage=storage)
+    stale = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.RUNNING]
+    for t in stale:
+        storage.set_trial_system_attr(t._trial_id, "vae_study_note", "asked before a driver crash; never ran")
+        storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
+    return len(stale)
+
+
