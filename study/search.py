@@ -116,10 +116,9 @@ def asha_rungs(spec: StudySpec) -> list[int]:
 def restored_searcher(tuner: Any) -> Any:
     """The StudySearch inside a restored Tuner (under Tune's wrappers), or None if it is not one."""
     try:
-        search_alg = tuner._local_tuner.get_tune_config().search_alg
-    except AttributeError:  # pragma: no cover - private API moved
+        inner = tuner._local_tuner._tune_config.search_alg
+    except AttributeError:  # private API moved: refuse rather than resume blind
         return None
-    inner = search_alg
     while hasattr(inner, "searcher"):
         inner = inner.searcher
     return inner if isinstance(inner, StudySearch) else None

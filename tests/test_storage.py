@@ -1,0 +1,204 @@
+"""Studies whose storage is a bucket: a real S3 endpoint on 127.0.0.1 (moto), real Ray, real
+Optuna; everything read back from the bucket with pyarrow, DuckDB, boto3 and Optuna's API."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import REPO, run_cli
+from s3 import BUCKET, SECRET, bucket_keys, get_object, s3_server
+from study import results
+from study.errors import StudyError
+from study.storage import Location
+
+ROOT = f"s3://{BUCKET}/root"
+
+
+@pytest.fixture(scope="module")
+def s3():
+    with s3_server() as env:
+        yield env
+
+
+@pytest.fixture(scope="module")
+def s3_study(s3, tmp_path_factory):
+    """A finished 4-trial study with ASHA on, its storage in the bucket."""
+    cache = tmp_path_factory.mktemp("driver-cache")
+    r = run_cli("run", "--name", "s", "--storage", ROOT, "--trials", "4", "--epochs", "3", "--num-cpus", "2",
+                "--max-train-images", "400", env={"VAE_STUDY_CACHE": str(cache)})
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def test_location_reads_and_writes_whole_objects(s3):
+    loc = Location(f"{ROOT}/unit")
+    assert loc.remote and loc.uri == f"{ROOT}/unit" and loc.name == "unit"
+    loc.write_text("a/b.txt", "hello")
+    assert loc.read_text("a/b.txt") == "hello" and loc.is_file("a/b.txt") and loc.is_dir("a")
+    assert loc.files("a") == ["b.txt"] and loc.folders() == ["a"] and loc.walk() == ["a/b.txt"]
+    assert not loc.exists("nope") and not loc.is_dir("nope")
+    loc.delete_tree()
+    assert not loc.exists("a/b.txt")
+    with pytest.raises(FileNotFoundError):
+        loc.read_bytes("a/b.txt")
+
+
+def test_credentials_or_options_in_the_uri_are_refused_without_echoing_them(s3, tmp_path):
+    r = run_cli("run", "--smoke", "--name", "x", "--storage", f"s3://AKIAEXAMPLE:{SECRET}@{BUCKET}/p")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+    assert "credentials in the URI are refused" in r.stderr and SECRET not in r.stderr and "AKIAEXAMPLE" not in r.stderr
+    r = run_cli("run", "--smoke", "--name", "x", "--storage", f"s3://{BUCKET}/p?secret_key={SECRET}")
+    assert r.returncode == 2 and SECRET not in r.stderr
+    r = run_cli("run", "--smoke", "--name", "x", "--storage", "ftp://host/p")
+    assert r.returncode == 2 and "unknown scheme" in r.stderr
+
+
+def test_a_missing_bucket_is_refused_before_any_trial(s3):
+    r = run_cli("run", "--smoke", "--name", "x", "--storage", "s3://no-such-bucket/p", "--num-cpus", "1")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr[-2000:]
+    assert "not writable" in r.stderr and SECRET not in r.stderr
+
+
+def test_everything_a_study_keeps_is_in_the_bucket(s3_study):
+    # (pyarrow leaves an empty "folder/" marker object where it deleted a folder's last object)
+    keys = [k for k in bucket_keys("root/s/") if not k.endswith("/")]
+    rel = [k.removeprefix("root/s/") for k in keys]
+    assert "study.json" in rel and "optuna.db" in rel
+    # a finished study is compacted: one object per table
+    for table in results.TABLES:
+        assert [k for k in rel if k.startswith(f"{table}/")] == [f"{table}/compacted.parquet"]
+    assert any(k.startswith("tune/") and k.endswith("tuner.pkl") for k in rel)
+    trials = results.load(f"{ROOT}/s")
+    assert len(trials) == 4 and set(trials["status"]) <= {"completed", "pruned"}
+    assert (trials["status"] == "completed").any()
+    # every trial's best checkpoint is an object in the study's prefix, recorded relative to it
+    for ck in trials["checkpoint"]:
+        assert not ck.startswith("/") and f"root/s/{ck}" in keys
+    # pyarrow reads the objects unchanged; DuckDB queries the Arrow table
+    t = pq.read_table(io.BytesIO(get_object("root/s/trials/compacted.parquet")))
+    assert t.num_rows == 4
+    import duckdb
+
+    arrow = results.read_arrow(f"{ROOT}/s", "epochs")
+    n = duckdb.sql("SELECT count(*) FROM arrow").fetchall()[0][0]
+    assert n == int(trials["epochs_run"].sum())
+    # the Optuna snapshot is a consistent SQLite file that Optuna opens
+    import optuna
+
+    snap = REPO / ".pytest-optuna-snapshot.db"
+    try:
+        snap.write_bytes(get_object("root/s/optuna.db"))
+        study = optuna.load_study(study_name="s", storage=f"sqlite:///{snap}")
+        assert len(study.get_trials()) == 4
+        assert optuna.trial.TrialState.RUNNING not in {t.state for t in study.get_trials()}
+    finally:
+        snap.unlink(missing_ok=True)
+
+
+def test_no_credential_is_written_or_printed(s3_study):
+    assert SECRET not in s3_study.stdout and SECRET not in s3_study.stderr
+    for key in bucket_keys("root/s/"):
+        assert SECRET.encode() not in get_object(key), key
+    spec = json.loads(get_object("root/s/study.json"))
+    assert spec["storage"] == ROOT
+
+
+def test_results_over_a_bucket_root_and_a_study(s3_study):
+    r = run_cli("results", ROOT, "--format", "json")
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(r.stdout)
+    assert len(rows) == 4 and {row["trial_id"] for row in rows} == set(results.load(f"{ROOT}/s")["trial_id"])
+    r = run_cli("results", f"{ROOT}/s", "--table", "digits", "--where", "recon_mode = 'posterior_mean'",
+                "--format", "csv")
+    assert r.returncode == 0 and len(r.stdout.strip().splitlines()) == 1 + 4 * 10
+    r = run_cli("results", f"s3://{BUCKET}/nothing-here")
+    assert r.returncode == 2 and "does not exist" in r.stderr
+
+
+def test_report_from_another_machine_lands_in_the_bucket(s3_study, tmp_path):
+    # a fresh cache: nothing from the driver's machine is used
+    r = run_cli("report", f"{ROOT}/s", "--tsne-points", "300", "--gap-images", "50", "--decoder-steps", "5",
+                env={"VAE_STUDY_CACHE": str(tmp_path / "laptop-cache")}, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"report: {ROOT}/s/report/index.html" in r.stdout
+    keys = bucket_keys("root/s/report/")
+    assert "root/s/report/index.html" in keys and "root/s/report/summary.json" in keys
+    assert {"root/s/report/tsne.png", "root/s/report/recon_panel.png", "root/s/report/optuna_history.png"} <= set(keys)
+    summary = json.loads(get_object("root/s/report/summary.json"))
+    assert summary["winner"]["trial_id"] == results.winner(results.load(f"{ROOT}/s"))["trial_id"]
+    assert not [n for n in summary["notes"] if "skipped" in n]
+    html = get_object("root/s/report/index.html").decode()
+    assert html.count("data:image/png;base64,") >= 5 and "left out: no optuna.db" not in html
+
+
+def test_compact_on_a_bucket(s3_study):
+    loc = Location(f"{ROOT}/s")
+    before = results.load(loc)
+    row = before.iloc[0].to_dict()
+    row["error"] = "rewritten after compaction"
+    results.write_rows(loc, "trials", row["trial_id"], [row])
+    assert results.load(loc).set_index("trial_id").loc[row["trial_id"], "error"] == "rewritten after compaction"
+    r = run_cli("compact", f"{ROOT}/s")
+    assert r.returncode == 0 and "trials: 1 files merged" in r.stdout, r.stderr
+    assert [k for k in bucket_keys("root/s/trials/") if not k.endswith("/")] == ["root/s/trials/compacted.parquet"]
+    after = results.load(loc)
+    assert len(after) == len(before) and after.set_index("trial_id").loc[row["trial_id"], "error"] == row["error"]
+
+
+N = 5
+
+
+def test_sigkill_of_the_driver_then_resume_from_the_bucket_on_another_machine(s3, tmp_path):
+    cmd = [sys.executable, "-m", "study", "run", "--name", "k", "--storage", ROOT, "--trials", str(N), "--epochs", "4",
+           "--num-cpus", "2", "--max-train-images", "400", "--no-early-stopping"]
+    env = {**os.environ, "VAE_STUDY_CACHE": str(tmp_path / "head-cache")}
+    driver = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+                              start_new_session=True)
+    study = Location(f"{ROOT}/k")
+    deadline = time.time() + 300
+    done: list[str] = []
+    while time.time() < deadline and driver.poll() is None:
+        done = study.files("trials", ".parquet")
+        if len(done) >= 2:
+            break
+        time.sleep(0.3)
+    os.killpg(driver.pid, signal.SIGKILL)  # the driver and the local Ray runtime it started
+    driver.wait(timeout=30)
+    assert 2 <= len(done) < N, f"the kill must land mid-study ({done})"
+    before = {n.removesuffix(".parquet"): pq.read_table(io.BytesIO(study.read_bytes(f"trials/{n}")))
+              .column("finished_at")[0].as_py() for n in done}
+
+    # another machine: an empty cache, so Optuna's working copy comes from the published snapshot
+    r = run_cli("resume", "--name", "k", "--storage", ROOT, "--num-cpus", "2",
+                env={"VAE_STUDY_CACHE": str(tmp_path / "other-cache")}, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    df = results.load(study)
+    assert len(df) == N and df["trial_id"].is_unique
+    assert (df["status"] == "completed").all() and (df["epochs_run"] == 4).all()
+    for tid, finished in before.items():  # kept as they were, not run again
+        assert df.set_index("trial_id").loc[tid, "finished_at"] == finished
+    ep = results.load(study, "epochs")
+    counts = ep.groupby("trial_id")["epoch"].agg(["count", "nunique"])
+    assert (counts["count"] == 4).all() and (counts["nunique"] == 4).all()
+    import optuna
+
+    snap = tmp_path / "snapshot.db"
+    snap.write_bytes(get_object("root/k/optuna.db"))
+    states = [t.state for t in optuna.load_study(study_name="k", storage=f"sqlite:///{snap}").get_trials()]
+    assert states.count(optuna.trial.TrialState.COMPLETE) == N
+    assert optuna.trial.TrialState.RUNNING not in states
+
+
+def test_storage_errors_are_one_line(s3):
+    with pytest.raises(StudyError, match="names no bucket"):
+        Location("s3://")
+    with pytest.raises(StudyError, match="holds no study"):
+        Location(f"{ROOT}/unit2").write_text("x.txt", "x") or results.load(f"{ROOT}/unit2")
