@@ -26,7 +26,7 @@ def init_ray(address: str | None, num_cpus: int | None) -> None:
     if address:
         _quiet()
         try:
-            ray.init(address=address, log_to_driver=False)
+            ray.init(address=address, log_to_driver=False, configure_logging=True, logging_level="ERROR")
         except (ConnectionError, RuntimeError, ValueError) as exc:
             raise StudyError(f"cannot connect to the Ray cluster at {address!r}: {str(exc).splitlines()[0]}") from exc
         return
