@@ -56,8 +56,8 @@ class Options:
 # --------------------------------------------------------------------------- entry point
 
 def build(study_dir: str | os.PathLike | Location, out: str | os.PathLike | Location | None = None, *,
-          options: Options | None = None, printer: Callable[[str], None] | None = None) -> str:
-    """Build the report of one study; returns where ``index.html`` is (a path, or a URI).
+          options: Options | None = None, printer: Callable[[str], None] | None = None) -> Path | str:
+    """Build the report of one study; returns where ``index.html`` is: a Path, or a bucket URI.
 
     ``study_dir`` and ``out`` are folders or bucket URIs (``s3://``, ``gs://``). A report bound
     for a bucket is drawn in a local staging folder, then each file is uploaded whole.
@@ -72,7 +72,7 @@ def build(study_dir: str | os.PathLike | Location, out: str | os.PathLike | Loca
         raise StudyError(f"{study} holds no study (no study.json or trials/); pass the folder of one study")
     dest = Location(out) if out is not None else study / REPORT_DIR
     if dest.local is not None:
-        return str(_build(study, dest.local, dest, options, printer))
+        return _build(study, dest.local, dest, options, printer)
     with tempfile.TemporaryDirectory(prefix="vae-report-") as tmp:
         index = _build(study, Path(tmp), dest, options, printer)
         for rel in sorted(p.relative_to(tmp).as_posix() for p in Path(tmp).rglob("*") if p.is_file()):

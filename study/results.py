@@ -195,7 +195,16 @@ def load(path: StudyPath, table: str = "trials", *, on_skip: Any = None) -> pd.D
 
 def read_arrow(path: StudyPath, table: str, *, on_skip: Any = None) -> pa.Table | None:
     """The union of a table's files under ``path`` as one Arrow table (None when there are none)."""
-    files = table_files(path, table)
+    for _ in range(5):
+        files = table_files(path, table)
+        got = _read_all(files)
+        # A file listed but gone when read was merged by ``compact`` meanwhile: list again.
+        if not any(isinstance(g, FileNotFoundError) for g in got):
+            break
+    return _union(files, got, on_skip)
+
+
+def _union(files: list[tuple[Location, str]], got: list[pa.Table | BaseException], on_skip: Any) -> pa.Table | None:
     # A trial's own file wins over its rows in a compacted file (a trial rewritten after
     # compaction, or the moment between writing the compacted file and removing the originals).
     own: dict[Location, list[str]] = {}
@@ -203,9 +212,9 @@ def read_arrow(path: StudyPath, table: str, *, on_skip: Any = None) -> pa.Table 
         if not _is_compacted(rel):
             own.setdefault(study, []).append(rel.rsplit("/", 1)[1].removesuffix(".parquet"))
     tables = []
-    for (study, rel), got in zip(files, _read_all(files)):
-        if isinstance(got, BaseException):  # corrupt or foreign file: report it, keep the rest
-            reason = str(got).splitlines()[0] if str(got) else type(got).__name__
+    for (study, rel), one in zip(files, got):
+        if isinstance(one, BaseException):  # corrupt or foreign file: report it, keep the rest
+            reason = str(one).splitlines()[0] if str(one) else type(one).__name__
             where = study.local / rel if study.local else f"{study.uri}/{rel}"
             if on_skip is not None:
                 on_skip(where, reason)
@@ -215,8 +224,8 @@ def read_arrow(path: StudyPath, table: str, *, on_skip: Any = None) -> pa.Table 
         if _is_compacted(rel) and own.get(study):
             import pyarrow.compute as pc
 
-            got = got.filter(pc.invert(pc.is_in(got.column("trial_id"), value_set=pa.array(own[study]))))
-        tables.append(got)
+            one = one.filter(pc.invert(pc.is_in(one.column("trial_id"), value_set=pa.array(own[study]))))
+        tables.append(one)
     if not tables:
         return None
     return pa.concat_tables(tables, promote_options="permissive")
@@ -258,6 +267,23 @@ def read_trial(study: StudyPath, table: str, trial_id: str) -> pa.Table | None:
                 continue
         return got
     return None
+
+
+def drop_orphans(study: StudyPath) -> list[str]:
+    """Remove the epoch and digit rows of trials that have no trials row: trials a killed driver
+    started after Ray last saved its state, which the resumed study never knew. Call only when
+    every trial of the study has finished. Returns the trial ids removed."""
+    loc = Location(study)
+    known = read_arrow(loc, "trials")
+    ids = set(known.column("trial_id").to_pylist()) if known is not None else set()
+    gone = []
+    for table in ("epochs", "digits"):
+        for name in loc.files(table, ".parquet"):
+            tid = name.removesuffix(".parquet")
+            if not _is_compacted(name) and tid not in ids:
+                loc.delete(f"{table}/{name}")
+                gone.append(tid)
+    return sorted(set(gone))
 
 
 def compact(study: StudyPath) -> dict[str, int]:
