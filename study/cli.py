@@ -212,8 +212,14 @@ def cmd_resume(args: argparse.Namespace) -> int:
         vae-study resume --name demo --storage studies
         vae-study resume --name sweep --storage s3://my-bucket/studies --address auto
     """
+    import os
+
+    from study.errors import StudyError
     from study.tuner import read_spec, resume
 
+    args.storage = args.storage or os.environ.get("VAE_STUDY_STORAGE")
+    if not args.storage:
+        raise StudyError("pass --storage: the folder or bucket URI the study was run with (or set VAE_STUDY_STORAGE)")
     res = resume(args.storage, args.name, printer=_log, address=args.address, num_cpus=args.num_cpus,
                  shared_storage=True if args.shared_storage else None)
     return _finish(res, read_spec(args.storage, args.name))
@@ -345,7 +351,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = _command(sub, "run", cmd_run, "run a study")
     p.add_argument("config", nargs="?", help="TOML file (optional; flags override it)")
     p.add_argument("--name", help="study name (a folder under --storage)")
-    p.add_argument("--storage", help="folder or bucket (s3://bucket/prefix, gs://bucket/prefix) that holds studies")
+    p.add_argument("--storage", help="folder or bucket (s3://bucket/prefix, gs://bucket/prefix) that holds studies "
+                   "(default: $VAE_STUDY_STORAGE)")
     p.add_argument("--shared-storage", action="store_true",
                    help="the --storage folder is mounted on every node, including nodes an autoscaler adds later")
     p.add_argument("--overwrite", action="store_true", help="replace an existing study of this name")
@@ -381,7 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _command(sub, "resume", cmd_resume, "finish an interrupted study")
     p.add_argument("--name", required=True)
-    p.add_argument("--storage", required=True, help="the folder or bucket URI the study was run with")
+    p.add_argument("--storage", help="the folder or bucket URI the study was run with (default: $VAE_STUDY_STORAGE)")
     p.add_argument("--address")
     p.add_argument("--num-cpus", type=int)
     p.add_argument("--shared-storage", action="store_true", help="as for run")

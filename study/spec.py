@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -172,7 +173,8 @@ def build_spec(toml: dict[str, Any] | None, overrides: dict[str, Any]) -> StudyS
 
     values: dict[str, Any] = {
         "name": o.get("name", study.get("name")),
-        "storage": o.get("storage"),
+        # On a cluster from cluster.yaml, the bucket is named once there: $VAE_STUDY_STORAGE.
+        "storage": o.get("storage") or os.environ.get("VAE_STUDY_STORAGE"),
         "trials": o.get("trials", study.get("trials", 16)),
         "epochs": o.get("epochs", study.get("epochs", preset.get("epochs", 10))),
         "seed": o.get("seed", study.get("seed", 0)),
@@ -216,7 +218,11 @@ def validate(v: dict[str, Any]) -> StudySpec:
     if not isinstance(name, str) or not _NAME.match(name):
         raise StudyError(f"study name {name!r} is not allowed: use letters, digits, '_', '.', '-' (at most 100)")
     if not v["storage"]:
-        raise StudyError("pass --storage DIR: the folder (or s3:// / gs:// URI) that holds studies")
+        raise StudyError("pass --storage DIR: the folder (or s3:// / gs:// URI) that holds studies "
+                         "(or set VAE_STUDY_STORAGE)")
+    if "YOUR-BUCKET" in str(v["storage"]):
+        raise StudyError(f"--storage {v['storage']}: name your bucket first (VAE_STUDY_STORAGE in cluster.yaml's "
+                         "head_start_ray_commands, then `ray up` again), or pass --storage s3://your-bucket/prefix")
     from study.storage import Location
 
     Location(v["storage"])  # a bad URI is refused here, before anything starts

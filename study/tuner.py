@@ -232,7 +232,9 @@ def _fit(spec: StudySpec, study: Location, view: cluster.ClusterView, printer: P
                 storage_path=study.uri,
                 failure_config=tune.FailureConfig(max_failures=spec.max_failures),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-                sync_config=tune.SyncConfig(sync_period=REMOTE_SYNC_EVERY_S) if study.remote else None,
+                # on a bucket, trial logs and TensorBoard files go there too, not only checkpoints
+                sync_config=tune.SyncConfig(sync_period=REMOTE_SYNC_EVERY_S, sync_artifacts=True)
+                if study.remote else None,
                 callbacks=[recorder, Progress(spec, printer)],
                 verbose=0,
                 log_to_file=True,

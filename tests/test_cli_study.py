@@ -157,3 +157,20 @@ def test_compact_keeps_every_row_and_readers_agree(study_dir, tmp_path):
                                       after.sort_values(key).reset_index(drop=True))
     assert duckdb.sql(f"SELECT count(*) FROM '{copy}/epochs/*.parquet'").fetchall()[0][0] == len(before["epochs"])
     assert pl.read_parquet(copy / "digits" / "*.parquet").height == len(before["digits"])
+
+
+def test_the_cluster_yaml_placeholder_bucket_is_refused_with_the_fix(tmp_path):
+    r = run_cli("run", "--smoke", "--name", "x", env={"VAE_STUDY_STORAGE": "s3://YOUR-BUCKET/studies"})
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+    assert "name your bucket first" in r.stderr and "cluster.yaml" in r.stderr
+
+
+def test_a_study_in_which_no_trial_finished_exits_1_with_the_first_error(tmp_path):
+    toml = tmp_path / "s.toml"
+    toml.write_text('[train]\nbeta = 1000.0\nlatent_dim = 4\n')
+    r = run_cli("run", str(toml), "--name", "bad", "--storage", str(tmp_path), "--grid", "lr=9.0,8.0",
+                "--epochs", "1", "--max-train-images", "300", "--num-cpus", "2")
+    assert r.returncode == 1, r.stderr[-2000:]
+    assert "0 completed, 0 pruned, 2 failed" in r.stdout
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("vae-study:")]
+    assert len(lines) == 1 and "no trial of study 'bad' finished" in lines[0] and "non-finite" in lines[0]

@@ -27,6 +27,14 @@ def test_cluster_yaml_validates_with_rays_own_validator():
     # the setup installs this project, from the repository copied to every node
     assert any("pip install -e ~/vae-study" in c for c in config["setup_commands"])
     assert config["file_mounts"]["~/vae-study"] == "."
+    # the bucket is named in one place, and reaches the jobs on the head as VAE_STUDY_STORAGE
+    text = CLUSTER_YAML.read_text()
+    assert text.count("s3://YOUR-BUCKET") == 1
+    assert any("export VAE_STUDY_STORAGE=s3://YOUR-BUCKET/" in c and "ray start --head" in c
+               for c in config["head_start_ray_commands"])
+    # GPU workers reach it through an instance profile, never keys; they start at zero
+    gpu = types["gpu_worker"]
+    assert gpu["min_workers"] == 0 and gpu["node_config"]["IamInstanceProfile"] == {"Name": "ray-autoscaler-v1"}
     # and a broken file is refused by the same validator, so this test can fail
     broken = copy.deepcopy(config)
     broken["available_node_types"]["head"]["node_confg"] = {}
@@ -63,6 +71,18 @@ def two_nodes():
 def _run(args: list[str], **kw) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "study", *args], cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, **kw)
+
+
+def test_a_fixed_cluster_without_gpus_refuses_them(two_nodes, tmp_path):
+    """A cluster with no autoscaler cannot grow: asking for GPUs it lacks is refused, one line."""
+    cluster, _ = two_nodes
+    p = _run(["run", "--name", "g", "--storage", str(tmp_path / "s"), "--trials", "2", "--epochs", "1",
+              "--address", cluster.address, "--gpus-per-trial", "0.5"])
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 2, err[-2000:]
+    lines = [ln for ln in err.splitlines() if ln.startswith("vae-study:")]
+    assert len(lines) == 1 and "0 GPUs and no autoscaler" in lines[0] and "Traceback" not in err
+    assert not (tmp_path / "s").exists()  # nothing written
 
 
 @pytest.mark.slow

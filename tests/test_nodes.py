@@ -66,3 +66,27 @@ def test_nodes_without_a_shared_disk(tmp_path):
     assert {t["node"] for t in trials} == {worker}
     assert out["report"]["rc"] == 0, out["report"]["stderr"]
     assert {"index.html", "summary.json", "tsne.png", "recon_panel.png"} <= set(out["report"]["files"])
+
+
+@pytest.mark.slow
+def test_autoscaling_gpu_workers_from_zero(tmp_path):
+    """Ray's fake multi-node autoscaler: a head with no GPU, GPU workers at min_workers 0. Asking
+    for GPUs is not refused; pending trials make the autoscaler add nodes, and the trials run
+    there (on the CPU: the GPUs are declared, not real)."""
+    out = in_namespace("autoscale", tmp_path)
+    before = out["nodes_before"]
+    assert len(before) == 1 and not before[0]["resources"].get("GPU")
+    head = before[0]["id"]
+
+    refused = out["refused_local"]  # a local folder where nodes come and go: refused up front
+    assert refused["rc"] == 2 and len(_our_lines(refused["stderr"])) == 1, refused
+    assert "adds nodes as it needs them" in refused["stderr"] and "--shared-storage" in refused["stderr"]
+
+    run = out["run"]
+    assert run["rc"] == 0, run["stderr"]
+    assert "more as the cluster grows" in run["stdout"]
+    added = {n["id"] for n in out["nodes_after"] if n.get("alive") and n["resources"].get("GPU")}
+    assert added and head not in added  # the autoscaler added GPU worker nodes
+    trials = out["trials"]
+    assert len(trials) == 2 and all(t["status"] == "completed" for t in trials)
+    assert {t["node"] for t in trials} <= added and all(t["device"] == "cpu" for t in trials)
