@@ -14,6 +14,16 @@ REPO = Path(__file__).resolve().parent.parent
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 
 
+def require(ok: bool, what: str) -> None:
+    """A prerequisite of a test: skipped where it is missing, except in CI (CI=true), where the
+    run fails, so that a missing install step is never hidden by a skip."""
+    if ok:
+        return
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"CI lacks a prerequisite: {what}")
+    pytest.skip(f"needs {what}")
+
+
 def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run the real console entry point in a subprocess."""
     full_env = {**os.environ, **(env or {})}

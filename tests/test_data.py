@@ -3,7 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import FASHION, make_idx_folder
+from conftest import FASHION, make_idx_folder, require
 from vae.config import TrainConfig
 from vae.data import DataError, _MEMO, find_idx_folder, load, read_idx, stratified_split
 
@@ -50,8 +50,8 @@ def test_torchvision_layout_is_found(tmp_path):
     assert find_idx_folder(tmp_path, "mnist") == tmp_path / "MNIST" / "raw"
 
 
-@pytest.mark.skipif(not FASHION.exists(), reason="apt-get install dataset-fashion-mnist")
 def test_real_full_size_idx_files():
+    require(FASHION.exists(), "Debian's dataset-fashion-mnist (apt-get install dataset-fashion-mnist)")
     data = load(TrainConfig(dataset="fashion-mnist", data_dir=str(FASHION)))
     assert len(data.train) == 48000 and len(data.val) == 12000 and len(data.test) == 10000
     assert np.bincount(data.test.labels.numpy()).tolist() == [1000] * 10

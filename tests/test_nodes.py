@@ -7,14 +7,13 @@ and all its traffic stays on the namespace's own loopback.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, require
 
 NODES = REPO / "tests" / "nodes.py"
 
@@ -27,10 +26,7 @@ def _can_unshare() -> bool:
 
 
 def in_namespace(scenario: str, tmp_path, timeout: float = 900) -> dict:
-    if not _can_unshare():
-        if os.environ.get("CI") == "true":
-            pytest.fail("CI needs unshare (util-linux), ip (iproute2) and root to build private namespaces")
-        pytest.skip("needs unshare, ip and root for private PID/network/mount namespaces")
+    require(_can_unshare(), "unshare (util-linux), ip (iproute2) and root, for private PID/network/mount namespaces")
     out = tmp_path / "out.json"
     p = subprocess.run(["unshare", "-p", "-f", "-n", "-m", "--mount-proc", sys.executable, str(NODES), scenario,
                         str(out)], capture_output=True, text=True, timeout=timeout, cwd=REPO)

@@ -12,7 +12,7 @@ import time
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import REPO, run_cli
+from conftest import REPO, require, run_cli
 from study import results
 
 
@@ -118,7 +118,7 @@ def test_full_storage_is_refused_before_trials_start(tmp_path):
     mnt = tmp_path / "tiny"
     mnt.mkdir()
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32k", "tmpfs", str(mnt)], capture_output=True).returncode:
-        pytest.skip("cannot mount a tiny tmpfs here (needs root and mount rights)")
+        require(False, "root and mount rights, to mount a tiny tmpfs")
     try:
         r = run_cli("run", "--smoke", "--name", "x", "--storage", str(mnt))
         assert r.returncode == 2 and "not writable" in r.stderr and "No space" in r.stderr
