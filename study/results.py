@@ -61,6 +61,7 @@ TRIAL_COLUMNS: dict[str, pa.DataType] = {
     "images_per_second": pa.float64(),
     "setup_seconds": pa.float64(),
     "attempts": pa.int64(),
+    "restored_from_epoch": pa.int64(),  # the checkpoint the last attempt continued from (0: none)
     "node": pa.string(),
     "hostname": pa.string(),
     "device": pa.string(),

@@ -11,6 +11,7 @@ import math
 from typing import Any
 
 import optuna
+from ray.tune.result import TRAINING_ITERATION
 from ray.tune.search.optuna import OptunaSearch
 
 from study.spec import StudySpec
@@ -39,13 +40,36 @@ def optuna_space(spec: StudySpec) -> dict[str, Any]:
 
 
 class StudySearch(OptunaSearch):
-    """Ray's OptunaSearch on the study's OptunaDB: it publishes a snapshot after every change a
-    trial makes (asked, told), and reopens the working copy after a restore, so a resumed study
-    never points at the old driver's files."""
+    """Ray's OptunaSearch on the study's OptunaDB, telling Optuna what an Optuna user expects.
 
-    def __init__(self, *, db: OptunaDB, **kwargs: Any) -> None:
+    - A trial ASHA stopped before its last epoch is PRUNED, not COMPLETE (TPE treats the two
+      differently), and every trial has one intermediate value per reported epoch: Tune does
+      not pass a trial's stopping result to ``on_trial_result``, so it is reported here.
+    - After every change a trial makes (asked, told) a snapshot is published (a bucket).
+    - After a restore it reopens this study's working copy, never the old driver's files.
+
+    Args:
+        db: the study's OptunaDB.
+        max_epochs: a trial's full length; one that ended before it without an error was pruned.
+    """
+
+    def __init__(self, *, db: OptunaDB, max_epochs: int, **kwargs: Any) -> None:
         self._db = db
+        self._max_epochs = max_epochs
         super().__init__(storage=db.storage(), **kwargs)
+
+    def _report(self, trial_id: str, result: dict) -> None:
+        if isinstance(self.metric, list) or self.metric not in result or trial_id not in self._ot_trials:
+            return  # Optuna keeps no intermediate values for multi-objective studies
+        ot_trial = self._ot_trials[trial_id]
+        step = int(result[TRAINING_ITERATION])
+        # A resumed trial repeats no step; a retried one may (Optuna would warn and ignore it).
+        if step not in self._ot_study._storage.get_trial(ot_trial._trial_id).intermediate_values:
+            ot_trial.report(float(result[self.metric]), step)
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if trial_id not in self._completed_trials:
+            self._report(trial_id, result)
 
     def attach(self, db: OptunaDB) -> None:
         """Use this study's storage (call after ``Tuner.restore``, before ``fit``)."""
@@ -57,6 +81,13 @@ class StudySearch(OptunaSearch):
         return params
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if result and not error and trial_id not in self._completed_trials and trial_id in self._ot_trials:
+            self._report(trial_id, result)  # the stopping epoch
+            if int(result.get(TRAINING_ITERATION, 0)) < self._max_epochs and isinstance(self.metric, str):
+                self._ot_study.tell(self._ot_trials[trial_id], state=optuna.trial.TrialState.PRUNED)
+                self._completed_trials.add(trial_id)
+                self._db.publish()
+                return
         super().on_trial_complete(trial_id, result=result, error=error)
         self._db.publish()
 
@@ -80,6 +111,7 @@ def make_searcher(spec: StudySpec, db: OptunaDB) -> StudySearch:
     metrics = objective_metrics(spec)
     return StudySearch(
         db=db,
+        max_epochs=spec.epochs,
         space=optuna_space(spec),
         metric=metrics if spec.multi_objective else metrics[0],
         mode=[spec.mode] * len(metrics) if spec.multi_objective else spec.mode,

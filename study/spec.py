@@ -50,7 +50,7 @@ from study.errors import StudyError
 from study.space import DEFAULT_SPACE, PRESETS, SEARCHABLE
 from vae.config import ARCHS, ConfigError, TrainConfig
 
-OBJECTIVES = ("val_elbo", "val_recon", "val_kl", "val_mse", "val_loss")
+OBJECTIVES = ("val_elbo", "val_recon", "val_kl", "val_mse")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 _SECTIONS = {
     "study": {"name", "trials", "epochs", "seed", "objective", "mode", "preset", "startup_trials"},
@@ -244,6 +244,9 @@ def validate(v: dict[str, Any]) -> StudySpec:
     if v["mode"] not in ("min", "max"):
         raise StudyError(f"mode={v['mode']!r} is not allowed: choose min or max")
     for obj in v["objective"]:
+        if obj == "val_loss":
+            raise StudyError("objective val_loss is the beta-weighted loss, which does not compare across beta: "
+                             "rank trials on val_elbo (-ELBO, the loss at beta = 1), or val_recon / val_kl / val_mse")
         if obj not in OBJECTIVES:
             raise StudyError(f"objective {obj!r} is not a recorded metric: choose from {', '.join(OBJECTIVES)}")
     if len(v["objective"]) > 2 or len(set(v["objective"])) != len(v["objective"]):

@@ -88,6 +88,7 @@ def train_trial(config: dict[str, Any], runtime: dict[str, Any]) -> None:
         "pid": os.getpid(),
         "entered_unix": time.time() - (time.perf_counter() - entered),
         "param_beta": tc.beta,
+        "restored_from_epoch": start_epoch - 1,  # 0: this attempt started from scratch
         # imports, data (memoised in a reused worker) and model set-up, before the first step
         "setup_seconds": time.perf_counter() - entered,
     }

@@ -61,9 +61,22 @@ BAD_TRAIN = [
     (["--dataset", "cifar10"], "dataset='cifar10'"),
     (["--latent-dim", "abc"], "invalid int value"),
     (["--dataset", "mnist", "--data-dir", "/nonexistent/dir"], "does not exist"),
-    (["--device", "cuda"], "no CUDA GPU is visible"),
     (["--device", "tpu"], "device='tpu'"),
 ]
+
+
+def test_device_cuda_trains_on_the_gpu_or_says_there_is_none(tmp_path):
+    import torch
+
+    r = run_cli("train", "--max-train-images", "100", "--epochs", "1", "--out", str(tmp_path / "o"),
+                "--device", "cuda", "--format", "json")
+    if torch.cuda.is_available():
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert json.loads(r.stdout)["device"].startswith("cuda")
+    else:
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(lines) == 1 and "no CUDA GPU is visible" in lines[0], r.stderr
+        assert not (tmp_path / "o").exists()
 
 
 @pytest.mark.parametrize("flags, words", BAD_TRAIN)

@@ -154,7 +154,11 @@ def test_fractional_gpus_pack_trials_on_one_gpu(tmp_path):
     finally:
         cluster.shutdown()
     df = results.load(tmp_path / "gpu").sort_values("started_at")
-    assert len(df) == 4 and (df["device"] == "cpu").all() and (df["precision"] == "fp32").all()
+    import torch
+
+    # the declared GPU is real on a CUDA machine (Ray hands its id 0 to the trials), else the CPU
+    expect = "cuda" if torch.cuda.is_available() else "cpu"
+    assert len(df) == 4 and df["device"].str.startswith(expect).all() and (df["precision"] == "fp32").all()
     # two trials held the one GPU at the same time
     first, second = df.iloc[0], df.iloc[1]
     assert second["started_at"] < first["finished_at"]

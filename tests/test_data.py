@@ -32,6 +32,13 @@ def test_split_is_deterministic_and_seeded():
     assert np.bincount(y[a[1]]).tolist() == [10] * 10
 
 
+def test_the_test_split_is_always_whole():
+    small = load(TrainConfig(dataset="mnist-sample", max_train_images=300))
+    full = load(TrainConfig(dataset="mnist-sample"))
+    assert len(small.train) == 300 and len(small.test) == len(full.test) == 1000
+    assert np.array_equal(small.test.index.numpy(), full.test.index.numpy())
+
+
 def test_load_is_memoised_per_process():
     c = TrainConfig(dataset="mnist-sample", max_train_images=300)
     assert load(c) is load(c.replace(seed=99, beta=3.0))  # training-only fields share the data

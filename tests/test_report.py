@@ -42,7 +42,7 @@ def test_report_builds_every_figure(grid_study, tmp_path):
     assert summary["counts"]["completed"] == 3 and summary["winner"]["trial_id"]
     gap = pd.DataFrame(summary["amortisation_gap"])
     assert len(gap) == 10 and (gap["decoder_only"] > 0).all()
-    assert {r["latent_dim"] for r in summary.get("reference_comparison", [])} <= {5, 10, 15, 20}
+    assert "reference_comparison" not in summary  # d = 2, 4, 8: no size the reference has
 
 
 def test_second_report_uses_the_cache(grid_study, tmp_path):
@@ -56,7 +56,24 @@ def test_second_report_uses_the_cache(grid_study, tmp_path):
     lines: list[str] = []
     build(grid_study, out, options=opts, printer=lines.append)
     assert any("from cache" in line for line in lines)
-    assert first > 0
+    assert not any("latent means" in line for line in lines)  # the t-SNE was not recomputed
+
+
+def test_reference_comparison_compares_like_with_like():
+    rng = np.random.default_rng(0)
+    sizes = [5, 10, 15, 20]
+    mean = pd.DataFrame({d: rng.uniform(0.005, 0.03, 10) for d in sizes}, index=range(10))
+    sample = mean * 1.2
+    sample.loc[3, 15] = 0.5  # the sampled row's worst digit at d=15 is 3, while the mean row's is not
+    ref = M.reference_comparison(mean, sample).set_index("latent_dim")
+    assert ref.index.tolist() == sizes
+    assert ref.loc[15, "reference_sample_mse"] == 0.00908 and ref.loc[15, "reference_sample_psnr"] == 20.77
+    assert ref.loc[15, "reference_sample_worst"] == "8: 0.01312"
+    assert ref.loc[15, "ours_sample_worst"] == "3: 0.50000"
+    assert ref.loc[15, "ours_mean_worst"] == f"{int(mean[15].idxmax())}: {mean[15].max():.5f}"
+    assert ref.loc[10, "ours_sample_mse"] == pytest.approx(sample[10].mean())
+    assert ref.loc[10, "ours_mean_psnr"] == pytest.approx((10 * np.log10(1 / mean[10])).mean())
+    assert M.reference_comparison(mean[[5]].rename(columns={5: 7})).empty  # no shared size
 
 
 def test_missing_checkpoint_is_a_note_not_a_crash(grid_study, tmp_path):
@@ -101,3 +118,41 @@ def test_kl_per_dimension_marks_inactive():
     logvar = np.stack([np.full(500, -2.0), np.zeros(500)], 1)
     plan = M.traversal_plan(mu, logvar)
     assert plan.order.tolist() == [0, 1] and plan.active.tolist() == [True, False]
+
+
+def _chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def test_report_renders_in_headless_chromium(grid_study, tmp_path):
+    """The report as a user sees it: every figure in the page decodes (naturalWidth > 0), and a
+    screenshot of the page is not blank."""
+    import subprocess
+
+    from conftest import require
+
+    require(_chromium() is not None, "Debian's chromium (apt-get install chromium)")
+    out = tmp_path / "rep"
+    index = build(grid_study, out, options=Options(tsne_points=300, gap_images=100, decoder_steps=5))
+    probe = out / "probe.html"
+    probe.write_text(index.read_text().replace("</body>", (
+        "<script>window.addEventListener('load', () => { const im = [...document.images]; "
+        "document.title = 'imgs:' + im.filter(i => i.complete && i.naturalWidth > 0).length + '/' + im.length; });"
+        "</script></body>")))
+    flags = [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+             f"--user-data-dir={tmp_path / 'profile'}"]
+    dom = subprocess.run([*flags, "--virtual-time-budget=10000", "--dump-dom", probe.as_uri()],
+                         capture_output=True, text=True, timeout=120)
+    m = re.search(r"<title>imgs:(\d+)/(\d+)</title>", dom.stdout)
+    assert m, (dom.stdout[:500], dom.stderr[-1500:])
+    loaded, total = int(m.group(1)), int(m.group(2))
+    assert total >= 10 and loaded == total
+    shot = tmp_path / "shot.png"
+    r = subprocess.run([*flags, "--window-size=1200,2400", f"--screenshot={shot}", index.as_uri()],
+                       capture_output=True, text=True, timeout=120)
+    assert shot.is_file(), r.stderr[-1500:]
+    import matplotlib.image as mpimg
+
+    px = mpimg.imread(str(shot))[..., :3]
+    ink = (px.mean(axis=2) < 0.9).mean()  # share of pixels that are not near-white
+    assert px.std() > 0.05 and ink > 0.02, (px.std(), ink)

@@ -90,6 +90,7 @@ grace_period = 2
         (None, {"trials": 0}, "trials=0"),
         (None, {"epochs": 0}, "epochs=0"),
         (None, {"objective": ["train_loss"]}, "not a recorded metric"),
+        (None, {"objective": ["val_loss"]}, "rank trials on val_elbo"),
         (None, {"dataset": "cifar"}, "dataset='cifar'"),
         (None, {"preset": "nope"}, "unknown preset"),
         (None, {"gpus_per_trial": -1.0}, "gpus_per_trial"),

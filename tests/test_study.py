@@ -68,6 +68,8 @@ def test_trials_table_records_params_results_and_provenance(four):
     assert (df["param_latent_dim"].between(2, 32)).all() and (df["param_beta"].between(0.01, 10)).all()
     assert df["param_latent_dim"].nunique() > 1  # Optuna really proposed different configs
     assert (df["schema_version"] == results.SCHEMA_VERSION).all()
+    # no --gpus-per-trial: Ray hides every GPU from the trials (CUDA_VISIBLE_DEVICES=""), so "auto"
+    # means the CPU on any machine
     assert (df["device"] == "cpu").all()
     for ck in df["checkpoint"]:  # relative to the study folder, and loadable safely
         from vae import checkpoint
@@ -131,6 +133,19 @@ def test_asha_prunes_weak_trials(ray_local, tmp_path):
     assert (pruned["epochs_run"] < 4).all()
     epochs = results.load(res.folder, "epochs")
     assert len(epochs) == df["epochs_run"].sum()
+    # Optuna tells the same story, read back through its own API as optuna-dashboard does:
+    # ASHA's stopped trials are PRUNED, and every trial has a value for every epoch it ran.
+    study = optuna.load_study(study_name="asha", storage=f"sqlite:///{res.folder / OPTUNA_DB}")
+    by_params = {(t.params["latent_dim"], round(t.params["lr"], 12)): t for t in study.trials}
+    assert len(study.trials) == 6
+    for _, row in df.iterrows():
+        t = by_params[(row["param_latent_dim"], round(row["param_lr"], 12))]
+        want = optuna.trial.TrialState.PRUNED if row["status"] == "pruned" else optuna.trial.TrialState.COMPLETE
+        assert t.state == want, (row["trial_id"], row["status"], t.state)
+        assert sorted(t.intermediate_values) == list(range(1, int(row["epochs_run"]) + 1))
+        # the value at each epoch is the best -ELBO so far, as ASHA saw it
+        ep = epochs[epochs.trial_id == row["trial_id"]].sort_values("epoch")
+        assert [t.intermediate_values[e] for e in ep["epoch"]] == pytest.approx(ep["val_elbo"].cummin().tolist())
 
 
 def test_rate_distortion_pareto_study(ray_local, tmp_path):

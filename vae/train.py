@@ -144,8 +144,7 @@ def fit(
     opt = make_optimizer(model, config.lr)
     if optimizer_state is not None:
         opt.load_state_dict(optimizer_state)
-    # A resumed run gets its own stream, so it does not replay the first epochs' batches.
-    gen = torch.Generator(device=device).manual_seed(config.seed + 1_000_003 * (start_epoch - 1))
+    gen = torch.Generator(device=device)
     x_train = data.train.pixels(device)  # (N, 1, 28, 28), once per run
     x_val = data.val.pixels(device)
     n = x_train.shape[0]
@@ -157,6 +156,9 @@ def fit(
     for epoch in range(start_epoch, config.epochs + 1):
         model.train()
         t0 = time.perf_counter()
+        # Each epoch's batches and noise depend only on (seed, epoch): a run resumed from a
+        # checkpoint after epoch k trains epochs k+1.. exactly as an uninterrupted run would.
+        gen.manual_seed(config.seed + 1_000_003 * epoch)
         perm = torch.randperm(n, generator=gen, device=device)
         xs = x_train[perm]  # one gather per epoch; batches below are contiguous views
         sums = torch.zeros(3, device=device)
