@@ -156,7 +156,8 @@ def to_arrays(data: WinnerData) -> dict[str, np.ndarray]:
         elif isinstance(value, pd.DataFrame):
             for col in value.columns:  # text as fixed-width strings: the cache is read without pickle
                 v = value[col]
-                put(f"{prefix}.{col}", v.to_numpy(dtype=str) if v.dtype == object else v.to_numpy())
+                text = v.dtype == object or pd.api.types.is_string_dtype(v)
+                put(f"{prefix}.{col}", v.to_numpy(dtype=str) if text else v.to_numpy())
         else:
             out[prefix] = np.asarray(value)
 

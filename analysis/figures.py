@@ -4,10 +4,6 @@ from __future__ import annotations
 from typing import Any
 
 import matplotlib
-
-matplotlib.use("Agg")  # headless: reports are built on servers and in CI
-
-import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 from matplotlib.axes import Axes
@@ -15,12 +11,18 @@ from matplotlib.figure import Figure
 
 from analysis.metrics import Traversal, pareto_front
 
-DIGIT_COLORS = plt.get_cmap("tab10")
+DIGIT_COLORS = matplotlib.colormaps["tab10"]
+
+
+def _figure(size: tuple[float, float]) -> Figure:
+    """A Figure of its own, outside pyplot: drawing a report never touches the caller's backend
+    or pyplot's figure list (a notebook keeps its own), and nothing needs closing."""
+    return Figure(figsize=size, layout="constrained")
 
 
 def _ax(ax: Axes | None, size: tuple[float, float] = (6.4, 4.2)) -> Axes:
     if ax is None:
-        _, ax = plt.subplots(figsize=size, layout="constrained")
+        ax = _figure(size).subplots()
     return ax
 
 
@@ -52,7 +54,7 @@ def plot_digit_metric_vs_latent(matrix: pd.DataFrame, *, metric: str = "MSE", ax
 def plot_loss_curves(epochs: pd.DataFrame, winner_id: str, *, fig: Figure | None = None) -> Figure:
     """Train and validation -ELBO, recon and KL of the winner; every other trial's validation
     -ELBO faintly behind, so early-stopped trials show as short curves (reference figure 3)."""
-    fig = fig or plt.figure(figsize=(12, 3.8), layout="constrained")
+    fig = fig or _figure((12, 3.8))
     axes = fig.subplots(1, 3)
     w = epochs[epochs["trial_id"] == winner_id].sort_values("epoch")
     others = epochs[epochs["trial_id"] != winner_id]
@@ -99,7 +101,7 @@ def plot_recon_panel(originals: np.ndarray, rows: dict[str, tuple[np.ndarray, np
     ``rows`` maps a row title to (images (N, 28, 28), per-image MSE (N,)).
     """
     n_rows, n_cols = 1 + len(rows), len(digits)
-    fig = fig or plt.figure(figsize=(1.25 * n_cols + 1.2, 1.45 * n_rows), layout="constrained")
+    fig = fig or _figure((1.25 * n_cols + 1.2, 1.45 * n_rows))
     axes = np.atleast_2d(fig.subplots(n_rows, n_cols, squeeze=False))
     titles = ["original", *rows]
     images = [originals, *[v[0] for v in rows.values()]]
@@ -140,7 +142,7 @@ def plot_amortisation_gap(gap: pd.DataFrame, *, ax: Axes | None = None) -> Axes:
 def plot_traversals(images: np.ndarray, plan: Traversal, *, fig: Figure | None = None) -> Figure:
     """Rows: latent dimensions by average KL; columns: offsets from the base code."""
     n_rows, n_cols = images.shape[:2]
-    fig = fig or plt.figure(figsize=(0.95 * n_cols + 1.6, 0.95 * n_rows + 0.6), layout="constrained")
+    fig = fig or _figure((0.95 * n_cols + 1.6, 0.95 * n_rows + 0.6))
     axes = np.atleast_2d(fig.subplots(n_rows, n_cols, squeeze=False))
     for r in range(n_rows):
         for c in range(n_cols):
@@ -185,7 +187,7 @@ def plot_rate_distortion(trials: pd.DataFrame, *, ax: Axes | None = None, winner
     x, y, beta = trials["val_kl"].to_numpy(float), trials["val_recon"].to_numpy(float), trials["param_beta"].to_numpy(float)
     sc = ax.scatter(x, y, c=beta, cmap="viridis", norm=LogNorm(vmin=beta.min(), vmax=max(beta.max(), beta.min() * 1.0001)),
                     s=36, edgecolors="k", linewidths=0.4, zorder=3)
-    plt.colorbar(sc, ax=ax, label="beta")
+    ax.figure.colorbar(sc, ax=ax, label="beta")
     front = pareto_front(x, y)
     ax.plot(x[front], y[front], color="C3", lw=1.5, drawstyle="steps-post", label="Pareto front", zorder=2)
     if winner_id is not None and winner_id in set(trials["trial_id"]):
@@ -219,7 +221,7 @@ def plot_search_efficiency(curves: dict[str, pd.DataFrame], *, ax: Axes | None =
 def table_figure(df: pd.DataFrame, *, title: str = "", fig: Figure | None = None, fmt: str = "{:.5g}") -> Figure:
     """A small table drawn as a figure (for the PNG beside a plot)."""
     cells = [[fmt.format(v) if isinstance(v, (float, np.floating)) else str(v) for v in row] for row in df.to_numpy()]
-    fig = fig or plt.figure(figsize=(1.3 * len(df.columns) + 0.5, 0.32 * len(df) + 0.8), layout="constrained")
+    fig = fig or _figure((1.3 * len(df.columns) + 0.5, 0.32 * len(df) + 0.8))
     ax = fig.add_subplot()
     ax.set_axis_off()
     t = ax.table(cellText=cells, colLabels=[str(c) for c in df.columns], loc="center")
@@ -231,6 +233,9 @@ def table_figure(df: pd.DataFrame, *, title: str = "", fig: Figure | None = None
 
 
 def close(obj: Any) -> None:
+    """Release a figure. Ours are not in pyplot's list; Optuna's plots are, and are closed there."""
     fig = obj if isinstance(obj, Figure) else getattr(obj, "figure", None)
-    if fig is not None:
+    if fig is not None and getattr(fig.canvas, "manager", None) is not None:
+        import matplotlib.pyplot as plt
+
         plt.close(fig)

@@ -1,7 +1,8 @@
 """The only writer of the analysis package: PNGs, a self-contained index.html and summary.json.
 
 ``build(study_dir)`` reads the Parquet results (a folder or a bucket, through ``study.storage``),
-picks the winner (``study.results.winner``), computes what needs its checkpoint through the ``vae`` package (t-SNE, reconstruction panel, decoder-only gap,
+picks the winner (``study.results.winner``), has ``analysis.compute`` gather what needs its
+checkpoint (t-SNE, reconstruction panel, decoder-only gap,
 traversals, prior samples), caches those arrays in ``<out>/cache/`` and draws every figure.
 A figure that cannot be made is left out with a visible note, never a crash.
 """
@@ -23,6 +24,7 @@ from typing import Any, Callable
 import numpy as np
 import pandas as pd
 
+from analysis import compute as C
 from analysis import figures as F
 from analysis import metrics as M
 from study import results
@@ -30,7 +32,7 @@ from study.errors import StudyError
 from study.storage import REPORT_DIR, SPEC_FILE, Location, OptunaDB, is_study
 
 DPI = 200
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 
 @dataclass
@@ -126,20 +128,21 @@ def _build(study: Location, out: Path, dest: Location, options: Options | None,
     step("Summary", lambda: _summary_section(trials, win, digits, summary))
     step("Per-digit MSE and PSNR vs latent size", lambda: _digits_vs_latent(out, trials, digits, mode, win, summary))
     step("Loss curves", lambda: _loss_curves(out, epochs, win))
-    arrays: dict[str, np.ndarray] | None = None
+    data: C.WinnerData | None = None
     if win is not None:
         try:
             s0 = time.perf_counter()
-            arrays = _winner_arrays(study, out, dest, win, opts, say)
+            data = _winner_data(study, out, dest, win, opts, say)
             timings["winner computations"] = time.perf_counter() - s0
         except Exception as exc:
             sections.append(Section("Winner's checkpoint", notes=[f"figures that need the checkpoint are left out: {exc}"]))
-    if arrays is not None:
-        step("t-SNE of the latent space", lambda: _tsne(out, arrays))
-        step("Reconstruction panel", lambda: _panel(out, arrays))
-        step("Amortisation gap", lambda: _gap(out, arrays, summary))
-        step("Latent traversals", lambda: _traversals(out, arrays))
-        step("Samples from the prior", lambda: _prior(out, arrays))
+    if data is not None:
+        d = data
+        step("t-SNE of the latent space", lambda: _tsne(out, d.tsne))
+        step("Reconstruction panel", lambda: _panel(out, d.panel))
+        step("Amortisation gap", lambda: _gap(out, d.gap, summary))
+        step("Latent traversals", lambda: _traversals(out, d.traversals))
+        step("Samples from the prior", lambda: _prior(out, d.prior))
     step("Rate-distortion plane", lambda: _rate_distortion(out, trials, win))
     step("Search progress", lambda: _search_progress(out, trials))
     step("Study plots (Optuna)", lambda: _optuna(out, study, spec))
@@ -226,65 +229,53 @@ def _loss_curves(out: Path, epochs: pd.DataFrame, win: pd.Series | None) -> Sect
     return s
 
 
-def _tsne(out: Path, a: dict[str, np.ndarray]) -> Section:
+def _tsne(out: Path, t: C.TsneData) -> Section:
     s = Section("t-SNE of the latent space")
-    ax = F.plot_tsne(a["tsne"], a["tsne_labels"])
-    _save(ax, out / "tsne.png")
+    _save(F.plot_tsne(t.embedding, t.labels), out / "tsne.png")
     s.images.append("tsne.png")
-    s.text = (f"openTSNE, PCA initialisation, seed {int(a['seed'])}, on the winner's latent means of "
-              f"{len(a['tsne_labels'])} test images; computed in {float(a['tsne_seconds']):.1f} s.")
+    s.text = (f"openTSNE, PCA initialisation, seed {t.seed}, on the winner's latent means of "
+              f"{len(t.labels)} test images; computed in {t.seconds:.1f} s.")
     return s
 
 
-def _panel(out: Path, a: dict[str, np.ndarray]) -> Section:
+def _panel(out: Path, p: C.PanelData) -> Section:
     s = Section("Reconstruction panel")
-    rows = {m: (a[f"panel_{m}"], a[f"panel_{m}_mse"]) for m in ("posterior_mean", "posterior_sample", "decoder_only")}
-    rows = {"full VAE (posterior_mean)" if k == "posterior_mean" else k: v for k, v in rows.items()}
-    fig = F.plot_recon_panel(a["panel_original"], rows, [int(d) for d in a["panel_digits"]])
-    _save(fig, out / "recon_panel.png")
+    label = {"posterior_mean": "full VAE (posterior_mean)"}
+    rows = {label.get(m, m): (p.recon[m], p.mse[m]) for m in C.PANEL_MODES}
+    _save(F.plot_recon_panel(p.original, rows, [int(d) for d in p.digits]), out / "recon_panel.png")
     s.images.append("recon_panel.png")
     s.text = ("One representative test image per digit (chosen without the model: the median-typical of "
-              f"{int(a['k'])} evenly spaced by distance to the digit's mean image); test-set positions "
-              f"{', '.join(str(int(i)) for i in a['panel_index'])}. The full-VAE row decodes the posterior mean: "
+              f"{p.k} evenly spaced by distance to the digit's mean image); test-set positions "
+              f"{', '.join(str(int(i)) for i in p.index)}. The full-VAE row decodes the posterior mean: "
               "a real reconstruction, unlike the reference project's row, which showed the input.")
     return s
 
 
-def _gap(out: Path, a: dict[str, np.ndarray], summary: dict) -> Section:
+def _gap(out: Path, g: C.GapData, summary: dict) -> Section:
     s = Section("Amortisation gap")
-    rows = []
-    for mode in ("posterior_mean", "decoder_only"):
-        for d in range(10):
-            sel = a["gap_labels"] == d
-            if sel.any():
-                rows.append({"recon_mode": mode, "digit": d, "mse": float(a[f"gap_{mode}_mse"][sel].mean())})
-    gap = M.amortisation_gap(pd.DataFrame(rows))
-    ax = F.plot_amortisation_gap(gap)
-    _save(ax, out / "amortisation_gap.png")
+    gap = M.amortisation_gap(g.per_digit)
+    _save(F.plot_amortisation_gap(gap), out / "amortisation_gap.png")
     s.images.append("amortisation_gap.png")
     s.tables.append(("Per-digit MSE: encoder vs decoder-only", gap))
-    s.text = (f"decoder_only: z* = argmin BCE(decode(z), x) + 1/2|z|^2 by {int(a['decoder_steps'])} Adam steps through "
-              f"the frozen decoder, on {len(a['gap_labels'])} test images (a stratified subset when the split is larger).")
+    s.text = (f"decoder_only: z* = argmin BCE(decode(z), x) + 1/2|z|^2 by {g.steps} Adam steps through "
+              f"the frozen decoder, on {g.n_images} test images (a stratified subset when the split is larger).")
     summary["amortisation_gap"] = gap.to_dict(orient="records")
     return s
 
 
-def _traversals(out: Path, a: dict[str, np.ndarray]) -> Section:
+def _traversals(out: Path, t: C.TraversalData) -> Section:
     s = Section("Latent traversals")
-    plan = M.Traversal(a["trav_order"], a["trav_kl"], a["trav_active"], a["trav_offsets"])
-    fig = F.plot_traversals(a["trav_images"], plan)
-    _save(fig, out / "traversals.png")
+    _save(F.plot_traversals(t.images, t.plan), out / "traversals.png")
     s.images.append("traversals.png")
-    n_inactive = int((a["kl_all"] < M.INACTIVE_KL).sum())
+    n_inactive = int((t.kl_all < M.INACTIVE_KL).sum())
     s.text = (f"Each row sweeps one latent dimension from the mean code of the test set; {n_inactive} of "
-              f"{len(a['kl_all'])} dimensions carry under {M.INACTIVE_KL} nats (inactive).")
+              f"{len(t.kl_all)} dimensions carry under {M.INACTIVE_KL} nats (inactive).")
     return s
 
 
-def _prior(out: Path, a: dict[str, np.ndarray]) -> Section:
+def _prior(out: Path, prior: np.ndarray) -> Section:
     s = Section("Samples from the prior")
-    ax = F.plot_image_grid(a["prior"], title="decode(z), z ~ N(0, I): pixel probabilities")
-    _save(ax, out / "prior_samples.png")
+    _save(F.plot_image_grid(prior, title="decode(z), z ~ N(0, I): pixel probabilities"), out / "prior_samples.png")
     s.images.append("prior_samples.png")
     return s
 
@@ -372,8 +363,8 @@ def _top_trials(trials: pd.DataFrame, mode: str) -> Section:
 
 # --------------------------------------------------------------------------- checkpoint computations
 
-def _winner_arrays(study: Location, out: Path, dest: Location, win: pd.Series, opts: Options,
-                   say: Callable[[str], None]) -> dict[str, np.ndarray]:
+def _winner_data(study: Location, out: Path, dest: Location, win: pd.Series, opts: Options,
+                 say: Callable[[str], None]) -> C.WinnerData:
     ckpt = win.get("checkpoint")
     if not isinstance(ckpt, str) or not ckpt:
         raise StudyError(f"trial {win['trial_id']} has no checkpoint recorded")
@@ -381,9 +372,9 @@ def _winner_arrays(study: Location, out: Path, dest: Location, win: pd.Series, o
     where = Location(ckpt) if ckpt.startswith("/") or "://" in ckpt else study / ckpt
     if not where.is_file():
         raise StudyError(f"checkpoint {where} of trial {win['trial_id']} is missing")
+    settings = C.Settings(opts.tsne_points, opts.gap_images, opts.decoder_steps, opts.k, opts.seed, opts.device)
     size, mtime = where.stat()
-    key = hashlib.sha256(json.dumps([CACHE_VERSION, where.uri, mtime, size, opts.tsne_points, opts.gap_images,
-                                     opts.decoder_steps, opts.k, opts.seed]).encode()).hexdigest()[:16]
+    key = hashlib.sha256(json.dumps([CACHE_VERSION, where.uri, mtime, size, settings[:5]]).encode()).hexdigest()[:16]
     rel = f"cache/{win['trial_id']}-{key}.npz"
     cache = out / rel
     if not cache.is_file() and dest.remote and dest.is_file(rel):
@@ -391,94 +382,16 @@ def _winner_arrays(study: Location, out: Path, dest: Location, win: pd.Series, o
     if cache.is_file():
         with np.load(cache, allow_pickle=False) as z:
             say(f"  winner arrays from cache {cache.name}")
-            return {k: z[k] for k in z.files}
+            return C.from_arrays({k: z[k] for k in z.files})
     with tempfile.TemporaryDirectory(prefix="vae-ckpt-") as tmp:
         local = where.local if where.local is not None else where.parent.download(where.name, Path(tmp) / "model.pt")
-        arrays = compute_winner_arrays(local, opts, say)
+        data = C.winner_data(local, settings, say)
     cache.parent.mkdir(parents=True, exist_ok=True)
     tmpf = cache.with_name(f".{cache.name}.{uuid.uuid4().hex[:6]}.tmp")
     with open(tmpf, "wb") as f:
-        np.savez_compressed(f, **arrays)
+        np.savez_compressed(f, **C.to_arrays(data))
     os.replace(tmpf, cache)
-    return arrays
-
-
-def compute_winner_arrays(checkpoint_path: Path, opts: Options, say: Callable[[str], None] = lambda s: None) -> dict[str, np.ndarray]:
-    """Everything the checkpoint-based figures need, as plain arrays (cached by the caller)."""
-    import torch
-
-    from vae import checkpoint
-    from vae.data import load, stratified_subset
-    from vae.evaluate import (decode_probs, encode, mse_per_image, optimise_latents, reconstruct,
-                              representative_indices)
-
-    device = torch.device(opts.device if opts.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-    model, config, _ = checkpoint.load(checkpoint_path, device)
-    test = load(config).test
-    x = test.pixels(device)
-    labels = test.labels.numpy()
-    a: dict[str, np.ndarray] = {"seed": np.array(opts.seed), "k": np.array(opts.k),
-                                "decoder_steps": np.array(opts.decoder_steps)}
-
-    t = time.perf_counter()
-    mu, logvar = encode(model, x)
-    mu_np, logvar_np = mu.float().cpu().numpy(), logvar.float().cpu().numpy()
-    a["kl_all"] = M.kl_per_dimension(mu_np, logvar_np)
-
-    sel = np.arange(len(labels)) if len(labels) <= opts.tsne_points else stratified_subset(labels, opts.tsne_points, opts.seed)
-    a["tsne"], a["tsne_labels"] = tsne(mu_np[sel], opts.seed), labels[sel]
-    a["tsne_seconds"] = np.array(time.perf_counter() - t)
-    say(f"  t-SNE of {len(sel)} latent means      {float(a['tsne_seconds']):6.1f} s")
-
-    reps = representative_indices(test, k=opts.k)
-    digits = sorted(reps)
-    panel_idx = np.array([reps[d][len(reps[d]) // 2] for d in digits])
-    xp = x[panel_idx]
-    a["panel_digits"], a["panel_index"] = np.array(digits), test.index.numpy()[panel_idx]
-    a["panel_original"] = xp[:, 0].cpu().numpy()
-    for mode in ("posterior_mean", "posterior_sample", "decoder_only"):
-        rec = reconstruct(model, xp, mode, seed=opts.seed, decoder_steps=opts.decoder_steps)
-        a[f"panel_{mode}"] = rec[:, 0].float().cpu().numpy()
-        a[f"panel_{mode}_mse"] = mse_per_image(rec, xp).cpu().numpy()
-
-    t = time.perf_counter()
-    gsel = np.arange(len(labels)) if len(labels) <= opts.gap_images else stratified_subset(labels, opts.gap_images, opts.seed)
-    xg = x[torch.as_tensor(gsel, device=device)]
-    a["gap_labels"] = labels[gsel]
-    a["gap_posterior_mean_mse"] = mse_per_image(decode_probs(model, mu[torch.as_tensor(gsel, device=device)]), xg).cpu().numpy()
-    zg = optimise_latents(model, xg, steps=opts.decoder_steps, seed=opts.seed)
-    a["gap_decoder_only_mse"] = mse_per_image(decode_probs(model, zg), xg).cpu().numpy()
-    say(f"  decoder-only on {len(gsel)} images        {time.perf_counter() - t:6.1f} s")
-
-    plan = M.traversal_plan(mu_np, logvar_np)
-    base = torch.as_tensor(mu_np.mean(0), device=device)
-    codes = base.repeat(len(plan.order), len(plan.offsets), 1)  # (rows, cols, d)
-    for r, dim in enumerate(plan.order):
-        codes[r, :, dim] = base[dim] + torch.as_tensor(plan.offsets, device=device, dtype=codes.dtype)
-    imgs = decode_probs(model, codes.reshape(-1, model.latent_dim))
-    a["trav_images"] = imgs[:, 0].reshape(len(plan.order), len(plan.offsets), 28, 28).cpu().numpy()
-    a["trav_order"], a["trav_kl"], a["trav_active"], a["trav_offsets"] = plan.order, plan.kl, plan.active, plan.offsets
-
-    gen = torch.Generator(device=device).manual_seed(opts.seed)
-    z = torch.randn((64, model.latent_dim), generator=gen, device=device)
-    a["prior"] = decode_probs(model, z)[:, 0].cpu().numpy()
-    return a
-
-
-def tsne(points: np.ndarray, seed: int = 0) -> np.ndarray:
-    """2-D t-SNE, PCA-initialised and seeded: openTSNE (faster here), else scikit-learn."""
-    if len(points) < 5:
-        raise ValueError(f"t-SNE needs at least 5 points, got {len(points)}")
-    perplexity = float(min(30, (len(points) - 1) / 3))
-    try:
-        from openTSNE import TSNE
-
-        return np.asarray(TSNE(n_components=2, perplexity=perplexity, initialization="pca", random_state=seed,
-                               n_jobs=os.cpu_count() or 1, verbose=False).fit(points.astype(np.float64)))
-    except ImportError:
-        from sklearn.manifold import TSNE as SkTSNE
-
-        return SkTSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(points)
+    return data
 
 
 # --------------------------------------------------------------------------- output

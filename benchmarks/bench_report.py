@@ -33,7 +33,7 @@ def tsne_10k() -> dict[str, float]:
     import numpy as np
     from sklearn.manifold import TSNE
 
-    from analysis.report import tsne
+    from analysis.compute import tsne
     from vae.config import TrainConfig
     from vae.data import load
     from vae.evaluate import encode

@@ -156,3 +156,41 @@ def test_report_renders_in_headless_chromium(grid_study, tmp_path):
     px = mpimg.imread(str(shot))[..., :3]
     ink = (px.mean(axis=2) < 0.9).mean()  # share of pixels that are not near-white
     assert px.std() > 0.05 and ink > 0.02, (px.std(), ink)
+
+
+def test_figures_leave_the_callers_backend_and_pyplot_alone():
+    import subprocess
+    import sys
+
+    code = ("import matplotlib; matplotlib.use('svg'); import matplotlib.pyplot as plt; import numpy as np; "
+            "from analysis import figures as F; ax = F.plot_tsne(np.random.rand(20, 2), np.arange(20) % 10); "
+            "print(matplotlib.get_backend(), len(plt.get_fignums()), type(ax.figure).__name__)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["svg", "0", "Figure"]
+
+
+def test_winner_data_round_trips_through_the_cache_format():
+    from analysis import compute as C
+
+    rng = np.random.default_rng(0)
+    plan = M.traversal_plan(rng.normal(size=(50, 3)), rng.normal(size=(50, 3)) - 2)
+    gap = pd.DataFrame({"recon_mode": ["posterior_mean", "decoder_only"], "digit": [0, 0], "n_images": [5, 5],
+                        "mse": [0.02, 0.01], "psnr": [17.0, 20.0]})
+    data = C.WinnerData(
+        C.TsneData(rng.normal(size=(20, 2)), np.arange(20) % 10, 3, 1.5),
+        C.PanelData(np.arange(10), np.arange(10) * 7, rng.random((10, 28, 28)),
+                    {m: rng.random((10, 28, 28)) for m in C.PANEL_MODES}, {m: rng.random(10) for m in C.PANEL_MODES}, 10),
+        C.GapData(gap, 150, 5),
+        C.TraversalData(rng.random((3, 9, 28, 28)), plan, rng.random(3)),
+        rng.random((64, 28, 28)))
+    buf = __import__("io").BytesIO()
+    np.savez_compressed(buf, **C.to_arrays(data))
+    buf.seek(0)
+    with np.load(buf, allow_pickle=False) as z:
+        back = C.from_arrays({k: z[k] for k in z.files})
+    assert back.tsne.seed == 3 and back.tsne.seconds == 1.5 and np.array_equal(back.tsne.embedding, data.tsne.embedding)
+    assert set(back.panel.recon) == set(C.PANEL_MODES) and np.array_equal(back.panel.mse["decoder_only"],
+                                                                          data.panel.mse["decoder_only"])
+    pd.testing.assert_frame_equal(back.gap.per_digit, gap)
+    assert np.array_equal(back.traversals.plan.order, plan.order) and back.gap.steps == 150
