@@ -49,15 +49,16 @@ _TRAIN_HELP = {
 }
 
 
-def _add_config_flags(p: argparse.ArgumentParser, *, required_defaults: bool = True) -> None:
-    from vae.config import TrainConfig
+def _add_config_flags(p: argparse.ArgumentParser) -> None:
+    from vae.config import TrainConfig, field_types
 
+    types = field_types()
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
-        if f.name == "download":
+        tp, _ = types[f.name]
+        if tp is bool:
             p.add_argument(flag, action="store_true", default=None, help=_TRAIN_HELP[f.name])
             continue
-        tp = {"int": int, "float": float}.get(str(f.type).split(" ")[0], str)
         p.add_argument(flag, type=tp, default=None, metavar=f.name.upper(),
                        help=f"{_TRAIN_HELP[f.name]} (default: {f.default})")
 

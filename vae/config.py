@@ -7,7 +7,9 @@ checkpoint so a model can always be rebuilt from its file alone.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+import typing
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -112,29 +114,21 @@ def _type_name(tp: Any) -> str:
     return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}[tp]
 
 
-_FIELD_TYPES: dict[str, tuple[type, bool]] = {
-    # name: (type, optional)
-    "arch": (str, False),
-    "latent_dim": (int, False),
-    "beta": (float, False),
-    "lr": (float, False),
-    "batch_size": (int, False),
-    "epochs": (int, False),
-    "hidden": (int, False),
-    "seed": (int, False),
-    "dataset": (str, False),
-    "data_dir": (str, True),
-    "val_fraction": (float, False),
-    "split_seed": (int, False),
-    "device": (str, False),
-    "precision": (str, False),
-    "max_train_images": (int, True),
-    "download": (bool, False),
-}
+@functools.cache
+def field_types() -> dict[str, tuple[type, bool]]:
+    """Each TrainConfig field's (type, optional), read from the dataclass's own annotations."""
+    hints = typing.get_type_hints(TrainConfig)
+    out = {}
+    for f in dataclasses.fields(TrainConfig):
+        tp = hints[f.name]
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        optional = len(args) < len(typing.get_args(tp))
+        out[f.name] = (args[0] if optional else tp, optional)
+    return out
 
 
 def _check_types(cfg: TrainConfig) -> None:
-    for name, (tp, optional) in _FIELD_TYPES.items():
+    for name, (tp, optional) in field_types().items():
         value = getattr(cfg, name)
         if value is None and optional:
             continue
