@@ -96,15 +96,24 @@ class _TrialLog:
         self.epochs = epochs
         self.meta = meta
         self.reported = False  # reported to this driver (not only read back after a restart)
+        self.written = len(epochs)  # epoch rows in storage
+        self.written_at = 0.0
 
 
 class ResultsRecorder(Callback):
     """Writes each trial's Parquet rows from the driver: epochs as they come, the rest at the end.
 
+    In a local folder a trial's epoch rows are rewritten at every epoch. In a bucket, where each
+    write is a PUT, at most every ``BUCKET_EPOCHS_EVERY_S`` seconds per trial, and always before
+    Ray records a new checkpoint of it: a trial resumed from epoch k re-reports the epochs after
+    k, so the rows up to k must already be stored.
+
     Args:
         study: the study's folder (local or in a bucket).
         spec: the study's spec (its name, objective and epochs).
     """
+
+    BUCKET_EPOCHS_EVERY_S = 10.0
 
     def __init__(self, study: Location, spec: Any) -> None:
         self.study = study
@@ -139,14 +148,26 @@ class ResultsRecorder(Callback):
         log.reported = True
         log.epochs[int(result["epoch"])] = {k: result.get(k) for k in _EPOCH_KEYS}
         log.meta.update({k: result[k] for k in _META_KEYS if k in result})
-        base = {"study": self.spec.name, "trial_id": trial.trial_id}
         if "test_digits" in result:
             log.meta["digits"] = json.loads(result["test_digits"])
             log.meta.update({k: result[k] for k in ("test_elbo", "test_mse", "test_psnr")})
+            base = {"study": self.spec.name, "trial_id": trial.trial_id}
             results.write_rows(self.study, "digits", trial.trial_id, [{**base, **r} for r in log.meta["digits"]])
-        results.write_rows(self.study, "epochs", trial.trial_id,
-                           [{**base, **log.epochs[e]} for e in sorted(log.epochs)])
+        if not self.study.remote or time.monotonic() - log.written_at >= self.BUCKET_EPOCHS_EVERY_S:
+            self._write_epochs(trial.trial_id, log)
         self.write_seconds += time.perf_counter() - t0
+
+    def on_checkpoint(self, iteration: int, trials: list, trial: Any, checkpoint: Any, **info: Any) -> None:
+        log = self.logs.get(trial.trial_id)
+        if log is not None and log.written < len(log.epochs):
+            t0 = time.perf_counter()
+            self._write_epochs(trial.trial_id, log)
+            self.write_seconds += time.perf_counter() - t0
+
+    def _write_epochs(self, trial_id: str, log: _TrialLog) -> None:
+        base = {"study": self.spec.name, "trial_id": trial_id}
+        results.write_rows(self.study, "epochs", trial_id, [{**base, **log.epochs[e]} for e in sorted(log.epochs)])
+        log.written, log.written_at = len(log.epochs), time.monotonic()
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         log = self._log(trial)
