@@ -202,7 +202,7 @@ def _digits_vs_latent(out: Path, trials: pd.DataFrame, digits: pd.DataFrame, mod
         _save(ax, out / fname)
         s.images.append(fname)
     s.tables.append(("Per-digit test MSE (posterior_mean) of the best trial per latent size",
-                     mse.rename(columns=lambda d: f"d={d}").reset_index()))
+                     mse.rename(columns=lambda d: f"d={d}").rename_axis(columns=None).reset_index()))
     dataset = str(win["dataset"]) if win is not None else ""
     if dataset.startswith("mnist"):
         sample = M.digit_matrix(digits, winners, metric="mse", recon_mode="posterior_sample")
@@ -439,7 +439,7 @@ img{max-width:100%;height:auto;display:block;margin:1em 0;border:1px solid #eee}
 table{border-collapse:collapse;font-size:.85em;margin:.8em 0}th,td{border:1px solid #ddd;padding:3px 8px;text-align:right}
 th{background:#f4f4f4}td:first-child,th:first-child{text-align:left}
 .note{background:#fff6dd;border-left:4px solid #e0b000;padding:.4em .8em}.muted{color:#666;font-size:.9em}
-nav a{margin-right:1em}
+nav a{margin-right:1em}.wide{overflow-x:auto}
 """
 
 
@@ -463,6 +463,7 @@ def _html(name: str, folder: str, sections: list[Section], summary: dict, out: P
             parts.append(f"<img alt='{html.escape(img)}' src='data:image/png;base64,{data}'>")
         for title, df in s.tables:
             parts.append(f"<h3>{html.escape(title)}</h3>")
-            parts.append(df.to_html(index=False, float_format=lambda v: f"{v:.5g}", na_rep="", border=0))
+            parts.append("<div class='wide'>" + df.to_html(index=False, float_format=lambda v: f"{v:.5g}", na_rep="",
+                                                           border=0) + "</div>")
     parts.append("</body></html>")
     return "\n".join(parts)
