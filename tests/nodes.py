@@ -61,8 +61,15 @@ def wait_nodes(n: int, timeout: float = 120) -> list[dict[str, Any]]:
     return nodes
 
 
-def setup() -> None:
+def setup(work: Path) -> None:
     subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+    # A home of its own: Ray makes its auth token there (~/.ray/auth_token) as on a fresh machine,
+    # and nothing is left in the real one. The digits' cache stays where it is.
+    from vae.data import cache_dir
+
+    os.environ["VAE_STUDY_CACHE"] = str(cache_dir())
+    os.environ["HOME"] = str(work / "home")
+    (work / "home").mkdir(exist_ok=True)
     # Ray's session files stay private to this namespace.
     os.makedirs("/tmp/ray", exist_ok=True)
     subprocess.run(["mount", "-t", "tmpfs", "tmpfs", "/tmp/ray"], check=True)
@@ -71,8 +78,10 @@ def setup() -> None:
     # nodes bind to 127.0.0.1.
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "1"
     # Ray 2.60 heads started by `ray start` turn token authentication on; every node and driver
-    # then needs it too (they share ~/.ray/auth_token here).
+    # then needs it too. On a fresh machine there is no token yet: make one, in the home above,
+    # which all the nodes and drivers here share.
     os.environ["RAY_AUTH_MODE"] = "token"
+    subprocess.run(["ray", "get-auth-token", "--generate"], check=True, capture_output=True)
 
 
 def bucket_trials(uri: str) -> list[dict[str, Any]]:
@@ -169,7 +178,7 @@ def main() -> int:
     from ray.cluster_utils import AutoscalingCluster
 
     AutoscalingCluster._generate_config = _base_config  # type: ignore[method-assign]
-    setup()
+    setup(out_path.parent)
     out: dict[str, Any] = {"scenario": scenario}
     try:
         {"storage": scenario_storage, "autoscale": scenario_autoscale}[scenario](out, out_path.parent)
