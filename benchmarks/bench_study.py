@@ -68,11 +68,14 @@ def main() -> None:
             "parquet_writes (driver, overlaps trials)": res.write_seconds,
             "rest (scheduling, checkpoints, per-digit test eval, reports)": wall - ray_init - ideal - setup / slots - val / slots,
         },
+        # issue 13's figure: slot-seconds per trial not spent in the trials' training loops
+        "overhead_slot_seconds_per_trial": (wall * slots - train) / len(trials),
         "first_setup_seconds": float(trials.sort_values("started_at")["setup_seconds"].iloc[0]),
         "median_setup_seconds": float(trials["setup_seconds"].median()),
     }
     print(f"{out['trials']} trials x {args.epochs} epochs ({args.arch}, {slots} slots): wall {wall:.1f} s, "
-          f"ideal {ideal:.1f} s -> {out['ratio']:.2f}x")
+          f"ideal {ideal:.1f} s -> {out['ratio']:.2f}x; overhead {out['overhead_slot_seconds_per_trial']:.2f} "
+          "slot-seconds per trial (wall x slots - training) / trials")
     for k, v in out["breakdown_seconds"].items():
         print(f"  {k:<62} {v:7.2f} s")
     print(f"  trial set-up: first {out['first_setup_seconds']:.2f} s (cold worker), median {out['median_setup_seconds']:.2f} s")
