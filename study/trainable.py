@@ -19,6 +19,7 @@ import math
 import os
 import socket
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -43,8 +44,6 @@ def trial_config(config: dict[str, Any], runtime: dict[str, Any]) -> dict[str, A
 
 def train_trial(config: dict[str, Any], runtime: dict[str, Any]) -> None:
     """Train one trial. ``runtime`` holds settings that are not hyperparameters (CPU threads)."""
-    import time
-
     entered = time.perf_counter()
     import ray
     import torch
@@ -53,8 +52,6 @@ def train_trial(config: dict[str, Any], runtime: dict[str, Any]) -> None:
     from vae import checkpoint as ckpt_io
     from vae.config import ConfigError, TrainConfig
     from vae.data import load
-    from vae.evaluate import evaluate_split
-    from vae.model import BetaVAE
     from vae.train import effective_precision, fit, resolve_device
 
     torch.set_num_threads(max(1, int(runtime.get("cpus_per_trial", 1))))
@@ -92,56 +89,90 @@ def train_trial(config: dict[str, Any], runtime: dict[str, Any]) -> None:
         # imports, data (memoised in a reused worker) and model set-up, before the first step
         "setup_seconds": time.perf_counter() - entered,
     }
-    persist_at = set(runtime.get("persist_epochs") or ()) | {tc.epochs}
-    last_persist = [time.monotonic()]
-    dirty = [False]  # a new best since the last persisted checkpoint
-    scratch = BetaVAE.from_config(tc).to(device)
-
-    def on_epoch(m: dict[str, Any], state: Any) -> None:
-        metrics = {**m, **static}
-        if state.is_best:
-            best_values.update({f"best_{k}": m[k] for k in OBJECTIVES})
-            best_values["best_epoch"] = m["epoch"]
-            dirty[0] = True
-        metrics.update({k: v for k, v in best_values.items() if not k.startswith("test")})
-        due = m["epoch"] in persist_at or time.monotonic() - last_persist[0] >= PERSIST_EVERY_S
-        if not due:
-            tune.report(metrics)
-            return
-        if dirty[0] and state.best_state is not None:
-            scratch.load_state_dict(state.best_state)
-            ev = evaluate_split(scratch, data.test, modes=TRIAL_MODES, device=device)
-            best_values["test_elbo"] = ev["neg_elbo"]
-            best_values["test_mse"] = ev["modes"]["posterior_mean"]["mean_mse"]
-            best_values["test_psnr"] = ev["modes"]["posterior_mean"]["mean_psnr"]
-            best_values["test_digits"] = json.dumps(
-                [{"split": "test", "recon_mode": mode, **row}
-                 for mode, entry in ev["modes"].items() for row in entry["per_digit"]]
-            )
-        # Every persisted checkpoint carries the best weights' test metrics, so a driver that
-        # restarted since they were computed still records them.
-        metrics.update({k: best_values[k] for k in ("test_elbo", "test_mse", "test_psnr", "test_digits")
-                        if k in best_values})
-        with tempfile.TemporaryDirectory(prefix="vae-ckpt-") as tmp:
-            if state.best_state is not None:
-                scratch.load_state_dict(state.best_state)
-                ckpt_io.save(Path(tmp) / "model.pt", scratch, tc, epoch=state.best_epoch,
-                             best_values={k: v for k, v in best_values.items() if k != "test_digits"})
-            else:  # resumed, and no better epoch yet: the best weights are in the restored checkpoint
-                _copy_best(restored, Path(tmp))
-            ckpt_io.save(Path(tmp) / "state.pt", state.model, tc, epoch=m["epoch"],
-                         optimizer=state.optimizer.state_dict(), best_val_elbo=state.best_val_elbo,
-                         best_epoch=state.best_epoch, best_values=dict(best_values))
-            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
-        dirty[0] = False
-        last_persist[0] = time.monotonic()
-
+    reporter = _Reporter(tc, data.test, device, static, best_values, restored,
+                         persist_at=set(runtime.get("persist_epochs") or ()) | {tc.epochs})
     result = fit(
-        tc, data, on_epoch=on_epoch, model=model, optimizer_state=opt_state,
+        tc, data, on_epoch=reporter, model=model, optimizer_state=opt_state,
         start_epoch=start_epoch, best_val_elbo=best_elbo, best_epoch=best_epoch,
     )
     if result.status == "failed":
         raise TrialFailed(result.error)
+
+
+class _Reporter:
+    """``fit``'s on_epoch: one ``tune.report`` per epoch, with a checkpoint where one is due.
+
+    Args:
+        tc: the trial's config.
+        test: the test split (per-digit metrics of the best weights travel with checkpoints).
+        device: where the model lives.
+        static: facts about the trial reported with every epoch (node, device, ...).
+        best_values: best-so-far objective values (restored from a checkpoint, or empty).
+        restored: the checkpoint this attempt continued from, or None.
+        persist_at: epochs at which a checkpoint is persisted (ASHA's rungs and the last epoch).
+    """
+
+    def __init__(self, tc: Any, test: Any, device: Any, static: dict[str, Any], best_values: dict[str, Any],
+                 restored: Any, *, persist_at: set[int]) -> None:
+        from vae.model import BetaVAE
+
+        self.tc, self.test, self.device, self.static = tc, test, device, static
+        self.best_values, self.restored, self.persist_at = best_values, restored, persist_at
+        self.last_persist = time.monotonic()
+        self.dirty = False  # a new best since the last persisted checkpoint
+        self.scratch = BetaVAE.from_config(tc).to(device)  # holds the best weights to evaluate and save
+
+    def __call__(self, m: dict[str, Any], state: Any) -> None:
+        from ray import tune
+
+        metrics = {**m, **self.static}
+        if state.is_best:
+            self.best_values.update({f"best_{k}": m[k] for k in OBJECTIVES})
+            self.best_values["best_epoch"] = m["epoch"]
+            self.dirty = True
+        metrics.update({k: v for k, v in self.best_values.items() if not k.startswith("test")})
+        due = m["epoch"] in self.persist_at or time.monotonic() - self.last_persist >= PERSIST_EVERY_S
+        if not due:
+            tune.report(metrics)
+            return
+        if self.dirty and state.best_state is not None:
+            self._evaluate_best(state)
+        # Every persisted checkpoint carries the best weights' test metrics, so a driver that
+        # restarted since they were computed still records them.
+        metrics.update({k: self.best_values[k] for k in ("test_elbo", "test_mse", "test_psnr", "test_digits")
+                        if k in self.best_values})
+        with tempfile.TemporaryDirectory(prefix="vae-ckpt-") as tmp:
+            self._save(Path(tmp), m["epoch"], state)
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
+        self.dirty = False
+        self.last_persist = time.monotonic()
+
+    def _evaluate_best(self, state: Any) -> None:
+        from vae.evaluate import evaluate_split
+
+        self.scratch.load_state_dict(state.best_state)
+        ev = evaluate_split(self.scratch, self.test, modes=TRIAL_MODES, device=self.device)
+        self.best_values["test_elbo"] = ev["neg_elbo"]
+        self.best_values["test_mse"] = ev["modes"]["posterior_mean"]["mean_mse"]
+        self.best_values["test_psnr"] = ev["modes"]["posterior_mean"]["mean_psnr"]
+        self.best_values["test_digits"] = json.dumps(
+            [{"split": "test", "recon_mode": mode, **row} for mode, entry in ev["modes"].items()
+             for row in entry["per_digit"]])
+
+    def _save(self, folder: Path, epoch: int, state: Any) -> None:
+        """model.pt: the best weights (what the report analyses); state.pt: the current weights
+        and optimiser, from which a retried or resumed trial continues."""
+        from vae import checkpoint as ckpt_io
+
+        if state.best_state is not None:
+            self.scratch.load_state_dict(state.best_state)
+            ckpt_io.save(folder / "model.pt", self.scratch, self.tc, epoch=state.best_epoch,
+                         best_values={k: v for k, v in self.best_values.items() if k != "test_digits"})
+        else:  # resumed, and no better epoch yet: the best weights are in the restored checkpoint
+            _copy_best(self.restored, folder)
+        ckpt_io.save(folder / "state.pt", state.model, self.tc, epoch=epoch,
+                     optimizer=state.optimizer.state_dict(), best_val_elbo=state.best_val_elbo,
+                     best_epoch=state.best_epoch, best_values=dict(self.best_values))
 
 
 def _copy_best(checkpoint: Any, dest: Path) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import time
 
 import numpy as np
 import pandas as pd
@@ -48,9 +47,7 @@ def test_report_builds_every_figure(grid_study, tmp_path):
 def test_second_report_uses_the_cache(grid_study, tmp_path):
     out = tmp_path / "rep"
     opts = Options(tsne_points=300, gap_images=100, decoder_steps=20)
-    t0 = time.perf_counter()
     build(grid_study, out, options=opts)
-    first = time.perf_counter() - t0
     cached = list((out / "cache").glob("*.npz"))
     assert len(cached) == 1
     lines: list[str] = []
