@@ -119,6 +119,7 @@ class ResultsRecorder(Callback):
         self.study = study
         self.spec = spec
         self.logs: dict[str, _TrialLog] = {}
+        self.resumed = False  # a new driver of an interrupted study: the old one's rows may exist
         self.write_seconds = 0.0  # time the driver spent writing (the study benchmark reads it)
         self.git_sha = git_sha()
         import optuna
@@ -130,13 +131,15 @@ class ResultsRecorder(Callback):
         """Write to this study folder (a resumed study may have been moved since it was pickled)."""
         self.study = study
         self.logs = {}
+        self.resumed = True
         self.write_seconds = 0.0
 
     def _log(self, trial: Any) -> _TrialLog:
         tid = trial.trial_id
         if tid not in self.logs:
-            # A trial resumed by a new driver: pick up what the old one wrote.
-            self.logs[tid] = _read_back(self.study, tid)
+            # A trial resumed by a new driver picks up what the old one wrote; in a new study
+            # there is nothing to read (on a bucket, that saves requests at every trial start).
+            self.logs[tid] = _read_back(self.study, tid) if self.resumed else _TrialLog({}, {})
         return self.logs[tid]
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:

@@ -270,18 +270,16 @@ def read_trial(study: StudyPath, table: str, trial_id: str) -> pa.Table | None:
     return None
 
 
-def drop_orphans(study: StudyPath) -> list[str]:
-    """Remove the epoch and digit rows of trials that have no trials row: trials a killed driver
-    started after Ray last saved its state, which the resumed study never knew. Call only when
-    every trial of the study has finished. Returns the trial ids removed."""
+def drop_orphans(study: StudyPath, trial_ids: set[str]) -> list[str]:
+    """Remove the epoch and digit rows of trials not in ``trial_ids`` (the study's trials table):
+    trials a killed driver started after Ray last saved its state, which the resumed study never
+    knew. Call only when every trial of the study has finished. Returns the trial ids removed."""
     loc = Location(study)
-    known = read_arrow(loc, "trials")
-    ids = set(known.column("trial_id").to_pylist()) if known is not None else set()
     gone = []
     for table in ("epochs", "digits"):
         for name in loc.files(table, ".parquet"):
             tid = name.removesuffix(".parquet")
-            if not _is_compacted(name) and tid not in ids:
+            if not _is_compacted(name) and tid not in trial_ids:
                 loc.delete(f"{table}/{name}")
                 gone.append(tid)
     return sorted(set(gone))

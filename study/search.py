@@ -159,8 +159,6 @@ def restored_searcher(tuner: Any) -> Any:
 def close_stale_trials(db: OptunaDB, name: str) -> int:
     """After a resumed study ends, an Optuna trial still RUNNING was asked for by the killed driver
     after Ray last saved its state, and never ran: mark it FAIL so the study reads true."""
-    import optuna
-
     storage = db.storage()
     study = optuna.load_study(study_name=name, storage=storage)
     stale = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.RUNNING]

@@ -265,7 +265,7 @@ def _fit(spec: StudySpec, study: Location, view: cluster.ClusterView, printer: P
     if restore:
         close_stale_trials(db, spec.name)
         db.publish()
-    results.drop_orphans(study)
+    results.drop_orphans(study, set(df["trial_id"]))
     # A finished study is read as one file per table: fast queries, even from a bucket.
     results.compact(study)
     return StudyResult(spec.name, study, df, best_trial(df, spec), time.perf_counter() - t0,
