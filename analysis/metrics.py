@@ -18,6 +18,27 @@ REFERENCE = {
     20: (0.01430, 18.88, 1, 0.00334, 8, 0.02114),
 }
 
+# Its per-digit test MSE (decoder row = our posterior_sample), digits 0-9, from the project's
+# published data/metrics_by_digit_latent_dim_<d>.csv.
+REFERENCE_DIGITS = {
+    5: (0.023127228, 0.00492784, 0.0338088, 0.029559568, 0.022162525,
+        0.029571926, 0.022362256, 0.017505195, 0.03442911, 0.02142991),
+    10: (0.011748164, 0.003418396, 0.018454392, 0.016076805, 0.012989597,
+         0.01740642, 0.011747165, 0.009602208, 0.019631796, 0.01124754),
+    15: (0.009200826, 0.002474031, 0.012346449, 0.010567936, 0.009248423,
+         0.011265469, 0.008162435, 0.0069001787, 0.013120252, 0.0075104525),
+    20: (0.013472709, 0.0033369695, 0.020536833, 0.017931642, 0.013695708,
+         0.018359084, 0.012216228, 0.010665338, 0.021141734, 0.0115969945),
+}
+
+
+def digits_beaten(mse_by_digit: dict[int, float], latent_dim: int = 15) -> int:
+    """How many digits have a test MSE strictly below the reference's row for ``latent_dim``
+    (its best, d = 15, by default); a digit missing from ``mse_by_digit`` is not beaten."""
+    ref = REFERENCE_DIGITS[latent_dim]
+    return sum(1 for digit, r in enumerate(ref) if digit in mse_by_digit and mse_by_digit[digit] < r)
+
+
 INACTIVE_KL = 0.01  # nats: a latent dimension carrying less than this on average is unused
 
 

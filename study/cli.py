@@ -37,6 +37,9 @@ _TRAIN_HELP = {
     "batch_size": "images per step",
     "epochs": "passes over the training split",
     "hidden": "hidden width of the mlp",
+    "layers": "hidden layers of the mlp's encoder (and again of its decoder)",
+    "lr_schedule": "constant, cosine (to 0 over the epochs) or onecycle (warm-up, then cosine)",
+    "augment": "none, shift (training images moved up to 1 px) or affine (2 px, 10 degrees, 10%)",
     "seed": "seeds init, batch order and sampling",
     "dataset": "mnist, fashion-mnist or mnist-sample (5,000 embedded real MNIST digits, offline)",
     "data_dir": "folder with the four IDX files (.gz or not); default: the per-user cache",
@@ -180,6 +183,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         "max_concurrent": args.max_concurrent, "max_failures": args.max_failures,
         "address": args.address, "num_cpus": args.num_cpus, "smoke": args.smoke,
         "shared_storage": True if args.shared_storage else None,
+        "refit": args.refit, "lr_schedule": args.lr_schedule, "augment": args.augment,
     }
     spec = build_spec(toml, overrides)
     res = run(spec, overwrite=args.overwrite, printer=_log)
@@ -370,6 +374,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-early-stopping", action="store_true", help="turn ASHA off")
     g.add_argument("--grace-period", type=int, help="ASHA: epochs before a trial may be stopped")
     g.add_argument("--reduction-factor", type=float, help="ASHA: keep 1/N at each rung")
+    g.add_argument("--refit", action=argparse.BooleanOptionalAction, default=None,
+                   help="retrain the winner on training + validation images for its best epoch count and "
+                        "record it as its own row (default: on)")
     g = p.add_argument_group("data and training")
     g.add_argument("--dataset", help="mnist, fashion-mnist or mnist-sample")
     g.add_argument("--data-dir", help="folder with the four IDX files")
@@ -377,6 +384,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-train-images", type=int)
     g.add_argument("--arch", help="fix the architecture: mlp or conv")
     g.add_argument("--batch-size", type=int)
+    g.add_argument("--lr-schedule", help="constant, cosine or onecycle")
+    g.add_argument("--augment", help="none, shift or affine (training images only)")
     g.add_argument("--device", help="auto, cpu or cuda")
     g.add_argument("--precision", help="fp32, tf32 or bf16 (GPU)")
     g = p.add_argument_group("resources")

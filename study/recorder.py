@@ -21,7 +21,8 @@ from study.storage import Location
 from vae.train import best_epoch
 
 Printer = Callable[[str], None]
-PARAM_KEYS = ("latent_dim", "beta", "lr", "batch_size", "arch", "hidden", "epochs", "seed")
+PARAM_KEYS = ("latent_dim", "beta", "lr", "batch_size", "arch", "hidden", "layers", "lr_schedule", "augment",
+              "epochs", "seed")
 _META_KEYS = ("node", "hostname", "device", "precision", "torch_version", "param_beta", "setup_seconds",
               "restored_from_epoch")
 _EPOCH_KEYS = [k for k in results.EPOCH_COLUMNS if k not in ("study", "trial_id")]

@@ -36,7 +36,8 @@ TABLES = ("trials", "epochs", "digits")
 TRIAL_COLUMNS: dict[str, pa.DataType] = {
     "study": pa.string(),
     "trial_id": pa.string(),
-    "status": pa.string(),  # completed | pruned | failed
+    "status": pa.string(),  # completed | pruned | failed | refit (study.refit: not a trial of the search)
+    "refit_of": pa.string(),  # a refit row: the winner whose configuration it retrained
     "error": pa.string(),
     "param_latent_dim": pa.int64(),
     "param_beta": pa.float64(),
@@ -44,6 +45,9 @@ TRIAL_COLUMNS: dict[str, pa.DataType] = {
     "param_batch_size": pa.int64(),
     "param_arch": pa.string(),
     "param_hidden": pa.int64(),
+    "param_layers": pa.int64(),
+    "param_lr_schedule": pa.string(),
+    "param_augment": pa.string(),
     "param_epochs": pa.int64(),
     "param_seed": pa.int64(),
     "dataset": pa.string(),

@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 DEFAULT_SPACE: dict[str, dict[str, Any]] = {
-    "latent_dim": {"type": "int", "low": 2, "high": 32},
+    "latent_dim": {"type": "int", "low": 2, "high": 64},
     "beta": {"type": "float", "low": 0.01, "high": 10.0, "log": True},
     "lr": {"type": "float", "low": 1e-4, "high": 3e-3, "log": True},
 }
@@ -19,12 +19,13 @@ PRESETS: dict[str, dict[str, Any]] = {
     "seed-replication": {
         "grid": {"latent_dim": [5, 10, 15, 20]},
         "space": {},
-        "train": {"arch": "conv", "batch_size": 32, "lr": 1e-3},
+        "train": {"arch": "conv", "batch_size": 32, "lr": 1e-3, "lr_schedule": "constant", "augment": "none"},
         "epochs": 15,
+        "refit": False,
         "beta_times_latent": 0.784,
         "scheduler": "none",
     },
 }
 
 # Parameters a study may search over: the TrainConfig fields that shape a model and its training.
-SEARCHABLE = ("latent_dim", "beta", "lr", "arch", "batch_size", "hidden")
+SEARCHABLE = ("latent_dim", "beta", "lr", "arch", "batch_size", "hidden", "layers", "lr_schedule", "augment")

@@ -9,6 +9,7 @@ Example TOML (every key optional)::
     seed = 0
     objective = "val_elbo"        # or ["val_recon", "val_kl"] for a rate/distortion Pareto study
     mode = "min"
+    refit = true                  # retrain the winner on train+validation, recorded as its own row
 
     [data]
     dataset = "mnist-sample"      # mnist | fashion-mnist | mnist-sample
@@ -53,7 +54,7 @@ from vae.config import ARCHS, ConfigError, TrainConfig
 OBJECTIVES = ("val_elbo", "val_recon", "val_kl", "val_mse")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 _SECTIONS = {
-    "study": {"name", "trials", "epochs", "seed", "objective", "mode", "preset", "startup_trials"},
+    "study": {"name", "trials", "epochs", "seed", "objective", "mode", "preset", "startup_trials", "refit"},
     "data": {"dataset", "data_dir", "val_fraction", "split_seed", "max_train_images", "download"},
     "train": None,  # checked against TrainConfig
     "space": None,  # checked per entry
@@ -90,6 +91,7 @@ class StudySpec:
     preset: str | None = None
     startup_trials: int | None = None  # TPE's random trials before it models; None: min(10, trials // 4)
     shared_storage: bool = False  # a local --storage folder is mounted on every node, those to come too
+    refit: bool = True  # retrain the winner on train+validation for its best epoch count (study.refit)
 
     @property
     def multi_objective(self) -> bool:
@@ -136,7 +138,7 @@ def build_spec(toml: dict[str, Any] | None, overrides: dict[str, Any]) -> StudyS
     ``overrides`` keys: name, storage, trials, epochs, seed, objective, mode, preset, dataset,
     data_dir, download, max_train_images, arch, batch_size, grid (dict), scheduler,
     grace_period, reduction_factor, cpus_per_trial, gpus_per_trial, max_concurrent,
-    max_failures, address, num_cpus, smoke (bool).
+    max_failures, address, num_cpus, smoke (bool), refit, lr_schedule, augment.
     """
     toml = toml or {}
     for section, value in toml.items():
@@ -160,7 +162,8 @@ def build_spec(toml: dict[str, Any] | None, overrides: dict[str, Any]) -> StudyS
         preset = PRESETS[preset_name]
 
     train = {**preset.get("train", {}), **toml.get("data", {}), **toml.get("train", {})}
-    for key in ("dataset", "data_dir", "download", "max_train_images", "arch", "batch_size", "device", "precision"):
+    for key in ("dataset", "data_dir", "download", "max_train_images", "arch", "batch_size", "lr_schedule", "augment",
+                "device", "precision"):
         if key in o:
             train[key] = o[key]
     space = {k: dict(v) for k, v in toml.get("space", preset.get("space", DEFAULT_SPACE)).items()}
@@ -194,6 +197,7 @@ def build_spec(toml: dict[str, Any] | None, overrides: dict[str, Any]) -> StudyS
         "preset": preset_name,
         "startup_trials": o.get("startup_trials", study.get("startup_trials")),
         "shared_storage": bool(o.get("shared_storage", resources.get("shared_storage", False))),
+        "refit": o.get("refit", study.get("refit", preset.get("refit", True))),
     }
     if o.get("smoke"):  # tiny, unless a flag says otherwise
         values.update(trials=o.get("trials", 2), epochs=o.get("epochs", 1))
@@ -241,6 +245,8 @@ def validate(v: dict[str, Any]) -> StudySpec:
         _int(v, "num_cpus", 1, 100000)
     if v["startup_trials"] is not None:
         _int(v, "startup_trials", 1, 100000)
+    if not isinstance(v["refit"], bool):
+        raise StudyError(f"refit={v['refit']!r} has the wrong type: it must be true or false")
     if v["mode"] not in ("min", "max"):
         raise StudyError(f"mode={v['mode']!r} is not allowed: choose min or max")
     for obj in v["objective"]:

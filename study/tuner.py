@@ -37,6 +37,7 @@ class StudyResult:
     write_seconds: float = 0.0  # the driver's Parquet writes
     publish_seconds: float = 0.0  # the driver's Optuna snapshots (a study in a bucket)
     publishes: int = 0
+    refit: dict[str, Any] | None = None  # the refit's trials row (study.refit), if one was made
 
     @property
     def folder(self) -> Path | str:
@@ -266,11 +267,27 @@ def _fit(spec: StudySpec, study: Location, view: cluster.ClusterView, printer: P
         close_stale_trials(db, spec.name)
         db.publish()
     results.drop_orphans(study, set(df["trial_id"]))
+    refit = _refit(spec, study, df, printer)
     # A finished study is read as one file per table: fast queries, even from a bucket.
     results.compact(study)
     return StudyResult(spec.name, study, df, best_trial(df, spec), time.perf_counter() - t0,
                        write_seconds=recorder.write_seconds, publish_seconds=db.publish_seconds,
-                       publishes=db.publishes)
+                       publishes=db.publishes, refit=refit)
+
+
+def _refit(spec: StudySpec, study: Location, trials: Any, printer: Printer) -> dict[str, Any] | None:
+    """The winner's refit (study.refit). A refit that cannot run is reported, not fatal: the
+    search's results stand, and `resume` tries the refit again."""
+    import ray
+
+    from study.refit import run_refit
+
+    try:
+        return run_refit(spec, study, trials, fixed_params(spec), printer)
+    except (ray.exceptions.RayError, OSError) as exc:
+        printer(f"refit not made: {str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__}; "
+                f"`vae-study resume --name {spec.name} --storage {spec.storage}` tries again")
+        return None
 
 
 def _attach_callbacks(tuner: Any, study: Location, printer: Printer) -> Any:
@@ -328,6 +345,10 @@ def summary_lines(res: StudyResult, spec: StudySpec) -> list[str]:
         )
         ck = b["checkpoint"]
         lines.append(f"  checkpoint: {f'{res.location.uri}/{ck}' if ck else None}")
+    r = res.refit
+    if r and r.get("test_psnr") is not None:
+        lines.append(f"refit {r['trial_id']} (the winner retrained on training + validation, {int(r['epochs_run'])} "
+                     f"epochs): test MSE {r['test_mse']:.5f}, PSNR {r['test_psnr']:.2f} dB")
     lines.append(f"results: {res.location}  (vae-study results {res.location})")
     if res.location.remote:
         lines.append(f"optuna:  {res.location.uri}/optuna.db, a snapshot (study name {res.name!r})")

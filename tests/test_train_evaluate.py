@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -133,3 +134,112 @@ def test_pickled_objects_are_never_loaded(tmp_path):
     torch.save({"format": checkpoint.FORMAT, "x": Evil()}, tmp_path / "evil.pt")
     with pytest.raises(checkpoint.CheckpointError, match="pickled"):
         checkpoint.load(tmp_path / "evil.pt")
+
+
+# --------------------------------------------------------------------------- quality levers
+
+def test_lr_schedules_start_end_and_warm_up():
+    from vae.train import lr_at
+
+    total = 1000
+    assert [lr_at("constant", 1e-3, s, total) for s in (0, 500, 999)] == [1e-3] * 3
+    assert lr_at("cosine", 1e-3, 0, total) == pytest.approx(1e-3)
+    assert lr_at("cosine", 1e-3, 500, total) == pytest.approx(5e-4)
+    assert lr_at("cosine", 1e-3, total, total) == pytest.approx(0.0, abs=1e-12)
+    cos = [lr_at("cosine", 1e-3, s, total) for s in range(total)]
+    assert all(a >= b for a, b in zip(cos, cos[1:]))  # never rises
+    assert lr_at("onecycle", 1e-3, 0, total) == pytest.approx(1e-3 / 25)
+    assert lr_at("onecycle", 1e-3, 300, total) == pytest.approx(1e-3)  # the peak, after 30% of the steps
+    one = [lr_at("onecycle", 1e-3, s, total) for s in range(total)]
+    assert max(one) == pytest.approx(1e-3) and one.index(max(one)) == 300
+    assert one[-1] < 1e-7
+
+
+def test_shift_augmentation_moves_whole_pixels_within_one(sample_data):
+    from vae.train import augment_batch
+
+    x = sample_data.train.pixels()[:64]
+    gen = torch.Generator().manual_seed(3)
+    y = augment_batch(x, "shift", gen)
+    assert y.shape == x.shape and augment_batch(x, "none", gen) is x
+    padded = torch.nn.functional.pad(x, (1, 1, 1, 1))
+    moved = 0
+    for i in range(x.shape[0]):
+        # y[i] must equal x[i] moved by (dy, dx) in {-1, 0, 1}^2, with background coming in
+        matches = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)
+                   if torch.allclose(y[i, 0], padded[i, 0, 1 - dy:29 - dy, 1 - dx:29 - dx], atol=1e-5)]
+        assert matches, f"image {i} is not a whole-pixel shift of its input"
+        moved += matches[0] != (0, 0)
+    assert moved > 32  # 8 of 9 offsets move the image
+    again = augment_batch(x, "shift", torch.Generator().manual_seed(3))
+    assert torch.equal(again, y)  # drawn from the generator alone
+
+
+def test_affine_augmentation_changes_images_and_keeps_range(sample_data):
+    from vae.train import augment_batch
+
+    x = sample_data.train.pixels()[:32]
+    y = augment_batch(x, "affine", torch.Generator().manual_seed(0))
+    assert y.shape == x.shape and float(y.min()) >= 0.0 and float(y.max()) <= 1.0 + 1e-6
+    assert float((y - x).abs().mean()) > 0.01
+
+
+def test_augmentation_trains_on_moved_images_only(sample_data):
+    """Validation sees the images as they are: the same weights give the same val -ELBO whether
+    the run trained with augmentation or not, and training does differ."""
+    base = TrainConfig(dataset="mnist-sample", epochs=1, latent_dim=4, max_train_images=400, augment="none")
+    a = fit(base, sample_data)
+    b = fit(base.replace(augment="shift"), sample_data)
+    assert a.history[0]["train_loss"] != b.history[0]["train_loss"]
+    from vae.train import evaluate_loss
+
+    assert evaluate_loss(b.model, sample_data.val.pixels(), 1.0)["elbo"] == pytest.approx(b.history[0]["val_elbo"], rel=1e-5)
+
+
+@pytest.mark.parametrize("change", [{"lr_schedule": "cosine"}, {"lr_schedule": "onecycle", "augment": "affine"}])
+def test_resumed_run_with_schedule_and_augmentation_is_exact(sample_data, change):
+    """A run continued from epoch 2's state trains epochs 3-4 exactly as the uninterrupted run."""
+    c = TrainConfig(dataset="mnist-sample", epochs=4, latent_dim=4, max_train_images=400, **change)
+    full = fit(c, sample_data)
+    saved = {}
+
+    def stop_after_two(m, state):
+        if m["epoch"] == 2:
+            saved["model"] = copy.deepcopy(state.model)
+            saved["opt"] = copy.deepcopy(state.optimizer.state_dict())
+            saved["best"] = (state.best_val_elbo, state.best_epoch)
+            return False
+
+    fit(c, sample_data, on_epoch=stop_after_two)
+    rest = fit(c, sample_data, model=saved["model"], optimizer_state=saved["opt"], start_epoch=3,
+               best_val_elbo=saved["best"][0], best_epoch=saved["best"][1])
+    for a, b in zip(full.history[2:], rest.history):
+        assert a["epoch"] == b["epoch"]
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-6)
+        assert a["val_elbo"] == pytest.approx(b["val_elbo"], rel=1e-6)
+
+
+def test_deeper_mlp_and_pytorch_examples_names():
+    from vae.model import BetaVAE, count_parameters
+
+    one, two = BetaVAE("mlp", 20, 400, 1), BetaVAE("mlp", 20, 400, 2)
+    assert count_parameters(two) - count_parameters(one) == 2 * (400 * 400 + 400)
+    assert not any("deeper" in k for k in one.state_dict())  # layers=1 keeps the examples' parameter names
+    assert two(torch.rand(3, 1, 28, 28))[0].shape == (3, 1, 28, 28)
+
+
+def test_keep_last_returns_the_last_epochs_weights(sample_data):
+    from vae.train import evaluate_loss
+
+    c = TrainConfig(dataset="mnist-sample", epochs=3, latent_dim=4, max_train_images=400)
+    r = fit(c, sample_data, keep="last")
+    assert r.best_epoch == 3
+    last = evaluate_loss(r.model, sample_data.val.pixels(), c.beta)["elbo"]
+    assert last == pytest.approx(r.history[-1]["val_elbo"], rel=1e-5)
+
+
+def test_train_and_val_adds_the_validation_images(sample_data):
+    merged = sample_data.train_and_val()
+    assert len(merged.train) == len(sample_data.train) + len(sample_data.val)
+    assert set(merged.train.index.tolist()) == set(sample_data.train.index.tolist()) | set(sample_data.val.index.tolist())
+    assert merged.test is sample_data.test

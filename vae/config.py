@@ -15,15 +15,18 @@ from typing import Any
 
 from vae.errors import ConfigError
 
-__all__ = ["ConfigError", "TrainConfig", "ARCHS", "DATASETS", "DEVICES", "PRECISIONS"]
+__all__ = ["ConfigError", "TrainConfig", "ARCHS", "AUGMENTS", "DATASETS", "DEVICES", "LR_SCHEDULES", "PRECISIONS"]
 
 ARCHS = ("mlp", "conv")
+LR_SCHEDULES = ("constant", "cosine", "onecycle")
+AUGMENTS = ("none", "shift", "affine")
 DATASETS = ("mnist", "fashion-mnist", "mnist-sample")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("fp32", "tf32", "bf16")
 
 MAX_LATENT_DIM = 1024
 MAX_HIDDEN = 16384
+MAX_LAYERS = 8
 MAX_BATCH = 65536
 MAX_EPOCHS = 10000
 
@@ -37,9 +40,19 @@ class TrainConfig:
         latent_dim: size d of the latent code.
         beta: weight of the KL term; loss = recon_sum + beta * KL_sum per image (Higgins et al. 2017).
         lr: Adam learning rate.
-        batch_size: images per optimiser step.
+        batch_size: images per optimiser step. 32 as in the reference: on 3,200 training images it
+            gave 0.35 dB more test PSNR than 128 at the same epochs (BENCHMARKS §6).
         epochs: maximum number of passes over the training split.
         hidden: hidden width of the ``mlp`` architecture (ignored by ``conv``).
+        layers: hidden layers of the ``mlp`` in the encoder and again in the decoder; 1 is
+            pytorch/examples' network (ignored by ``conv``).
+        lr_schedule: ``constant``; ``cosine`` (decays lr to 0 over ``epochs``, per step);
+            ``onecycle`` (linear warm-up over the first 30% of steps from lr/25, then cosine to 0).
+            The schedule is a function of the step alone, so a resumed run follows it exactly.
+        augment: ``shift`` (default; each training image moved by up to 1 pixel in x and y: +0.7 dB
+            on mnist-sample at batch 32, BENCHMARKS §6); ``none``;
+            ``affine`` (up to 2 pixels, 10 degrees and 10% scale). Training only: validation,
+            test and every metric see the images as they are.
         seed: seeds weight init, batch order and sampling.
         dataset: ``mnist``, ``fashion-mnist`` or ``mnist-sample`` (5,000 embedded real MNIST digits).
         data_dir: folder with the IDX files or torchvision's cache; None means the per-user cache.
@@ -56,9 +69,12 @@ class TrainConfig:
     latent_dim: int = 20
     beta: float = 1.0
     lr: float = 1e-3
-    batch_size: int = 128
+    batch_size: int = 32
     epochs: int = 10
     hidden: int = 400
+    layers: int = 1
+    lr_schedule: str = "constant"
+    augment: str = "shift"
     seed: int = 0
     dataset: str = "mnist-sample"
     data_dir: str | None = None
@@ -75,6 +91,9 @@ class TrainConfig:
         _check_choice("dataset", self.dataset, DATASETS)
         _check_choice("device", self.device, DEVICES)
         _check_choice("precision", self.precision, PRECISIONS)
+        _check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        _check_choice("augment", self.augment, AUGMENTS)
+        _check_int_range("layers", self.layers, 1, MAX_LAYERS)
         _check_int_range("latent_dim", self.latent_dim, 1, MAX_LATENT_DIM)
         _check_int_range("hidden", self.hidden, 1, MAX_HIDDEN)
         _check_int_range("batch_size", self.batch_size, 1, MAX_BATCH)

@@ -69,6 +69,14 @@ class Data:
             raise DataError(f"unknown split {name!r}: choose train, val or test")
         return getattr(self, name)
 
+    def train_and_val(self) -> "Data":
+        """The same data with the validation images added to the training split (for a refit,
+        which trains on both; ``val`` stays as it was, so it no longer measures generalisation)."""
+        merged = Split(torch.cat([self.train.images, self.val.images]),
+                       torch.cat([self.train.labels, self.val.labels]),
+                       torch.cat([self.train.index, self.val.index]))
+        return Data(self.dataset, merged, self.val, self.test)
+
 
 def cache_dir() -> Path:
     """The per-user cache: $VAE_STUDY_CACHE, else $XDG_CACHE_HOME/vae-study, else ~/.cache/vae-study."""

@@ -10,26 +10,39 @@ IMAGE_SHAPE = (1, 28, 28)
 N_PIXELS = 784
 
 
+def _deeper(hidden: int, layers: int) -> nn.ModuleList:
+    """The hidden-to-hidden layers after the first (none at ``layers=1``, so pytorch/examples'
+    network keeps its exact parameter names)."""
+    return nn.ModuleList(nn.Linear(hidden, hidden) for _ in range(layers - 1))
+
+
 class MLPEncoder(nn.Module):
-    def __init__(self, latent_dim: int, hidden: int) -> None:
+    def __init__(self, latent_dim: int, hidden: int, layers: int = 1) -> None:
         super().__init__()
         self.fc = nn.Linear(N_PIXELS, hidden)
+        self.deeper = _deeper(hidden, layers)
         self.mu = nn.Linear(hidden, latent_dim)
         self.logvar = nn.Linear(hidden, latent_dim)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h = torch.relu(self.fc(x.reshape(x.shape[0], N_PIXELS)))  # (B, hidden)
+        for layer in self.deeper:
+            h = torch.relu(layer(h))
         return self.mu(h), self.logvar(h)
 
 
 class MLPDecoder(nn.Module):
-    def __init__(self, latent_dim: int, hidden: int) -> None:
+    def __init__(self, latent_dim: int, hidden: int, layers: int = 1) -> None:
         super().__init__()
         self.fc = nn.Linear(latent_dim, hidden)
+        self.deeper = _deeper(hidden, layers)
         self.out = nn.Linear(hidden, N_PIXELS)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.out(torch.relu(self.fc(z))).reshape(z.shape[0], *IMAGE_SHAPE)
+        h = torch.relu(self.fc(z))
+        for layer in self.deeper:
+            h = torch.relu(layer(h))
+        return self.out(h).reshape(z.shape[0], *IMAGE_SHAPE)
 
 
 class ConvEncoder(nn.Module):
@@ -70,13 +83,13 @@ class ConvDecoder(nn.Module):
 class BetaVAE(nn.Module):
     """A beta-VAE with a Gaussian posterior and a Bernoulli (logit) decoder."""
 
-    def __init__(self, arch: str, latent_dim: int, hidden: int = 400) -> None:
+    def __init__(self, arch: str, latent_dim: int, hidden: int = 400, layers: int = 1) -> None:
         super().__init__()
         self.arch = arch
         self.latent_dim = latent_dim
         if arch == "mlp":
-            self.encoder: nn.Module = MLPEncoder(latent_dim, hidden)
-            self.decoder: nn.Module = MLPDecoder(latent_dim, hidden)
+            self.encoder: nn.Module = MLPEncoder(latent_dim, hidden, layers)
+            self.decoder: nn.Module = MLPDecoder(latent_dim, hidden, layers)
         elif arch == "conv":
             self.encoder = ConvEncoder(latent_dim)
             self.decoder = ConvDecoder(latent_dim)
@@ -85,7 +98,7 @@ class BetaVAE(nn.Module):
 
     @classmethod
     def from_config(cls, config: TrainConfig) -> "BetaVAE":
-        return cls(config.arch, config.latent_dim, config.hidden)
+        return cls(config.arch, config.latent_dim, config.hidden, config.layers)
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, 1, 28, 28) pixels -> (mu, logvar), each (B, d)."""

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
+import torch.nn.functional as F
 
 from vae.config import ConfigError, TrainConfig
 from vae.data import Data
@@ -40,6 +41,56 @@ def best_epoch(history: list[dict[str, Any]]) -> dict[str, Any] | None:
         if improves(row.get("val_elbo"), best_val):
             best, best_val = row, row["val_elbo"]
     return best
+
+
+def lr_at(schedule: str, lr: float, step: int, total_steps: int) -> float:
+    """The learning rate of optimiser step ``step`` (0-based) of ``total_steps``.
+
+    ``constant``: ``lr``. ``cosine``: ``lr * (1 + cos(pi * step / total)) / 2``, from ``lr`` to 0.
+    ``onecycle``: linear warm-up from ``lr / 25`` to ``lr`` over the first 30% of the steps, then
+    the same cosine down to 0 (Smith & Topin 2017, as torch's OneCycleLR with its defaults).
+    """
+    if schedule == "constant" or total_steps <= 1:
+        return lr
+    t = min(max(step, 0), total_steps) / total_steps
+    if schedule == "cosine":
+        return lr * 0.5 * (1.0 + math.cos(math.pi * t))
+    if schedule == "onecycle":
+        warm = ONECYCLE_WARMUP
+        if t < warm:
+            return lr / 25.0 + (lr - lr / 25.0) * t / warm
+        return lr * 0.5 * (1.0 + math.cos(math.pi * (t - warm) / (1.0 - warm)))
+    raise ConfigError(f"unknown lr_schedule {schedule!r}")
+
+
+ONECYCLE_WARMUP = 0.3
+# augment -> (max shift in pixels, max rotation in degrees, max relative scale change)
+AUGMENT_RANGES = {"shift": (1, 0.0, 0.0), "affine": (2, 10.0, 0.1)}
+
+
+def augment_batch(x: torch.Tensor, kind: str, gen: torch.Generator) -> torch.Tensor:
+    """A randomly moved copy of a batch (B, 1, 28, 28) for training; ``none`` returns ``x``.
+
+    Shifts are whole pixels (exact: bilinear sampling at integer offsets), rotation and scale
+    are continuous; what moves in from outside the frame is background (0). Draws from ``gen``,
+    so a run's augmentations depend only on its seed and epoch.
+    """
+    if kind == "none":
+        return x
+    max_shift, max_deg, max_scale = AUGMENT_RANGES[kind]
+    b, dev = x.shape[0], x.device
+    shift = torch.randint(-max_shift, max_shift + 1, (b, 2), generator=gen, device=dev).to(x.dtype)
+    u = torch.rand((b, 2), generator=gen, device=dev, dtype=x.dtype) * 2 - 1  # (B, 2) in [-1, 1)
+    angle = u[:, 0] * math.radians(max_deg)
+    scale = 1.0 + u[:, 1] * max_scale
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    # affine_grid maps output coordinates to input ones, in [-1, 1] units: a pixel is 2/28.
+    theta = torch.stack([
+        torch.stack([cos, -sin, -shift[:, 0] * 2 / x.shape[-1]], dim=1),
+        torch.stack([sin, cos, -shift[:, 1] * 2 / x.shape[-2]], dim=1),
+    ], dim=1)  # (B, 2, 3)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
 @dataclass
@@ -117,6 +168,7 @@ def fit(
     start_epoch: int = 1,
     best_val_elbo: float = math.inf,
     best_epoch: int | None = None,
+    keep: str = "best",
 ) -> FitResult:
     """Train a beta-VAE on ``data.train``, validating on ``data.val`` after every epoch.
 
@@ -127,11 +179,15 @@ def fit(
             ``state.model`` then holds the current epoch's weights. Returning ``False`` stops.
         model, optimizer_state, start_epoch, best_val_elbo, best_epoch: resume a run from a
             checkpoint taken after epoch ``start_epoch - 1``.
+        keep: ``best`` returns the weights of the best validation epoch; ``last`` those of the
+            last epoch (a refit on train+validation, where validation cannot choose).
 
     Returns:
         FitResult with the history, the best epoch (lowest validation -ELBO) and its weights.
         A NaN or infinite loss ends training with ``status='failed'`` and a reason; it does not raise.
     """
+    if keep not in ("best", "last"):
+        raise ValueError(f"keep={keep!r}: choose best or last")
     device = resolve_device(config.device)
     torch.manual_seed(config.seed)
     if device.type == "cuda":
@@ -149,6 +205,8 @@ def fit(
     x_val = data.val.pixels(device)
     n = x_train.shape[0]
     bs = min(config.batch_size, n)
+    n_steps = (n + bs - 1) // bs
+    total_steps = n_steps * config.epochs
     result = FitResult(model=model, config=config, device=str(device), best_epoch=best_epoch)
     best_elbo, best_state = best_val_elbo, None
     train_seconds = 0.0
@@ -163,9 +221,12 @@ def fit(
         xs = x_train[perm]  # one gather per epoch; batches below are contiguous views
         sums = torch.zeros(3, device=device)
         failed_at: int | None = None
-        n_steps = (n + bs - 1) // bs
         for step in range(n_steps):
-            xb = xs[step * bs : (step + 1) * bs]
+            if config.lr_schedule != "constant":
+                step_lr = lr_at(config.lr_schedule, config.lr, (epoch - 1) * n_steps + step, total_steps)
+                for group in opt.param_groups:
+                    group["lr"] = step_lr
+            xb = augment_batch(xs[step * bs : (step + 1) * bs], config.augment, gen)
             with _autocast(config, device):
                 logits, mu, logvar = model(xb, gen)
                 total, recon, kl = beta_vae_loss(logits.float(), xb, mu.float(), logvar.float(), config.beta)
@@ -217,7 +278,9 @@ def fit(
         if on_epoch is not None and on_epoch(metrics, state) is False:
             break
 
-    if best_state is not None:
+    if keep == "last":
+        result.best_epoch = result.history[-1]["epoch"] if result.status == "completed" and result.history else None
+    elif best_state is not None:
         model.load_state_dict(best_state)
     result.train_seconds = train_seconds
     epochs_done = len(result.history)

@@ -1,0 +1,149 @@
+"""Refit, as scikit-learn's searches do: the winner's configuration trained again on training plus
+validation images, for the winner's best epoch count, then evaluated on the test split.
+
+The search chose the configuration on validation alone; the refit only adds the validation images
+to training once nothing is left to choose. It is recorded as its own trials row: ``status`` is
+``refit`` (never ranked with the search's trials), ``refit_of`` names the winner, ``trial_id`` is
+``refit-<winner>``. Its per-digit test rows go to the digits table under that id, and its weights to
+``refit/<winner>/model.pt`` in the study. It runs as a Ray task with one trial's resources, so on
+a cluster it runs where trials run (a GPU node), and hands its checkpoint back to the driver,
+which writes it to the study's storage (a folder or a bucket).
+"""
+from __future__ import annotations
+
+import json
+import time
+from datetime import datetime, timezone
+from typing import Any, Callable
+
+import pandas as pd
+
+from study import results
+from study.recorder import PARAM_KEYS
+from study.spec import StudySpec
+from study.storage import Location
+
+PREFIX = "refit-"
+STATUS = "refit"
+
+
+def refit_values(spec: StudySpec, fixed: dict[str, Any], winner: pd.Series) -> dict[str, Any]:
+    """The refit's TrainConfig values: the study's fixed values, the winner's own parameters,
+    and ``epochs`` = the winner's best epoch."""
+    values = dict(fixed)
+    for k in PARAM_KEYS:
+        v = winner.get(f"param_{k}")
+        if v is not None and not (isinstance(v, float) and pd.isna(v)):
+            values[k] = v.item() if hasattr(v, "item") else v
+    values["epochs"] = int(winner["best_epoch"])
+    return values
+
+
+def refit_id(winner_id: str) -> str:
+    return f"{PREFIX}{winner_id}"
+
+
+def _refit_task(values: dict[str, Any], threads: int) -> dict[str, Any]:
+    """Runs in a Ray worker: train on train+val, keep the last epoch, evaluate on test."""
+    import os
+    import socket
+    import tempfile
+    from pathlib import Path
+
+    import ray
+    import torch
+
+    from study.trainable import TRIAL_MODES
+    from vae import checkpoint as ckpt_io
+    from vae.config import TrainConfig
+    from vae.data import load
+    from vae.evaluate import evaluate_split
+    from vae.train import effective_precision, fit, resolve_device
+
+    torch.set_num_threads(max(1, threads))
+    tc = TrainConfig.from_dict(values)
+    device = resolve_device(tc.device)
+    data = load(tc).train_and_val()
+    fitted = fit(tc, data, keep="last")
+    out: dict[str, Any] = {
+        "status": fitted.status, "error": fitted.error, "epochs": len(fitted.history),
+        "train_seconds": fitted.train_seconds, "images_per_second": fitted.images_per_second,
+        "n_train": len(data.train), "node": ray.get_runtime_context().get_node_id(),
+        "hostname": socket.gethostname(), "device": str(device), "precision": effective_precision(tc, device),
+        "torch_version": str(torch.__version__),
+        "history": [{k: h[k] for k in ("epoch", "train_loss", "train_recon", "train_kl", "seconds",
+                                       "images_per_second")} for h in fitted.history],
+    }
+    if fitted.status != "completed":
+        return out
+    ev = evaluate_split(fitted.model, data.test, modes=TRIAL_MODES, device=device)
+    out["test"] = ev
+    with tempfile.TemporaryDirectory(prefix="vae-refit-") as tmp:
+        path = ckpt_io.save(Path(tmp) / "model.pt", fitted.model, tc, epoch=tc.epochs, refit=True,
+                            n_train=len(data.train))
+        out["checkpoint"] = path.read_bytes()
+    out["pid"] = os.getpid()
+    return out
+
+
+def run_refit(spec: StudySpec, study: Location, trials: pd.DataFrame, fixed: dict[str, Any],
+              printer: Callable[[str], None] = print) -> dict[str, Any] | None:
+    """Refit the study's winner unless it is refitted already (a resumed study); returns its row.
+
+    Nothing is refitted for a multi-objective study (no single winner), with ``refit`` off, or
+    when no trial finished with a usable model.
+    """
+    import ray
+
+    if not spec.refit or spec.multi_objective:
+        return None
+    win = results.winner(trials[trials["status"] != STATUS], spec.mode)
+    if win is None or pd.isna(win.get("best_epoch")):
+        return None
+    tid = refit_id(str(win["trial_id"]))
+    existing = trials[trials["trial_id"] == tid]
+    if len(existing):
+        return existing.iloc[0].to_dict()
+    values = refit_values(spec, fixed, win)
+    printer(f"refit: trial {win['trial_id']}'s configuration on training + validation images, "
+            f"{values['epochs']} epochs")
+    t0 = time.perf_counter()
+    task = ray.remote(_refit_task).options(num_cpus=spec.cpus_per_trial, num_gpus=spec.gpus_per_trial,
+                                           max_retries=spec.max_failures)
+    out = ray.get(task.remote(values, int(spec.cpus_per_trial)))
+    row: dict[str, Any] = {
+        "status": STATUS,
+        "refit_of": str(win["trial_id"]),
+        "error": out["error"],
+        **{f"param_{k}": values.get(k) for k in PARAM_KEYS},
+        "dataset": values.get("dataset"),
+        "best_epoch": out["epochs"] if out["status"] == "completed" else None,
+        "epochs_run": out["epochs"],
+        "train_seconds": out["train_seconds"],
+        "images_per_second": out["images_per_second"],
+        "attempts": 1,
+        **{k: out[k] for k in ("node", "hostname", "device", "precision", "torch_version")},
+        "started_at": datetime.now(timezone.utc) - pd.Timedelta(seconds=time.perf_counter() - t0),
+        "finished_at": datetime.now(timezone.utc),
+    }
+    digits: list[dict[str, Any]] = []
+    if out["status"] == "completed":
+        ev = out["test"]
+        pm = ev["modes"]["posterior_mean"]
+        row.update({"test_elbo": ev["neg_elbo"], "test_mse": pm["mean_mse"], "test_psnr": pm["mean_psnr"]})
+        digits = [{"split": "test", "recon_mode": mode, **r} for mode, entry in ev["modes"].items()
+                  for r in entry["per_digit"]]
+        rel = f"refit/{win['trial_id']}/model.pt"
+        study.write_bytes(rel, out["checkpoint"])
+        row["checkpoint"] = rel
+    else:
+        row["status"] = STATUS
+        row["error"] = f"refit failed: {out['error']}"
+    epochs = [{**h} for h in out["history"]]
+    results.write_trial(study, tid, row, epochs, digits)
+    if row.get("test_psnr") is not None:
+        printer(f"refit {tid}: test MSE {row['test_mse']:.5f}, PSNR {row['test_psnr']:.2f} dB "
+                f"(the winner itself: {win['test_mse']:.5f}, {win['test_psnr']:.2f} dB)")
+    else:
+        printer(f"refit {tid}: {row['error']}")
+    return json.loads(json.dumps({"trial_id": tid, **row}, default=str))
