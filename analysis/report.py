@@ -93,6 +93,10 @@ def _build(study: Location, out: Path, dest: Location, options: Options | None,
     trials = results.load(study, "trials", on_skip=lambda p, r: skipped.append(f"skipped unreadable {Path(str(p)).name}: {r}"))
     if trials.empty:
         raise StudyError(f"study {study.name} has no trials recorded yet; run or resume it first")
+    # A refit (study.refit) is the winner retrained on train+validation: shown beside the
+    # winner, never ranked or counted with the search's trials.
+    refits = trials[trials["status"] == results.REFIT] if "status" in trials else trials.iloc[:0]
+    trials = trials[trials["status"] != results.REFIT].reset_index(drop=True)
     epochs = results.load(study, "epochs")
     digits = results.load(study, "digits")
     out.mkdir(parents=True, exist_ok=True)
@@ -113,6 +117,9 @@ def _build(study: Location, out: Path, dest: Location, options: Options | None,
     else:
         win = results.winner(trials, mode)
     summary["winner"] = None if win is None else _jsonable(win.to_dict())
+    refit = None if win is None else next(
+        (r for _, r in refits.iterrows() if r.get("refit_of") == win["trial_id"]), None)
+    summary["refit"] = None if refit is None else _jsonable(refit.to_dict())
 
     def step(label: str, fn: Callable[[], Section | None]) -> None:
         s0 = time.perf_counter()
@@ -125,7 +132,7 @@ def _build(study: Location, out: Path, dest: Location, options: Options | None,
             sections.append(section)
         say(f"  {label:<34} {timings[label]:6.1f} s")
 
-    step("Summary", lambda: _summary_section(trials, win, digits, summary))
+    step("Summary", lambda: _summary_section(trials, win, digits, summary, refit))
     step("Per-digit MSE and PSNR vs latent size", lambda: _digits_vs_latent(out, trials, digits, mode, win, summary))
     step("Loss curves", lambda: _loss_curves(out, epochs, win))
     data: C.WinnerData | None = None
@@ -158,7 +165,8 @@ def _build(study: Location, out: Path, dest: Location, options: Options | None,
 
 # --------------------------------------------------------------------------- sections
 
-def _summary_section(trials: pd.DataFrame, win: pd.Series | None, digits: pd.DataFrame, summary: dict) -> Section:
+def _summary_section(trials: pd.DataFrame, win: pd.Series | None, digits: pd.DataFrame, summary: dict,
+                     refit: pd.Series | None = None) -> Section:
     s = Section("Summary")
     c, comp = summary["counts"], summary["compute"]
     s.text = (f"{len(trials)} trials: {c['completed']} completed, {c['pruned']} pruned by ASHA, {c['failed']} failed; "
@@ -176,7 +184,29 @@ def _summary_section(trials: pd.DataFrame, win: pd.Series | None, digits: pd.Dat
         pv.columns = [f"{m} {k}" for k, m in pv.columns]
         n = d.groupby("digit")["n_images"].first()
         s.tables.append(("Winner's per-digit test metrics", pv.assign(n_images=n).reset_index()))
+    if refit is not None:
+        s.tables.append(_refit_table(win, refit, digits))
     return s
+
+
+def _refit_table(win: pd.Series, refit: pd.Series, digits: pd.DataFrame) -> tuple[str, pd.DataFrame]:
+    """The winner beside its refit on train+validation: test MSE (posterior_mean) per digit, and
+    the reference project's d = 15 row."""
+    def mse(tid: str) -> pd.Series:
+        d = digits[(digits["trial_id"] == tid) & (digits["split"] == "test") & (digits["recon_mode"] == "posterior_mean")]
+        return d.set_index("digit")["mse"].astype(float)
+
+    table = pd.DataFrame({f"winner {win['trial_id']}": mse(win["trial_id"]),
+                          f"refit ({int(refit['epochs_run'])} epochs, train+val)": mse(refit["trial_id"]),
+                          "reference d = 15 (posterior_sample)": pd.Series(M.REFERENCE_DIGITS[15])})
+    table.index.name = "digit"
+    table = table.reset_index()
+    means = {c: float(table[c].mean()) for c in table.columns if c != "digit"}
+    psnr = {c: float((10 * np.log10(1 / table[c])).mean()) for c in table.columns if c != "digit"}
+    table = pd.concat([table, pd.DataFrame([{"digit": "mean MSE", **means}, {"digit": "mean PSNR dB", **psnr}])],
+                      ignore_index=True)
+    return ("The winner and its refit: test MSE per digit (posterior_mean; chosen on validation, "
+            "then retrained on training + validation for the winner's best epoch count)", table)
 
 
 def _digits_vs_latent(out: Path, trials: pd.DataFrame, digits: pd.DataFrame, mode: str,

@@ -4,10 +4,10 @@ validation images, for the winner's best epoch count, then evaluated on the test
 The search chose the configuration on validation alone; the refit only adds the validation images
 to training once nothing is left to choose. It is recorded as its own trials row: ``status`` is
 ``refit`` (never ranked with the search's trials), ``refit_of`` names the winner, ``trial_id`` is
-``refit-<winner>``. Its per-digit test rows go to the digits table under that id, and its weights to
-``refit/<winner>/model.pt`` in the study. It runs as a Ray task with one trial's resources, so on
-a cluster it runs where trials run (a GPU node), and hands its checkpoint back to the driver,
-which writes it to the study's storage (a folder or a bucket).
+``refit-<winner>``. Its per-digit test rows go to the digits table under that id, and its weights
+to ``refit/<winner>/model.pt`` in the study; it has no epoch rows. It runs as a Ray task with one
+trial's resources, so on a cluster it runs where trials run (a GPU node), and hands its checkpoint
+back to the driver, which writes it to the study's storage (a folder or a bucket).
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from study.spec import StudySpec
 from study.storage import Location
 
 PREFIX = "refit-"
-STATUS = "refit"
+STATUS = results.REFIT
 
 
 def refit_values(spec: StudySpec, fixed: dict[str, Any], winner: pd.Series) -> dict[str, Any]:
@@ -71,8 +71,6 @@ def _refit_task(values: dict[str, Any], threads: int) -> dict[str, Any]:
         "n_train": len(data.train), "node": ray.get_runtime_context().get_node_id(),
         "hostname": socket.gethostname(), "device": str(device), "precision": effective_precision(tc, device),
         "torch_version": str(torch.__version__),
-        "history": [{k: h[k] for k in ("epoch", "train_loss", "train_recon", "train_kl", "seconds",
-                                       "images_per_second")} for h in fitted.history],
     }
     if fitted.status != "completed":
         return out
@@ -139,8 +137,9 @@ def run_refit(spec: StudySpec, study: Location, trials: pd.DataFrame, fixed: dic
     else:
         row["status"] = STATUS
         row["error"] = f"refit failed: {out['error']}"
-    epochs = [{**h} for h in out["history"]]
-    results.write_trial(study, tid, row, epochs, digits)
+    # No epoch rows: the epochs table stays the search's (its validation columns would be
+    # measured on training images here); the row carries the refit's training seconds.
+    results.write_trial(study, tid, row, [], digits)
     if row.get("test_psnr") is not None:
         printer(f"refit {tid}: test MSE {row['test_mse']:.5f}, PSNR {row['test_psnr']:.2f} dB "
                 f"(the winner itself: {win['test_mse']:.5f}, {win['test_psnr']:.2f} dB)")

@@ -118,6 +118,7 @@ _COMPACTED_NAMES = (COMPACTED, "_compacted.parquet")
 def _is_compacted(rel: str) -> bool:
     return rel.rsplit("/", 1)[-1] in _COMPACTED_NAMES
 FINISHED = ("completed", "pruned")  # statuses of trials that produced a usable model
+REFIT = "refit"  # the status of a refit row (study.refit): the winner retrained, not a trial of the search
 
 
 def _arrow_table(table: str, rows: list[dict[str, Any]]) -> pa.Table:

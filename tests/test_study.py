@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 import duckdb
+import numpy as np
 import optuna
 import pandas as pd
 import pyarrow.parquet as pq
@@ -13,7 +14,7 @@ from study import results
 from study.errors import StudyError
 from study.spec import build_spec
 from study.storage import OPTUNA_DB
-from study.tuner import run
+from study.tuner import run, summary_lines
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +42,9 @@ def test_four_trials_land_in_parquet_read_by_pyarrow_duckdb_polars(four):
     spec, res, _ = four
     folder = res.folder
     t = pq.read_table(folder / "trials")
-    assert t.num_rows == 4
-    assert set(t.column("status").to_pylist()) <= {"completed", "pruned"}
+    assert t.num_rows == 5  # 4 trials of the search, and the winner's refit
+    statuses = t.column("status").to_pylist()
+    assert statuses.count("refit") == 1 and set(statuses) - {"refit"} <= {"completed", "pruned"}
     con = duckdb.connect()
     n_trials = con.execute(f"SELECT count(*) FROM read_parquet('{folder}/trials/*.parquet')").fetchone()[0]
     n_epochs = con.execute(f"SELECT count(*) FROM read_parquet('{folder}/epochs/*.parquet')").fetchone()[0]
@@ -50,23 +52,24 @@ def test_four_trials_land_in_parquet_read_by_pyarrow_duckdb_polars(four):
         f"SELECT recon_mode, count(*), sum(n_images) FROM read_parquet('{folder}/digits/*.parquet') "
         "WHERE split = 'test' GROUP BY recon_mode ORDER BY recon_mode"
     ).fetchall()
-    assert n_trials == 4 and n_epochs == 4  # one epoch each
-    # every trial: 10 digits x 2 modes, each digit over all test images of the (smoke) split
-    assert [(m, c) for m, c, _ in digits] == [("posterior_mean", 40), ("posterior_sample", 40)]
+    assert n_trials == 5 and n_epochs == 4  # one epoch each; the refit keeps no epoch rows
+    # every trial and the refit: 10 digits x 2 modes, each digit over all test images of the (smoke) split
+    assert [(m, c) for m, c, _ in digits] == [("posterior_mean", 50), ("posterior_sample", 50)]
     import polars as pl
 
-    assert pl.read_parquet(folder / "trials" / "*.parquet").height == 4
+    assert pl.read_parquet(folder / "trials" / "*.parquet").height == 5
 
 
 def test_trials_table_records_params_results_and_provenance(four):
     _, res, _ = four
     df = results.load(res.folder)
+    df = df[df["status"] != results.REFIT]
     assert len(df) == 4 and df["trial_id"].is_unique
     for col in ("param_latent_dim", "param_beta", "param_lr", "val_elbo", "test_mse", "test_psnr",
                 "node", "hostname", "device", "torch_version", "ray_version", "optuna_version",
                 "checkpoint", "started_at", "finished_at", "train_seconds", "images_per_second"):
         assert df[col].notna().all(), col
-    assert (df["param_latent_dim"].between(2, 32)).all() and (df["param_beta"].between(0.01, 10)).all()
+    assert (df["param_latent_dim"].between(2, 64)).all() and (df["param_beta"].between(0.01, 10)).all()
     assert df["param_latent_dim"].nunique() > 1  # Optuna really proposed different configs
     assert (df["schema_version"] == results.SCHEMA_VERSION).all()
     # no --gpus-per-trial: Ray hides every GPU from the trials (CUDA_VISIBLE_DEVICES=""), so "auto"
@@ -87,6 +90,7 @@ def test_optuna_storage_holds_the_same_trials(four):
     assert len(trials) == 4
     assert all(t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED) for t in trials)
     df = results.load(res.folder)
+    df = df[df["status"] != results.REFIT]  # the refit is not a trial of the search
     assert sorted(t.params["latent_dim"] for t in trials) == sorted(df["param_latent_dim"].tolist())
     best_optuna = min(t.value for t in trials if t.value is not None)
     assert best_optuna == pytest.approx(df["objective"].min())
@@ -97,6 +101,33 @@ def test_progress_and_summary(four):
     assert any(line.strip().startswith("start") for line in lines)
     assert sum(1 for line in lines if line.split()[0] in ("done", "pruned")) == 4
     assert res.best is not None and res.best["val_elbo"] == pytest.approx(res.trials["val_elbo"].min())
+
+
+def test_refit_retrains_the_winner_on_train_and_validation(four):
+    """The winner (chosen on validation) is trained again on training + validation images for its
+    best epoch count: its own row, marked, never ranked, with a loadable checkpoint."""
+    spec, res, lines = four
+    df = results.load(res.folder)
+    refit = df[df["status"] == results.REFIT]
+    assert len(refit) == 1
+    row = refit.iloc[0]
+    win = results.winner(df, spec.mode)
+    assert win["status"] != results.REFIT and row["refit_of"] == win["trial_id"] == res.best["trial_id"]
+    assert row["trial_id"] == f"refit-{win['trial_id']}"
+    assert row["epochs_run"] == win["best_epoch"] and row["param_latent_dim"] == win["param_latent_dim"]
+    assert row["param_beta"] == pytest.approx(win["param_beta"]) and row["param_lr"] == pytest.approx(win["param_lr"])
+    assert pd.isna(row["objective"]) and pd.isna(row["val_elbo"])  # validation cannot judge it
+    assert np.isfinite(row["test_psnr"]) and row["test_psnr"] != win["test_psnr"]
+    from vae import checkpoint
+    from vae.data import load
+
+    model, config, payload = checkpoint.load(res.folder / row["checkpoint"])
+    data = load(config)
+    assert payload["refit"] is True and payload["n_train"] == len(data.train) + len(data.val)
+    assert config.epochs == win["best_epoch"]
+    assert res.refit is not None and res.refit["trial_id"] == row["trial_id"]
+    assert any(line.startswith("refit ") and "test MSE" in line for line in lines)
+    assert any(line.startswith("refit refit-") for line in summary_lines(res, spec))
 
 
 def test_existing_study_is_not_overwritten(four):
@@ -158,9 +189,11 @@ def test_rate_distortion_pareto_study(ray_local, tmp_path):
     study = optuna.load_study(study_name="rd", storage=f"sqlite:///{res.folder / OPTUNA_DB}")
     assert len(study.directions) == 2 and len(study.best_trials) >= 1
     for t in study.trials:  # Optuna got (recon, KL) at each trial's best -ELBO epoch
-        row = res.trials.set_index("param_latent_dim").loc[t.params["latent_dim"]]
-        row = row.iloc[0] if hasattr(row, "iloc") and row.ndim > 1 else row
-        assert t.values == pytest.approx([row["val_recon"], row["val_kl"]])
+        df = res.trials
+        row = df[(df["param_latent_dim"] == t.params["latent_dim"]) & np.isclose(df["param_beta"], t.params["beta"])
+                 & np.isclose(df["param_lr"], t.params["lr"])]
+        assert len(row) == 1
+        assert t.values == pytest.approx([row.iloc[0]["val_recon"], row.iloc[0]["val_kl"]])
 
 
 def test_a_study_reruns_exactly_with_one_trial_at_a_time(ray_local, tmp_path):
