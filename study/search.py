@@ -8,6 +8,7 @@ starts from that snapshot. On a file system the study's ``optuna.db`` is the sto
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import optuna
@@ -102,12 +103,51 @@ class StudySearch(OptunaSearch):
         self._ot_trials = {tid: optuna.trial.Trial(self._ot_study, t._trial_id) for tid, t in self._ot_trials.items()}
 
 
+def startup_count(spec: StudySpec) -> int:
+    """TPE's start-up trials before it models: ``--startup-trials``, else min(10, max(2, trials // 4))."""
+    return spec.startup_trials if spec.startup_trials is not None else min(10, max(2, spec.trials // 4))
+
+
+def spread_points(space: dict[str, Any], n: int, seed: int) -> list[dict[str, Any]]:
+    """``n`` configurations spread over ``space`` (Optuna distributions): a scrambled Sobol
+    sequence (scipy.stats.qmc, seeded), mapped through each distribution, on a log scale where
+    the distribution is log-scaled. They cover the space more evenly than ``n`` random draws."""
+    from scipy.stats import qmc
+
+    if n < 1 or not space:
+        return []
+    od = optuna.distributions
+    names = sorted(space)
+    with warnings.catch_warnings():  # n need not be a power of 2 for a start-up set
+        warnings.simplefilter("ignore", UserWarning)
+        unit = qmc.Sobol(d=len(names), scramble=True, seed=seed).random(n)  # (n, dims) in [0, 1)
+    points = []
+    for row in unit:
+        point: dict[str, Any] = {}
+        for name, u in zip(names, row):
+            dist = space[name]
+            if isinstance(dist, od.CategoricalDistribution):
+                point[name] = dist.choices[min(int(u * len(dist.choices)), len(dist.choices) - 1)]
+                continue
+            lo, hi = float(dist.low), float(dist.high)
+            x = math.exp(math.log(lo) + u * (math.log(hi) - math.log(lo))) if dist.log else lo + u * (hi - lo)
+            if isinstance(dist, od.IntDistribution):
+                point[name] = min(int(dist.high), max(int(dist.low), int(round(x))))
+            else:
+                point[name] = min(hi, max(lo, x))
+        points.append(point)
+    return points
+
+
 def make_searcher(spec: StudySpec, db: OptunaDB) -> StudySearch:
+    points = None
     if spec.grid:
         sampler: Any = optuna.samplers.GridSampler({k: list(v) for k, v in spec.grid.items()}, seed=spec.seed)
     else:
-        startup = spec.startup_trials if spec.startup_trials is not None else min(10, max(2, spec.trials // 4))
+        startup = startup_count(spec)
         sampler = optuna.samplers.TPESampler(seed=spec.seed, multivariate=True, n_startup_trials=startup)
+        if spec.startup == "sobol":  # TPE counts these as its start-up trials
+            points = spread_points(optuna_space(spec), startup, spec.seed)
     metrics = objective_metrics(spec)
     return StudySearch(
         db=db,
@@ -117,6 +157,7 @@ def make_searcher(spec: StudySpec, db: OptunaDB) -> StudySearch:
         mode=[spec.mode] * len(metrics) if spec.multi_objective else spec.mode,
         sampler=sampler,
         study_name=spec.name,
+        points_to_evaluate=points,
     )
 
 

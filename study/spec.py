@@ -54,7 +54,7 @@ from vae.config import ARCHS, ConfigError, TrainConfig
 OBJECTIVES = ("val_elbo", "val_recon", "val_kl", "val_mse")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 _SECTIONS = {
-    "study": {"name", "trials", "epochs", "seed", "objective", "mode", "preset", "startup_trials", "refit"},
+    "study": {"name", "trials", "epochs", "seed", "objective", "mode", "preset", "startup_trials", "startup", "refit"},
     "data": {"dataset", "data_dir", "val_fraction", "split_seed", "max_train_images", "download"},
     "train": None,  # checked against TrainConfig
     "space": None,  # checked per entry
@@ -91,6 +91,7 @@ class StudySpec:
     preset: str | None = None
     startup_trials: int | None = None  # TPE's random trials before it models; None: min(10, trials // 4)
     shared_storage: bool = False  # a local --storage folder is mounted on every node, those to come too
+    startup: str = "sobol"  # TPE's start-up trials: "sobol" (spread over the space, seeded) or "random"
     refit: bool = True  # retrain the winner on train+validation for its best epoch count (study.refit)
 
     @property
@@ -198,6 +199,7 @@ def build_spec(toml: dict[str, Any] | None, overrides: dict[str, Any]) -> StudyS
         "startup_trials": o.get("startup_trials", study.get("startup_trials")),
         "shared_storage": bool(o.get("shared_storage", resources.get("shared_storage", False))),
         "refit": o.get("refit", study.get("refit", preset.get("refit", True))),
+        "startup": o.get("startup", study.get("startup", "sobol")),
     }
     if o.get("smoke"):  # tiny, unless a flag says otherwise
         values.update(trials=o.get("trials", 2), epochs=o.get("epochs", 1))
@@ -245,6 +247,8 @@ def validate(v: dict[str, Any]) -> StudySpec:
         _int(v, "num_cpus", 1, 100000)
     if v["startup_trials"] is not None:
         _int(v, "startup_trials", 1, 100000)
+    if v["startup"] not in ("sobol", "random"):
+        raise StudyError(f"startup={v['startup']!r} is not allowed: choose sobol or random")
     if not isinstance(v["refit"], bool):
         raise StudyError(f"refit={v['refit']!r} has the wrong type: it must be true or false")
     if v["mode"] not in ("min", "max"):

@@ -15,12 +15,13 @@ BASE = {"name": "s", "storage": "/tmp/x"}
 def test_defaults():
     spec = build_spec(None, BASE)
     assert spec.objective == ("val_elbo",) and spec.mode == "min" and spec.scheduler == "asha"
-    assert spec.space["latent_dim"] == {"type": "int", "low": 2, "high": 32}
+    assert spec.space["latent_dim"] == {"type": "int", "low": 2, "high": 64}
     assert spec.space["beta"]["log"] and spec.space["beta"]["low"] == 0.01 and spec.space["beta"]["high"] == 10
     assert spec.space["lr"]["low"] == 1e-4 and spec.space["lr"]["high"] == 3e-3
     space = optuna_space(spec)
     assert space["beta"].log and space["latent_dim"].low == 2
     assert "latent_dim" not in fixed_params(spec) and fixed_params(spec)["dataset"] == "mnist-sample"
+    assert spec.refit and spec.startup == "sobol"
 
 
 def test_grid_expands_to_a_plain_grid():
@@ -110,3 +111,26 @@ def test_malformed_toml(tmp_path):
         read_toml(f)
     with pytest.raises(StudyError, match="does not exist"):
         read_toml(tmp_path / "missing.toml")
+
+
+def test_sobol_start_up_points_are_spread_seeded_and_inside_the_space():
+    import math
+
+    from study.search import optuna_space, spread_points, startup_count
+
+    spec = build_spec(None, {"name": "s", "storage": "/tmp/s", "trials": 24, "seed": 1})
+    space = optuna_space(spec)
+    pts = spread_points(space, startup_count(spec), spec.seed)
+    assert len(pts) == startup_count(spec) == 6
+    assert pts == spread_points(space, 6, 1) and pts != spread_points(space, 6, 2)
+    for p in pts:
+        assert set(p) == set(space) and isinstance(p["latent_dim"], int)
+        assert all(space[k].low <= v <= space[k].high for k, v in p.items())
+    # spread: on each axis (log axes in log units) no two of the 6 points share a sixth of the range
+    for name in space:
+        lo, hi = space[name].low, space[name].high
+        f = (lambda x: math.log(x)) if space[name].log else (lambda x: x)
+        cells = sorted(int(6 * (f(p[name]) - f(lo)) / (f(hi) - f(lo) + 1e-12)) for p in pts)
+        assert len(set(cells)) >= 5, (name, cells)
+    with pytest.raises(StudyError, match="startup"):
+        build_spec(None, {"name": "s", "storage": "/tmp/s", "startup": "grid"})
