@@ -24,7 +24,7 @@ Printer = Callable[[str], None]
 PARAM_KEYS = ("latent_dim", "beta", "lr", "batch_size", "arch", "hidden", "layers", "lr_schedule", "augment",
               "epochs", "seed")
 _META_KEYS = ("node", "hostname", "device", "precision", "torch_version", "param_beta", "setup_seconds",
-              "restored_from_epoch")
+              "restored_from_epoch", "report_seconds", "checkpoint_seconds")
 _EPOCH_KEYS = [k for k in results.EPOCH_COLUMNS if k not in ("study", "trial_id")]
 _DIGIT_KEYS = ("split", "recon_mode", "digit", "n_images", "mse", "psnr")
 
@@ -200,7 +200,8 @@ class ResultsRecorder(Callback):
             "error": error,
             **params,
             "dataset": trial.config.get("dataset"),
-            **{k: meta.get(k) for k in ("test_elbo", "test_mse", "test_psnr", "setup_seconds", "restored_from_epoch")},
+            **{k: meta.get(k) for k in ("test_elbo", "test_mse", "test_psnr", "setup_seconds", "restored_from_epoch",
+                                        "report_seconds", "checkpoint_seconds")},
             # num_failures counts every failure, a final one included
             "attempts": int(trial.num_failures) + (0 if status == "failed" else 1),
             **{k: meta.get(k) for k in ("node", "hostname", "device", "precision", "torch_version")},

@@ -64,6 +64,9 @@ TRIAL_COLUMNS: dict[str, pa.DataType] = {
     "train_seconds": pa.float64(),
     "images_per_second": pa.float64(),
     "setup_seconds": pa.float64(),
+    # in the trial, up to its last report: waiting in tune.report, and persisting checkpoints
+    "report_seconds": pa.float64(),
+    "checkpoint_seconds": pa.float64(),
     "attempts": pa.int64(),
     "restored_from_epoch": pa.int64(),  # the checkpoint the last attempt continued from (0: none)
     "node": pa.string(),

@@ -120,6 +120,10 @@ class _Reporter:
         self.best_values, self.restored, self.persist_at = best_values, restored, persist_at
         self.last_persist = time.monotonic()
         self.dirty = False  # a new best since the last persisted checkpoint
+        # Where a trial's time goes besides training and validation (up to its previous report):
+        # in tune.report (which waits for the driver to take the result), and in checkpoints
+        # (the best weights' per-digit test metrics, saving the files).
+        self.overhead = {"report_seconds": 0.0, "checkpoint_seconds": 0.0}
         self.scratch = BetaVAE.from_config(tc).to(device)  # holds the best weights to evaluate and save
 
     def __call__(self, m: dict[str, Any], state: Any) -> None:
@@ -131,10 +135,14 @@ class _Reporter:
             self.best_values["best_epoch"] = m["epoch"]
             self.dirty = True
         metrics.update({k: v for k, v in self.best_values.items() if not k.startswith("test")})
+        metrics.update(self.overhead)
         due = m["epoch"] in self.persist_at or time.monotonic() - self.last_persist >= PERSIST_EVERY_S
         if not due:
+            t0 = time.perf_counter()
             tune.report(metrics)
+            self.overhead["report_seconds"] += time.perf_counter() - t0
             return
+        t0 = time.perf_counter()
         if self.dirty and state.best_state is not None:
             self._evaluate_best(state)
         # Every persisted checkpoint carries the best weights' test metrics, so a driver that
@@ -143,7 +151,11 @@ class _Reporter:
                         if k in self.best_values})
         with tempfile.TemporaryDirectory(prefix="vae-ckpt-") as tmp:
             self._save(Path(tmp), m["epoch"], state)
+            t1 = time.perf_counter()
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
+            t2 = time.perf_counter()
+        self.overhead["checkpoint_seconds"] += t1 - t0
+        self.overhead["report_seconds"] += t2 - t1
         self.dirty = False
         self.last_persist = time.monotonic()
 
