@@ -101,12 +101,17 @@ def run(spec: StudySpec, *, overwrite: bool = False, printer: Printer = print) -
     """
     study = study_location(spec.storage, spec.name)
     _refuse_existing(study, spec, overwrite)
-    # Data problems surface here, in the driver, before Ray starts and before anything is written.
-    from vae.data import load
-
-    load(spec.base_config())
     study.parent.check_writable()
-    view = _connect(spec, study)
+    # Data problems surface in the driver, before anything is written. The check (importing
+    # torch, reading the files) runs while Ray starts: it took 1.7 s off the README study's
+    # path to its first trial (BENCHMARKS §3).
+    data_checked = _check_data_in_background(spec)
+    try:
+        view = _connect(spec, study)
+    except BaseException:
+        data_checked(quiet=True)
+        raise
+    data_checked()
     with _study_lock(study):
         _refuse_existing(study, spec, overwrite)  # again, now that no other driver can race us
         if overwrite:
@@ -140,6 +145,32 @@ def resume(storage: str, name: str, *, printer: Printer = print, address: str | 
     with _study_lock(study):
         OptunaDB(study).fetch()
         return _fit(spec, study, view, printer, restore=True)
+
+
+def _check_data_in_background(spec: StudySpec) -> Callable[..., None]:
+    """Load the study's data in a thread; the returned function waits for it and raises what
+    the load raised (a DataError names the fix), unless ``quiet``."""
+    import threading
+
+    failure: list[BaseException] = []
+
+    def load() -> None:
+        try:
+            from vae.data import load as load_data
+
+            load_data(spec.base_config())
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
+            failure.append(exc)
+
+    thread = threading.Thread(target=load, name="vae-study-data-check", daemon=True)
+    thread.start()
+
+    def wait(quiet: bool = False) -> None:
+        thread.join()
+        if failure and not quiet:
+            raise failure[0]
+
+    return wait
 
 
 def _connect(spec: StudySpec, study: Location) -> cluster.ClusterView:

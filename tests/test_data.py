@@ -108,3 +108,21 @@ def _no_network(*a, **k):
     import socket
 
     raise socket.gaierror("no network in this test")
+
+
+def test_split_is_cached_and_the_cache_gives_the_same_split(tmp_path, monkeypatch):
+    """Drawn once with scikit-learn, then read back from the per-user cache: the same positions,
+    and a damaged cache file is drawn again rather than trusted."""
+    monkeypatch.setenv("VAE_STUDY_CACHE", str(tmp_path))
+    y = np.repeat(np.arange(10), 40)
+    first = stratified_split(y, 0.25, seed=7)
+    files = list((tmp_path / "splits").glob("*.npz"))
+    assert len(files) == 1
+    again = stratified_split(y, 0.25, seed=7)
+    assert all(np.array_equal(p, q) for p, q in zip(first, again))
+    files[0].write_bytes(b"not an npz")
+    redrawn = stratified_split(y, 0.25, seed=7)
+    assert all(np.array_equal(p, q) for p, q in zip(first, redrawn))
+    assert len(list((tmp_path / "splits").glob("*.npz"))) == 1
+    other = stratified_split(y, 0.25, seed=8)  # another seed is another entry
+    assert not np.array_equal(other[1], first[1]) and len(list((tmp_path / "splits").glob("*.npz"))) == 2

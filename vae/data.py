@@ -304,11 +304,36 @@ def _make_splits(
 
 def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Seeded, per-class split of positions into (train, val); both shuffled, val ~ val_fraction
-    (scikit-learn's StratifiedShuffleSplit)."""
+    (scikit-learn's StratifiedShuffleSplit).
+
+    The positions are kept in the per-user cache, keyed by the labels' bytes, the fraction and
+    the seed: importing scikit-learn's model_selection costs 0.9 s, which every fresh trial
+    worker paid before its first epoch (BENCHMARKS §3). The cache also keeps a split fixed should
+    a later scikit-learn draw it differently.
+    """
+    import hashlib
+
+    key = hashlib.sha256(labels.astype(np.int64).tobytes() + f"|{val_fraction!r}|{seed}".encode()).hexdigest()[:24]
+    path = cache_dir() / "splits" / f"{key}.npz"
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            train, val = f["train"], f["val"]
+        if len(train) + len(val) == len(labels):
+            return train, val
+    except (OSError, ValueError, KeyError):
+        pass  # not cached yet, or damaged: drawn again below
     from sklearn.model_selection import StratifiedShuffleSplit
 
     split = StratifiedShuffleSplit(n_splits=1, test_size=val_fraction, random_state=seed)
     train, val = next(split.split(np.zeros(len(labels)), labels))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        with open(tmp, "wb") as f:
+            np.savez(f, train=train, val=val)
+        os.replace(tmp, path)
+    except OSError:
+        pass  # an unwritable cache only costs the import next time
     return train, val
 
 
