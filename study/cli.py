@@ -39,7 +39,7 @@ _TRAIN_HELP = {
     "hidden": "hidden width of the mlp",
     "layers": "hidden layers of the mlp's encoder (and again of its decoder)",
     "lr_schedule": "constant, cosine (to 0 over the epochs) or onecycle (warm-up, then cosine)",
-    "augment": "none, shift (training images moved up to 1 px) or affine (2 px, 10 degrees, 10%)",
+    "augment": "none, shift (training images moved up to 1 px) or affine (2 px, 10 degrees, 10%% scale)",
     "seed": "seeds init, batch order and sampling",
     "dataset": "mnist, fashion-mnist or mnist-sample (5,000 embedded real MNIST digits, offline)",
     "data_dir": "folder with the four IDX files (.gz or not); default: the per-user cache",

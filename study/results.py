@@ -319,6 +319,11 @@ def compact(study: StudyPath) -> dict[str, int]:
 
 # --------------------------------------------------------------------------- winner and ranking
 
+def search_trials(trials: pd.DataFrame) -> pd.DataFrame:
+    """The trials of the search: every row but the winner's refit (``status = 'refit'``)."""
+    return trials[trials["status"] != REFIT] if len(trials) else trials
+
+
 def finished(trials: pd.DataFrame) -> pd.DataFrame:
     """Trials that produced a usable model (completed or pruned, with a finite objective)."""
     ok = trials["status"].isin(FINISHED) & trials["objective"].notna() & np.isfinite(trials["objective"].astype(float))

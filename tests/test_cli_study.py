@@ -23,7 +23,8 @@ def test_results_table_default(study_dir):
     r = run_cli("results", str(study_dir))
     assert r.returncode == 0, r.stderr
     lines = r.stdout.strip().splitlines()
-    assert lines[0].split()[:2] == ["trial_id", "status"] and len(lines) == 1 + 3
+    assert lines[0].split()[:2] == ["trial_id", "status"] and len(lines) == 1 + 3 + 1  # 3 trials, the refit
+    assert sum(1 for line in lines if line.split()[1] == "refit") == 1
 
 
 def test_results_csv_sort_top_columns(study_dir):
@@ -34,7 +35,8 @@ def test_results_csv_sort_top_columns(study_dir):
     assert list(df.columns) == ["trial_id", "val_elbo"] and len(df) == 2
     assert df["val_elbo"].is_monotonic_increasing
     r = run_cli("results", str(study_dir), "--sort", "val_elbo", "--desc", "--format", "csv")
-    assert pd.read_csv(io.StringIO(r.stdout))["val_elbo"].is_monotonic_decreasing
+    desc = pd.read_csv(io.StringIO(r.stdout))["val_elbo"]
+    assert desc.dropna().is_monotonic_decreasing and desc.iloc[:-1].notna().all()  # the refit (no val) last
 
 
 def test_results_where_and_json(study_dir):
@@ -42,7 +44,7 @@ def test_results_where_and_json(study_dir):
                 "recon_mode = 'posterior_mean' AND digit < 3", "--format", "json")
     assert r.returncode == 0, r.stderr
     rows = json.loads(r.stdout)
-    assert len(rows) == 3 * 3 and {row["digit"] for row in rows} == {0, 1, 2}
+    assert len(rows) == 3 * (3 + 1) and {row["digit"] for row in rows} == {0, 1, 2}  # the refit has test rows too
     r = run_cli("results", str(study_dir), "--table", "epochs", "--format", "json")
     assert len(json.loads(r.stdout)) == 3
 
@@ -85,7 +87,7 @@ def test_corrupt_parquet_is_reported_and_skipped(study_dir, tmp_path):
     r = run_cli("results", str(copy), "--format", "csv")
     assert r.returncode == 0
     assert "skipped unreadable file" in r.stderr and "zzzz.parquet" in r.stderr
-    assert len(pd.read_csv(io.StringIO(r.stdout))) == 3
+    assert len(pd.read_csv(io.StringIO(r.stdout))) == 3 + 1  # 3 trials and the refit
 
 
 def test_run_existing_name_refused_and_nothing_lost(study_dir):
@@ -144,7 +146,7 @@ def test_compact_keeps_every_row_and_readers_agree(study_dir, tmp_path):
     row["status"] = "failed"
     write_rows(copy, "trials", row["trial_id"], [row])
     again = results.load(copy)
-    assert len(again) == 3 and (again.set_index("trial_id").loc[row["trial_id"], "status"] == "failed")
+    assert len(again) == 4 and (again.set_index("trial_id").loc[row["trial_id"], "status"] == "failed")  # 3 + refit
     before["trials"] = again
     r = run_cli("compact", str(copy))
     assert r.returncode == 0, r.stderr

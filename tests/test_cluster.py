@@ -92,7 +92,7 @@ def test_study_runs_on_both_nodes(two_nodes, tmp_path):
               "--max-train-images", "400", "--address", cluster.address, "--no-early-stopping"])
     out, err = p.communicate(timeout=600)
     assert p.returncode == 0, err[-3000:]
-    df = results.load(tmp_path / "multi")
+    df = results.search_trials(results.load(tmp_path / "multi"))
     assert len(df) == 4 and (df["status"] == "completed").all()
     assert df["node"].nunique() == 2  # Ray node ids: trials ran on the head and on the worker
     assert df["hostname"].nunique() == 1  # both "nodes" are this machine
@@ -126,7 +126,7 @@ def test_killed_worker_node_trial_is_retried_and_study_completes(two_nodes, tmp_
     cluster.remove_node(worker)  # the worker machine dies, with its trial process
     out, err = p.communicate(timeout=600)
     assert p.returncode == 0, err[-3000:]
-    df = results.load(tmp_path / "ft")
+    df = results.search_trials(results.load(tmp_path / "ft"))
     assert len(df) == 4 and df["trial_id"].is_unique
     assert (df["status"] == "completed").all() and (df["epochs_run"] == 30).all()
     retried = df[df["attempts"] > 1]
@@ -153,7 +153,7 @@ def test_fractional_gpus_pack_trials_on_one_gpu(tmp_path):
         assert "2 at a time" in out
     finally:
         cluster.shutdown()
-    df = results.load(tmp_path / "gpu").sort_values("started_at")
+    df = results.search_trials(results.load(tmp_path / "gpu")).sort_values("started_at")
     import torch
 
     # the declared GPU is real on a CUDA machine (Ray hands its id 0 to the trials), else the CPU

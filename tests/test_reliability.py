@@ -53,8 +53,10 @@ def test_ctrl_c_stops_cleanly_and_resume_finishes(tmp_path):
     assert 1 <= done_before < 6
     r = run_cli("resume", "--name", "c", "--storage", str(tmp_path), "--num-cpus", "2")
     assert r.returncode == 0, r.stderr[-2000:]
-    df = results.load(tmp_path / "c")
+    everything = results.load(tmp_path / "c")
+    df = results.search_trials(everything)
     assert len(df) == 6 and df["trial_id"].is_unique and (df["status"] == "completed").all()
+    assert (everything["status"] == results.REFIT).sum() == 1  # refitted once, after the resume
 
 
 def test_two_studies_at_once_in_one_root_and_a_reader_alongside(tmp_path):
@@ -86,13 +88,13 @@ def test_two_studies_at_once_in_one_root_and_a_reader_alongside(tmp_path):
     t.join(timeout=10)
     assert pa_.returncode == 0 and pb_.returncode == 0, [o[1][-1500:] for o in outs]
     assert not errors, errors[:3]
-    a, b = results.load(tmp_path / "a"), results.load(tmp_path / "b")
+    a, b = results.search_trials(results.load(tmp_path / "a")), results.search_trials(results.load(tmp_path / "b"))
     assert len(a) == 4 and len(b) == 3
     assert set(a["study"]) == {"a"} and set(b["study"]) == {"b"}
     for name, counts in seen.items():
         assert counts == sorted(counts), f"{name}: a reader saw rows disappear"
     both = results.load(tmp_path)
-    assert len(both) == 7
+    assert len(results.search_trials(both)) == 7 and (both["status"] == results.REFIT).sum() == 2
 
 
 def test_same_study_twice_at_once_is_refused_by_the_lock(tmp_path):
@@ -107,7 +109,7 @@ def test_same_study_twice_at_once_is_refused_by_the_lock(tmp_path):
     err = next(o[1] for d, o in zip(drivers, outs) if d.returncode == 2)
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert len(lines) == 1 and "being run by another process" in lines[0], err
-    assert len(results.load(tmp_path / "same")) == 2
+    assert len(results.search_trials(results.load(tmp_path / "same"))) == 2
 
 
 def test_unwritable_storage_is_refused_before_trials_start(tmp_path):
@@ -135,7 +137,7 @@ def test_retries_are_configurable_and_a_failing_trial_is_recorded(tmp_path):
     r = run_cli("run", str(toml), "--name", "r", "--storage", str(tmp_path), "--grid", "lr=9.0,0.001",
                 "--epochs", "2", "--max-train-images", "300", "--num-cpus", "2", "--max-failures", "1")
     assert r.returncode == 0, r.stderr[-2000:]
-    df = results.load(tmp_path / "r").set_index("param_lr")
+    df = results.search_trials(results.load(tmp_path / "r")).set_index("param_lr")
     assert df.loc[9.0, "status"] == "failed" and df.loc[9.0, "attempts"] == 2  # tried, then retried once
     assert "non-finite" in df.loc[9.0, "error"]
     assert df.loc[0.001, "status"] == "completed" and df.loc[0.001, "attempts"] == 1

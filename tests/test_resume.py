@@ -36,7 +36,9 @@ def test_resume_after_sigkill(tmp_path):
 
     r = run_cli("resume", "--name", "k", "--storage", str(storage), "--num-cpus", "2", timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
-    df = results.load(storage / "k")
+    everything = results.load(storage / "k")
+    df = results.search_trials(everything)
+    assert (everything["status"] == results.REFIT).sum() == 1
     assert len(df) == N and df["trial_id"].is_unique
     assert (df["status"] == "completed").all() and (df["epochs_run"] == 4).all()
     # the trials that had finished before the kill were kept as they were, not run again

@@ -76,15 +76,19 @@ def test_everything_a_study_keeps_is_in_the_bucket(s3_study):
     for table in results.TABLES:
         assert [k for k in rel if k.startswith(f"{table}/")] == [f"{table}/compacted.parquet"]
     assert any(k.startswith("tune/") and k.endswith("tuner.pkl") for k in rel)
-    trials = results.load(f"{ROOT}/s")
+    everything = results.load(f"{ROOT}/s")
+    trials = results.search_trials(everything)
     assert len(trials) == 4 and set(trials["status"]) <= {"completed", "pruned"}
     assert (trials["status"] == "completed").any()
-    # every trial's best checkpoint is an object in the study's prefix, recorded relative to it
-    for ck in trials["checkpoint"]:
+    # the winner's refit ran in a Ray worker and handed its weights to the driver, which put them in the bucket
+    refit = everything[everything["status"] == results.REFIT]
+    assert len(refit) == 1 and refit.iloc[0]["checkpoint"] == f"refit/{refit.iloc[0]['refit_of']}/model.pt"
+    # every trial's best checkpoint (and the refit's) is an object in the study's prefix, recorded relative to it
+    for ck in everything["checkpoint"]:
         assert not ck.startswith("/") and f"root/s/{ck}" in keys
     # pyarrow reads the objects unchanged; DuckDB queries the Arrow table
     t = pq.read_table(io.BytesIO(get_object("root/s/trials/compacted.parquet")))
-    assert t.num_rows == 4
+    assert t.num_rows == 4 + 1
     import duckdb
 
     arrow = results.read_arrow(f"{ROOT}/s", "epochs")
@@ -115,7 +119,7 @@ def test_results_over_a_bucket_root_and_a_study(s3_study):
     r = run_cli("results", ROOT, "--format", "json")
     assert r.returncode == 0, r.stderr
     rows = json.loads(r.stdout)
-    assert len(rows) == 4 and {row["trial_id"] for row in rows} == set(results.load(f"{ROOT}/s")["trial_id"])
+    assert len(rows) == 4 + 1 and {row["trial_id"] for row in rows} == set(results.load(f"{ROOT}/s")["trial_id"])
     r = run_cli("results", f"{ROOT}/s", "--table", "digits", "--where", "recon_mode = 'posterior_mean'",
                 "--format", "csv")
     assert r.returncode == 0 and len(r.stdout.strip().splitlines()) == 1 + 4 * 10
@@ -181,7 +185,9 @@ def test_sigkill_of_the_driver_then_resume_from_the_bucket_on_another_machine(s3
     r = run_cli("resume", "--name", "k", "--storage", ROOT, "--num-cpus", "2",
                 env={"VAE_STUDY_CACHE": str(tmp_path / "other-cache")}, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    df = results.load(study)
+    everything = results.load(study)
+    df = results.search_trials(everything)
+    assert (everything["status"] == results.REFIT).sum() == 1
     assert len(df) == N and df["trial_id"].is_unique
     assert (df["status"] == "completed").all() and (df["epochs_run"] == 4).all()
     # A finished trial keeps its results. (One that finished in the seconds before the kill, while
