@@ -122,7 +122,7 @@ def test_results_over_a_bucket_root_and_a_study(s3_study):
     assert len(rows) == 4 + 1 and {row["trial_id"] for row in rows} == set(results.load(f"{ROOT}/s")["trial_id"])
     r = run_cli("results", f"{ROOT}/s", "--table", "digits", "--where", "recon_mode = 'posterior_mean'",
                 "--format", "csv")
-    assert r.returncode == 0 and len(r.stdout.strip().splitlines()) == 1 + 4 * 10
+    assert r.returncode == 0 and len(r.stdout.strip().splitlines()) == 1 + (4 + 1) * 10  # 4 trials and the refit
     r = run_cli("results", f"s3://{BUCKET}/nothing-here")
     assert r.returncode == 2 and "does not exist" in r.stderr
 
