@@ -95,8 +95,8 @@ def _build(study: Location, out: Path, dest: Location, options: Options | None,
         raise StudyError(f"study {study.name} has no trials recorded yet; run or resume it first")
     # A refit (study.refit) is the winner retrained on train+validation: shown beside the
     # winner, never ranked or counted with the search's trials.
-    refits = trials[trials["status"] == results.REFIT] if "status" in trials else trials.iloc[:0]
-    trials = trials[trials["status"] != results.REFIT].reset_index(drop=True)
+    refits = trials[trials["status"] == results.REFIT]
+    trials = results.search_trials(trials).reset_index(drop=True)
     epochs = results.load(study, "epochs")
     digits = results.load(study, "digits")
     out.mkdir(parents=True, exist_ok=True)
@@ -117,8 +117,8 @@ def _build(study: Location, out: Path, dest: Location, options: Options | None,
     else:
         win = results.winner(trials, mode)
     summary["winner"] = None if win is None else _jsonable(win.to_dict())
-    refit = None if win is None else next(
-        (r for _, r in refits.iterrows() if r.get("refit_of") == win["trial_id"]), None)
+    mine = refits[refits["refit_of"] == win["trial_id"]] if win is not None and len(refits) else refits.iloc[:0]
+    refit = mine.iloc[0] if len(mine) else None
     summary["refit"] = None if refit is None else _jsonable(refit.to_dict())
 
     def step(label: str, fn: Callable[[], Section | None]) -> None:

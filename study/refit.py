@@ -11,8 +11,6 @@ back to the driver, which writes it to the study's storage (a folder or a bucket
 """
 from __future__ import annotations
 
-import json
-import time
 from datetime import datetime, timezone
 from typing import Any, Callable
 
@@ -27,7 +25,7 @@ PREFIX = "refit-"
 STATUS = results.REFIT
 
 
-def refit_values(spec: StudySpec, fixed: dict[str, Any], winner: pd.Series) -> dict[str, Any]:
+def refit_values(fixed: dict[str, Any], winner: pd.Series) -> dict[str, Any]:
     """The refit's TrainConfig values: the study's fixed values, the winner's own parameters,
     and ``epochs`` = the winner's best epoch."""
     values = dict(fixed)
@@ -45,7 +43,6 @@ def refit_id(winner_id: str) -> str:
 
 def _refit_task(values: dict[str, Any], threads: int) -> dict[str, Any]:
     """Runs in a Ray worker: train on train+val, keep the last epoch, evaluate on test."""
-    import os
     import socket
     import tempfile
     from pathlib import Path
@@ -68,7 +65,7 @@ def _refit_task(values: dict[str, Any], threads: int) -> dict[str, Any]:
     out: dict[str, Any] = {
         "status": fitted.status, "error": fitted.error, "epochs": len(fitted.history),
         "train_seconds": fitted.train_seconds, "images_per_second": fitted.images_per_second,
-        "n_train": len(data.train), "node": ray.get_runtime_context().get_node_id(),
+        "node": ray.get_runtime_context().get_node_id(),
         "hostname": socket.gethostname(), "device": str(device), "precision": effective_precision(tc, device),
         "torch_version": str(torch.__version__),
     }
@@ -80,7 +77,6 @@ def _refit_task(values: dict[str, Any], threads: int) -> dict[str, Any]:
         path = ckpt_io.save(Path(tmp) / "model.pt", fitted.model, tc, epoch=tc.epochs, refit=True,
                             n_train=len(data.train))
         out["checkpoint"] = path.read_bytes()
-    out["pid"] = os.getpid()
     return out
 
 
@@ -95,17 +91,17 @@ def run_refit(spec: StudySpec, study: Location, trials: pd.DataFrame, fixed: dic
 
     if not spec.refit or spec.multi_objective:
         return None
-    win = results.winner(trials[trials["status"] != STATUS], spec.mode)
+    win = results.winner(trials, spec.mode)  # the search's best: a refit row is never ranked
     if win is None or pd.isna(win.get("best_epoch")):
         return None
     tid = refit_id(str(win["trial_id"]))
     existing = trials[trials["trial_id"] == tid]
     if len(existing):
         return existing.iloc[0].to_dict()
-    values = refit_values(spec, fixed, win)
+    values = refit_values(fixed, win)
     printer(f"refit: trial {win['trial_id']}'s configuration on training + validation images, "
             f"{values['epochs']} epochs")
-    t0 = time.perf_counter()
+    started = datetime.now(timezone.utc)
     task = ray.remote(_refit_task).options(num_cpus=spec.cpus_per_trial, num_gpus=spec.gpus_per_trial,
                                            max_retries=spec.max_failures)
     out = ray.get(task.remote(values, int(spec.cpus_per_trial)))
@@ -121,7 +117,7 @@ def run_refit(spec: StudySpec, study: Location, trials: pd.DataFrame, fixed: dic
         "images_per_second": out["images_per_second"],
         "attempts": 1,
         **{k: out[k] for k in ("node", "hostname", "device", "precision", "torch_version")},
-        "started_at": datetime.now(timezone.utc) - pd.Timedelta(seconds=time.perf_counter() - t0),
+        "started_at": started,
         "finished_at": datetime.now(timezone.utc),
     }
     digits: list[dict[str, Any]] = []
@@ -135,7 +131,6 @@ def run_refit(spec: StudySpec, study: Location, trials: pd.DataFrame, fixed: dic
         study.write_bytes(rel, out["checkpoint"])
         row["checkpoint"] = rel
     else:
-        row["status"] = STATUS
         row["error"] = f"refit failed: {out['error']}"
     # No epoch rows: the epochs table stays the search's (its validation columns would be
     # measured on training images here); the row carries the refit's training seconds.
@@ -145,4 +140,4 @@ def run_refit(spec: StudySpec, study: Location, trials: pd.DataFrame, fixed: dic
                 f"(the winner itself: {win['test_mse']:.5f}, {win['test_psnr']:.2f} dB)")
     else:
         printer(f"refit {tid}: {row['error']}")
-    return json.loads(json.dumps({"trial_id": tid, **row}, default=str))
+    return {"trial_id": tid, **row}

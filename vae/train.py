@@ -271,7 +271,7 @@ def fit(
         is_best = improves(metrics["val_elbo"], best_elbo)
         if is_best:
             best_elbo = metrics["val_elbo"]
-            best_state = copy.deepcopy(model.state_dict())
+            best_state = copy.deepcopy(model.state_dict()) if keep == "best" else None
             result.best_epoch = epoch
         result.history.append(metrics)
         state = EpochState(epoch, model, opt, is_best, result.best_epoch, best_elbo, best_state)
