@@ -311,6 +311,74 @@ def cmd_compact(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cluster_local(args: argparse.Namespace) -> int:
+    """Write the on-premises version of cluster.yaml: machines you already have, the same commands.
+
+    Ray's local provider takes no node types, so it needs its own file; this one is made from
+    cluster.yaml (name your bucket there first) and runs exactly its setup and start commands.
+    Every machine needs Python 3.11 (or sudo to install it), and the ssh user must reach all
+    of them with the key. The first address is the head: it runs the study's driver, no trials.
+
+    Example:
+        vae-study cluster local --head-ip 10.0.0.10 --worker-ips 10.0.0.11,10.0.0.12 \\
+            --ssh-user ubuntu --ssh-key ~/.ssh/id_ed25519 --out cluster-local.yaml
+        RAY_UP_enable_autoscaler_v2=0 ray up cluster-local.yaml
+    """
+    from pathlib import Path
+
+    from study import launch
+
+    config = launch.read_config(args.config)
+    workers = [ip.strip() for ip in args.worker_ips.split(",") if ip.strip()]
+    local = launch.local_config(config, head_ip=args.head_ip, worker_ips=workers, ssh_user=args.ssh_user,
+                                ssh_private_key=str(Path(args.ssh_key).expanduser()))
+    text = launch.dump(local, args.config)
+    if args.out in (None, "-"):
+        print(text, end="")
+    else:
+        _write_whole(Path(args.out), text)
+        print(f"wrote {args.out}: `RAY_UP_enable_autoscaler_v2=0 ray up {args.out}` starts the head at {args.head_ip} "
+              f"and {len(workers)} worker(s) (Ray 2.60's autoscaler v2 starts no workers on machines you name)")
+    return 0
+
+
+def cmd_cluster_aws_setup(args: argparse.Namespace) -> int:
+    """Once per AWS account: the roles and instance profiles that cluster.yaml's nodes run under.
+
+    Workers get a role that may use the study's bucket (VAE_STUDY_STORAGE in cluster.yaml) and
+    nothing else; the head gets EC2 for the autoscaler, the bucket, and iam:PassRole on the
+    worker role alone, so that it may launch workers. Safe to run again: the policies are
+    brought up to date. The policy documents are in study/iam/. Uses your own AWS credentials
+    and writes no key anywhere. Prints the region's GPU quotas: spot and on-demand G instances
+    have separate vCPU quotas, often 0 on a new account.
+
+    Example:
+        vae-study cluster aws-setup            # reads ./cluster.yaml
+    """
+    from study import launch
+
+    config = launch.read_config(args.config)
+    done = launch.aws_setup(config)
+    print(f"account {done['account']}, region {done['region']}, bucket s3://{done['bucket']}")
+    print(f"head role:   {done['head_role']} (EC2, the bucket, iam:PassRole on the worker role)")
+    print(f"worker role: {done['worker_role']} (the bucket only)")
+    for kind, value in done["gpu_vcpu_quota"].items():
+        need = "" if value is None or value >= 4 else "  <- a g5.xlarge needs 4: ask for more under Service Quotas"
+        shown = "unknown (no servicequotas:GetServiceQuota)" if value is None else f"{value:g} vCPUs"
+        print(f"GPU quota, {kind} G instances: {shown}{need}")
+    print("next: ray up cluster.yaml (a new instance profile can take a few seconds to be usable)")
+    return 0
+
+
+def _write_whole(path: Any, text: str) -> None:
+    """A file appears whole or not at all."""
+    import os
+
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 _DEFAULT_COLUMNS = {
     "trials": ["trial_id", "status", "param_arch", "param_latent_dim", "param_beta", "param_lr",
                "epochs_run", "val_elbo", "val_mse", "test_mse", "test_psnr", "train_seconds", "error"],
@@ -424,6 +492,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _command(sub, "compact", cmd_compact, "merge a finished study's files")
     p.add_argument("study", help="the study folder or URI (STORAGE/NAME)")
+
+    p = sub.add_parser("cluster", help="set up a Ray cluster for studies", formatter_class=_fmt_help(),
+                       description="Set up a Ray cluster for studies, from cluster.yaml: `aws-setup` once per AWS "
+                       "account, `local` for machines you already have.\n\nExamples:\n"
+                       "    vae-study cluster aws-setup && ray up cluster.yaml\n"
+                       "    vae-study cluster local --head-ip 10.0.0.10 --worker-ips 10.0.0.11 --ssh-user ubuntu "
+                       "--ssh-key ~/.ssh/id_ed25519 --out cluster-local.yaml")
+    csub = p.add_subparsers(dest="cluster_command", metavar="COMMAND", parser_class=_Parser, required=True)
+    p = _command(csub, "aws-setup", cmd_cluster_aws_setup, "once per AWS account: the nodes' IAM roles")
+    p.add_argument("--config", default="cluster.yaml", help="the cluster config (default: cluster.yaml)")
+    p = _command(csub, "local", cmd_cluster_local, "the on-premises version of cluster.yaml")
+    p.add_argument("--config", default="cluster.yaml", help="the cloud config it is made from (default: cluster.yaml)")
+    p.add_argument("--head-ip", required=True, help="the machine that runs the head (no trials)")
+    p.add_argument("--worker-ips", required=True, metavar="IP,IP,...", help="the machines that run trials")
+    p.add_argument("--ssh-user", required=True, help="an account every machine lets in with the key")
+    p.add_argument("--ssh-key", required=True, help="the private key's path on this machine")
+    p.add_argument("--out", metavar="FILE", help="write it here (default: standard output)")
 
     return parser
 

@@ -189,3 +189,54 @@ def _get(ref: Any) -> bool:
         return bool(ray.get(ref, timeout=5))
     except Exception:  # noqa: BLE001 - a node that cannot answer cannot be trusted with the study
         return False
+
+
+def free_resources() -> str:
+    """What the cluster has free now, e.g. ``3 CPU, 0/1 GPU``."""
+    import ray
+
+    try:
+        free, total = ray.available_resources(), ray.cluster_resources()
+    except Exception:  # noqa: BLE001 - a progress line never stops a study
+        return "unknown"
+    text = f"{free.get('CPU', 0):g}/{total.get('CPU', 0):g} CPU"
+    if total.get("GPU") or free.get("GPU"):
+        text += f", {free.get('GPU', 0):g}/{total.get('GPU', 0):g} GPU"
+    return text
+
+
+def autoscaler_note() -> str:
+    """What the autoscaler is doing about pending work: its pending and failed launches, with
+    the cloud's reason (Ray's autoscaler v2, as `ray up` starts it); a hint otherwise."""
+    import ray
+
+    if not autoscaler_running():
+        return "this cluster has no autoscaler: add nodes, or lower --cpus-per-trial/--gpus-per-trial"
+    hint = "the autoscaler is asked for nodes (`ray status` on the head shows its launches and failures)"
+    try:
+        from ray.autoscaler.v2.sdk import get_cluster_status
+        from ray.autoscaler.v2.utils import is_autoscaler_v2
+
+        if not is_autoscaler_v2(fetch_from_server=True):
+            return hint  # v1 keeps its launches to itself
+        status = get_cluster_status(ray.get_runtime_context().gcs_address, timeout=5)
+    except Exception:  # noqa: BLE001 - no answer: say where to look
+        return hint
+    return summarize_launches(status.pending_launches, status.failed_launches, status.pending_nodes)
+
+
+def summarize_launches(pending: list, failed: list, starting: list) -> str:
+    """``autoscaler: launching 2 gpu_spot; 1 starting; failed: gpu_spot x3 (UnauthorizedOperation: ...)``."""
+    parts = []
+    if pending:
+        parts.append("launching " + ", ".join(f"{r.count} {r.ray_node_type_name}" for r in pending))
+    if starting:
+        parts.append(f"{len(starting)} node{'s' if len(starting) != 1 else ''} starting")
+    if failed:
+        last = max(failed, key=lambda r: r.failed_ts_s or 0)
+        reason = " ".join(str(last.details or "no reason given").split())[:200]
+        kinds = sorted({r.ray_node_type_name for r in failed})
+        parts.append(f"failed launches: {sum(r.count for r in failed)} of {', '.join(kinds)}, the last: {reason}")
+    if not parts:
+        return "autoscaler: no launch under way (at its max_workers, or none of its node types fits a trial)"
+    return "autoscaler: " + "; ".join(parts)

@@ -1,4 +1,5 @@
-"""The live progress printer: a line per trial event, and the running trials every 15 s."""
+"""The live progress printer: a line per trial event, the running trials every 15 s, and trials
+that wait for resources: since when, and what the autoscaler says about it."""
 from __future__ import annotations
 
 import time
@@ -10,6 +11,8 @@ from study.recorder import trial_error
 
 Printer = Callable[[str], None]
 TABLE_EVERY_S = 15.0
+WAIT_NOTICE_S = 30.0  # the first notice of trials waiting for resources; then at 2x, 4x, ... that
+WAIT_NOTICE_MAX_S = 600.0
 
 
 def params_text(config: dict[str, Any], keys: list[str]) -> str:
@@ -30,10 +33,28 @@ class Progress(Callback):
         self.metric = f"best_{spec.objective[0]}"
         self.last_table = 0.0
         self.done = 0
+        self.waiting_since: float | None = None  # wall time since which some trial has waited for resources
+        self.next_wait_notice = WAIT_NOTICE_S
 
     def _value(self, r: dict[str, Any]) -> str:
         v = r.get(self.metric)
         return "None" if v is None else f"{v:.3f}"
+
+    def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
+        """A trial that cannot be placed is said, not waited on in silence: how many wait, for
+        what, since when, and (autoscaler v2) which launches are pending or failed and why."""
+        pending = [t for t in trials if t.status == "PENDING"]
+        if not pending:
+            self.waiting_since, self.next_wait_notice = None, WAIT_NOTICE_S
+            return
+        now = time.time()
+        if self.waiting_since is None:
+            self.waiting_since = now
+        waited = now - self.waiting_since
+        if waited < self.next_wait_notice:
+            return
+        self.next_wait_notice = min(self.next_wait_notice * 2, waited + WAIT_NOTICE_MAX_S)
+        self.printer(waiting_line(len(pending), self.spec, self.waiting_since, now))
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self.printer(f"  start    {trial.trial_id}  {params_text(trial.config, self.keys)}")
@@ -74,3 +95,17 @@ class Progress(Callback):
     def attach(self, printer: Printer) -> None:
         self.printer = printer
         self.done = 0
+
+
+def waiting_line(n: int, spec: Any, since: float, now: float) -> str:
+    """One line: trials waiting for resources, for how long, and what the cluster and its
+    autoscaler say."""
+    from study.cluster import autoscaler_note, free_resources
+
+    need = f"{spec.cpus_per_trial:g} CPU" + (f" + {spec.gpus_per_trial:g} GPU" if spec.gpus_per_trial else "")
+    clock = time.strftime("%H:%M:%S", time.localtime(since))
+    minutes, seconds = divmod(int(now - since), 60)
+    free = free_resources()
+    note = autoscaler_note()
+    return (f"  waiting  {n} trial{'s' if n != 1 else ''} ({need} each) since {clock} ({minutes}m{seconds:02d}s); "
+            f"free now: {free}; {note}")

@@ -228,7 +228,7 @@ def validate(v: dict[str, Any]) -> StudySpec:
                          "(or set VAE_STUDY_STORAGE)")
     if "YOUR-BUCKET" in str(v["storage"]):
         raise StudyError(f"--storage {v['storage']}: name your bucket first (VAE_STUDY_STORAGE in cluster.yaml's "
-                         "head_start_ray_commands, then `ray up` again), or pass --storage s3://your-bucket/prefix")
+                         "setup_commands, then `ray up` again), or pass --storage s3://your-bucket/prefix")
     from study.storage import Location
 
     Location(v["storage"])  # a bad URI is refused here, before anything starts

@@ -164,16 +164,25 @@ def _base_config(self: Any, head: dict, workers: dict, autoscaler_v2: bool = Fal
     }
 
 
+def reap_as_pid1(argv: list[str]) -> int | None:
+    """As PID 1 of a namespace: run ``argv`` in a child, reap every orphan (Ray's daemons), and
+    return the child's exit code. Anywhere else: None."""
+    if os.getpid() != 1:
+        return None
+    child = os.fork()
+    if child == 0:
+        os.execv(argv[0], argv)
+    while True:
+        pid, status = os.wait()
+        if pid == child:
+            return os.waitstatus_to_exitcode(status)
+
+
 def main() -> int:
     scenario, out_path = sys.argv[1], Path(sys.argv[2])
-    if os.getpid() == 1:  # PID 1 of the namespace: reap orphans while a child runs the scenario
-        child = os.fork()
-        if child == 0:
-            os.execv(sys.executable, [sys.executable, *sys.argv])
-        while True:
-            pid, status = os.wait()
-            if pid == child:
-                return os.waitstatus_to_exitcode(status)
+    code = reap_as_pid1([sys.executable, *sys.argv])
+    if code is not None:
+        return code
     sys.path[:0] = [str(REPO), str(HERE)]
     from ray.cluster_utils import AutoscalingCluster
 

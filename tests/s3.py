@@ -15,12 +15,12 @@ SECRET = "s3cr3t-never-written-anywhere"
 
 
 @contextmanager
-def s3_server() -> Iterator[dict[str, str]]:
-    """Start the endpoint, create the bucket, and yield the environment that reaches it."""
+def s3_server(host: str = "127.0.0.1") -> Iterator[dict[str, str]]:
+    """Start the endpoint on ``host``, create the bucket, and yield the environment that reaches it."""
     from moto.server import ThreadedMotoServer
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one log line per request otherwise
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server = ThreadedMotoServer(ip_address=host, port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
     env = {

@@ -106,12 +106,19 @@ def test_debug_shows_traceback(tmp_path):
 def test_every_command_has_help():
     from study.cli import build_parser
 
-    parser = build_parser()
-    sub = next(a for a in parser._actions if a.dest == "command")
-    for name, p in sub.choices.items():
-        assert p.description and "Example" in p.description, name
-        r = run_cli(name, "--help")
-        assert r.returncode == 0 and "usage" in r.stdout
+    def commands(parser, path=()):  # every command, those under a group (`cluster local`) too
+        for action in parser._actions:
+            if getattr(action, "choices", None) and isinstance(action.choices, dict):
+                for name, p in action.choices.items():
+                    yield (*path, name), p
+                    yield from commands(p, (*path, name))
+
+    found = list(commands(build_parser()))
+    assert {("cluster", "local"), ("cluster", "aws-setup"), ("run",)} <= {path for path, _ in found}
+    for path, p in found:
+        assert p.description and "Example" in p.description, path
+        r = run_cli(*path, "--help")
+        assert r.returncode == 0 and "usage" in r.stdout, path
 
 
 def test_python_dash_m_and_console_script_agree():
