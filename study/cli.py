@@ -29,41 +29,27 @@ def _fmt_help(cls: type[argparse.HelpFormatter] = argparse.RawDescriptionHelpFor
 
 # --------------------------------------------------------------------------- train / evaluate
 
-_TRAIN_HELP = {
-    "arch": "mlp (784-hidden-d) or conv (the reference project's network)",
-    "latent_dim": "latent size d",
-    "beta": "KL weight: loss = recon_sum + beta * KL_sum per image",
-    "lr": "Adam learning rate",
-    "batch_size": "images per step",
-    "epochs": "passes over the training split",
-    "hidden": "hidden width of the mlp",
-    "layers": "hidden layers of the mlp's encoder (and again of its decoder)",
-    "lr_schedule": "constant, cosine (to 0 over the epochs) or onecycle (warm-up, then cosine)",
-    "augment": "none, shift (training images moved up to 1 px) or affine (2 px, 10 degrees, 10%% scale)",
-    "seed": "seeds init, batch order and sampling",
-    "dataset": "mnist, fashion-mnist or mnist-sample (5,000 embedded real MNIST digits, offline)",
-    "data_dir": "folder with the four IDX files (.gz or not); default: the per-user cache",
-    "val_fraction": "share of the training set held out for validation",
-    "split_seed": "seeds the train/validation split",
-    "device": "auto, cpu or cuda",
-    "precision": "fp32, tf32 or bf16 (GPU only; fp32 on a CPU)",
-    "max_train_images": "cap on training images (smoke runs)",
-    "download": "allow downloading MNIST with torchvision when it is missing",
-}
-
-
-def _add_config_flags(p: argparse.ArgumentParser) -> None:
+def _add_config_flags(p: argparse.ArgumentParser, *, for_run: bool = False) -> None:
+    """A flag per TrainConfig field, typed by the dataclass and described by the registry; for
+    ``run``, those that fix a value for every trial (study.space)."""
     from vae.config import TrainConfig, field_types
+
+    from study.space import BY_NAME
 
     types = field_types()
     for f in fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
+        param = BY_NAME[f.name]
+        if for_run and not param.run_flag:
+            continue
         tp, _ = types[f.name]
         if tp is bool:
-            p.add_argument(flag, action="store_true", default=None, help=_TRAIN_HELP[f.name])
+            p.add_argument(param.flag, action="store_true", default=None, help=param.help)
             continue
-        p.add_argument(flag, type=tp, default=None, metavar=f.name.upper(),
-                       help=f"{_TRAIN_HELP[f.name]} (default: {f.default})")
+        if for_run and param.space:
+            default = " (default: searched)"
+        else:
+            default = "" if f.default is None else f" (default: {f.default})"
+        p.add_argument(param.flag, type=tp, default=None, metavar=f.name.upper(), help=param.help + default)
 
 
 def _config_from_args(args: argparse.Namespace) -> Any:
@@ -165,26 +151,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         vae-study run --smoke --name smoke --storage /tmp/studies
         vae-study run --name sweep --storage s3://my-bucket/studies --address auto --gpus-per-trial 0.25
     """
-    from study.spec import build_spec, parse_grid, read_toml
+    from study.spec import build_spec, overrides_from_flags, read_toml
     from study.tuner import run
 
     toml = read_toml(args.config) if args.config else None
-    overrides = {
-        "name": args.name, "storage": args.storage, "trials": args.trials, "epochs": args.epochs,
-        "seed": args.seed, "startup_trials": args.startup_trials, "mode": args.mode, "preset": args.preset, "dataset": args.dataset,
-        "data_dir": args.data_dir, "download": True if args.download else None,
-        "max_train_images": args.max_train_images, "arch": args.arch, "batch_size": args.batch_size,
-        "device": args.device, "precision": args.precision,
-        "grid": parse_grid(args.grid) if args.grid else None,
-        "objective": args.objective.split(",") if args.objective else None,
-        "scheduler": "none" if args.no_early_stopping else None,
-        "grace_period": args.grace_period, "reduction_factor": args.reduction_factor,
-        "cpus_per_trial": args.cpus_per_trial, "gpus_per_trial": args.gpus_per_trial,
-        "max_concurrent": args.max_concurrent, "max_failures": args.max_failures,
-        "address": args.address, "num_cpus": args.num_cpus, "smoke": args.smoke,
-        "shared_storage": True if args.shared_storage else None,
-        "refit": args.refit, "lr_schedule": args.lr_schedule, "augment": args.augment,
-    }
+    overrides = overrides_from_flags(vars(args))
     spec = build_spec(toml, overrides)
     res = run(spec, overwrite=args.overwrite, printer=_log)
     return _finish(res, spec)
@@ -435,7 +406,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--trials", type=int, help="number of trials (default 16)")
     g.add_argument("--epochs", type=int, help="max epochs per trial (default 10)")
     g.add_argument("--seed", type=int, help="seeds the sampler (default 0)")
-    g.add_argument("--startup-trials", type=int, help="TPE: random trials before it models (default: min(10, trials/4))")
+    g.add_argument("--startup-trials", type=int, help="TPE: start-up trials before it models, spread over the space "
+                   "by a seeded Sobol sequence (default: min(10, max(2, trials/4)))")
     g.add_argument("--grid", action="append", metavar="NAME=V1,V2", help="plain grid, e.g. latent_dim=5,10,15,20 (repeatable)")
     g.add_argument("--objective", help="val_elbo (default), val_mse, ...; two, comma-separated, for a Pareto study")
     g.add_argument("--mode", choices=("min", "max"))
@@ -445,17 +417,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--refit", action=argparse.BooleanOptionalAction, default=None,
                    help="retrain the winner on training + validation images for its best epoch count and "
                         "record it as its own row (default: on)")
-    g = p.add_argument_group("data and training")
-    g.add_argument("--dataset", help="mnist, fashion-mnist or mnist-sample")
-    g.add_argument("--data-dir", help="folder with the four IDX files")
-    g.add_argument("--download", action="store_true", help="allow a torchvision download")
-    g.add_argument("--max-train-images", type=int)
-    g.add_argument("--arch", help="fix the architecture: mlp or conv")
-    g.add_argument("--batch-size", type=int)
-    g.add_argument("--lr-schedule", help="constant, cosine or onecycle")
-    g.add_argument("--augment", help="none, shift or affine (training images only)")
-    g.add_argument("--device", help="auto, cpu or cuda")
-    g.add_argument("--precision", help="fp32, tf32 or bf16 (GPU)")
+    g = p.add_argument_group("training values, fixed for every trial (a fixed value is not searched)")
+    _add_config_flags(g, for_run=True)
     g = p.add_argument_group("resources")
     g.add_argument("--cpus-per-trial", type=float)
     g.add_argument("--gpus-per-trial", type=float, help="fractions pack trials on one GPU, e.g. 0.25")

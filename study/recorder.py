@@ -17,12 +17,11 @@ from typing import Any, Callable
 from ray.tune import Callback
 
 from study import results
+from study.space import RECORDED
 from study.storage import Location
 from vae.train import best_epoch
 
 Printer = Callable[[str], None]
-PARAM_KEYS = ("latent_dim", "beta", "lr", "batch_size", "arch", "hidden", "layers", "lr_schedule", "augment",
-              "epochs", "seed")
 _META_KEYS = ("node", "hostname", "device", "precision", "torch_version", "param_beta", "setup_seconds",
               "restored_from_epoch", "report_seconds", "checkpoint_seconds")
 _EPOCH_KEYS = [k for k in results.EPOCH_COLUMNS if k not in ("study", "trial_id")]
@@ -192,7 +191,7 @@ class ResultsRecorder(Callback):
             return
         rows = [log.epochs[e] for e in sorted(log.epochs)]
         meta = log.meta
-        params = {f"param_{k}": trial.config.get(k) for k in PARAM_KEYS}
+        params = {f"param_{k}": trial.config.get(k) for k in RECORDED}
         if "param_beta" in meta:  # derived in the trial (beta_times_latent)
             params["param_beta"] = meta["param_beta"]
         row = {

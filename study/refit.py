@@ -17,7 +17,7 @@ from typing import Any, Callable
 import pandas as pd
 
 from study import results
-from study.recorder import PARAM_KEYS
+from study.space import RECORDED
 from study.spec import StudySpec
 from study.storage import Location
 
@@ -29,7 +29,7 @@ def refit_values(fixed: dict[str, Any], winner: pd.Series) -> dict[str, Any]:
     """The refit's TrainConfig values: the study's fixed values, the winner's own parameters,
     and ``epochs`` = the winner's best epoch."""
     values = dict(fixed)
-    for k in PARAM_KEYS:
+    for k in RECORDED:
         v = winner.get(f"param_{k}")
         if v is not None and not (isinstance(v, float) and pd.isna(v)):
             values[k] = v.item() if hasattr(v, "item") else v
@@ -109,7 +109,7 @@ def run_refit(spec: StudySpec, study: Location, trials: pd.DataFrame, fixed: dic
         "status": STATUS,
         "refit_of": str(win["trial_id"]),
         "error": out["error"],
-        **{f"param_{k}": values.get(k) for k in PARAM_KEYS},
+        **{f"param_{k}": values.get(k) for k in RECORDED},
         "dataset": values.get("dataset"),
         "best_epoch": out["epochs"] if out["status"] == "completed" else None,
         "epochs_run": out["epochs"],

@@ -25,6 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from study.errors import StudyError
+from study.space import COLUMNS as PARAM_COLUMNS
 from study.storage import Location, find_studies
 
 StudyPath = Union[str, "os.PathLike[str]", Location]  # a folder, or an s3:// / gs:// URI
@@ -39,17 +40,7 @@ TRIAL_COLUMNS: dict[str, pa.DataType] = {
     "status": pa.string(),  # completed | pruned | failed | refit (study.refit: not a trial of the search)
     "refit_of": pa.string(),  # a refit row: the winner whose configuration it retrained
     "error": pa.string(),
-    "param_latent_dim": pa.int64(),
-    "param_beta": pa.float64(),
-    "param_lr": pa.float64(),
-    "param_batch_size": pa.int64(),
-    "param_arch": pa.string(),
-    "param_hidden": pa.int64(),
-    "param_layers": pa.int64(),
-    "param_lr_schedule": pa.string(),
-    "param_augment": pa.string(),
-    "param_epochs": pa.int64(),
-    "param_seed": pa.int64(),
+    **{column: getattr(pa, arrow)() for column, arrow in PARAM_COLUMNS.items()},  # study.space
     "dataset": pa.string(),
     "best_epoch": pa.int64(),
     "epochs_run": pa.int64(),

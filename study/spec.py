@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from study.errors import StudyError
-from study.space import DEFAULT_SPACE, PRESETS, SEARCHABLE
+from study.space import BY_NAME, DEFAULT_SPACE, PRESETS, SEARCHABLE
 from vae.config import ARCHS, ConfigError, TrainConfig
 
 OBJECTIVES = ("val_elbo", "val_recon", "val_kl", "val_mse")
@@ -89,7 +89,7 @@ class StudySpec:
     address: str | None = None
     num_cpus: int | None = None
     preset: str | None = None
-    startup_trials: int | None = None  # TPE's random trials before it models; None: min(10, trials // 4)
+    startup_trials: int | None = None  # TPE's start-up trials before it models; None: min(10, max(2, trials // 4))
     shared_storage: bool = False  # a local --storage folder is mounted on every node, those to come too
     startup: str = "sobol"  # TPE's start-up trials: "sobol" (spread over the space, seeded) or "random"
     refit: bool = True  # retrain the winner on train+validation for its best epoch count (study.refit)
@@ -136,10 +136,12 @@ def read_toml(path: str | Path) -> dict[str, Any]:
 def build_spec(toml: dict[str, Any] | None, overrides: dict[str, Any]) -> StudySpec:
     """Merge a parsed TOML file with CLI overrides (which win) and validate the result.
 
-    ``overrides`` keys: name, storage, trials, epochs, seed, objective, mode, preset, dataset,
-    data_dir, download, max_train_images, arch, batch_size, grid (dict), scheduler,
-    grace_period, reduction_factor, cpus_per_trial, gpus_per_trial, max_concurrent,
-    max_failures, address, num_cpus, smoke (bool), refit, lr_schedule, augment.
+    ``overrides`` keys: the study's options (:data:`SPEC_OPTIONS`, plus ``grid`` as a dict,
+    ``objective`` and ``scheduler``), and any training value to fix for every trial by its
+    TrainConfig name (``beta``, ``max_train_images``, ...; ``study.space``). A fixed value, in
+    ``[train]`` or as an override, takes its parameter out of the default search space; an
+    override also wins over the file's ``[space]``; the file fixing and searching one parameter
+    is refused.
     """
     toml = toml or {}
     for section, value in toml.items():
@@ -162,12 +164,17 @@ def build_spec(toml: dict[str, Any] | None, overrides: dict[str, Any]) -> StudyS
             raise StudyError(f"unknown preset {preset_name!r}; known: {', '.join(PRESETS)}")
         preset = PRESETS[preset_name]
 
-    train = {**preset.get("train", {}), **toml.get("data", {}), **toml.get("train", {})}
-    for key in ("dataset", "data_dir", "download", "max_train_images", "arch", "batch_size", "lr_schedule", "augment",
-                "device", "precision"):
-        if key in o:
-            train[key] = o[key]
-    space = {k: dict(v) for k, v in toml.get("space", preset.get("space", DEFAULT_SPACE)).items()}
+    flag_train = {k: v for k, v in o.items() if k in BY_NAME and BY_NAME[k].run_flag}
+    file_train = {**toml.get("data", {}), **toml.get("train", {})}
+    train = {**preset.get("train", {}), **file_train, **flag_train}
+    explicit_space = "space" in toml
+    space = {k: dict(v) for k, v in (toml["space"] if explicit_space else preset.get("space", DEFAULT_SPACE)).items()}
+    for k in list(space):  # a value fixed by the user is not searched
+        if k in flag_train or (k in train and not explicit_space):
+            del space[k]
+        elif k in file_train:
+            raise StudyError(f"{k} is both fixed ([train] {k} = {file_train[k]!r}) and searched ([space.{k}]) "
+                             "in the config: remove one")
     grid = {k: list(v) for k, v in {**preset.get("grid", {}), **toml.get("grid", {}), **o.get("grid", {})}.items()}
     scheduler = toml.get("scheduler", {})
     resources = toml.get("resources", {})
@@ -215,6 +222,29 @@ def build_spec(toml: dict[str, Any] | None, overrides: dict[str, Any]) -> StudyS
     values["space"] = space
     values["grid"] = grid
     return validate(values)
+
+
+# `vae-study run`'s options that are the study's own (the training values come from study.space).
+SPEC_OPTIONS = frozenset({
+    "name", "storage", "trials", "epochs", "seed", "startup_trials", "mode", "preset", "grace_period",
+    "reduction_factor", "cpus_per_trial", "gpus_per_trial", "max_concurrent", "max_failures", "address",
+    "num_cpus", "smoke", "refit", "shared_storage", "startup",
+})
+
+
+def overrides_from_flags(flags: dict[str, Any]) -> dict[str, Any]:
+    """``vae-study run``'s parsed flags as :func:`build_spec`'s overrides: the study's options by
+    name, the training values by their TrainConfig names; unset flags are left out."""
+    o = {k: v for k, v in flags.items() if v is not None and (k in SPEC_OPTIONS or k in BY_NAME)}
+    if flags.get("grid"):
+        o["grid"] = parse_grid(flags["grid"])
+    if flags.get("objective"):
+        o["objective"] = flags["objective"].split(",")
+    if flags.get("no_early_stopping"):
+        o["scheduler"] = "none"
+    if not flags.get("shared_storage"):
+        o.pop("shared_storage", None)  # a missing flag is not a "no": the file may say yes
+    return o
 
 
 def validate(v: dict[str, Any]) -> StudySpec:
@@ -361,4 +391,4 @@ def _parse_value(text: str) -> Any:
     return text
 
 
-__all__ = ["StudySpec", "build_spec", "read_toml", "parse_grid", "OBJECTIVES", "ARCHS"]
+__all__ = ["StudySpec", "build_spec", "overrides_from_flags", "read_toml", "parse_grid", "OBJECTIVES", "ARCHS"]

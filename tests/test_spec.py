@@ -136,3 +136,56 @@ def test_sobol_start_up_points_are_spread_seeded_and_inside_the_space():
         assert len(set(cells)) == len(pts), (name, cells)
     with pytest.raises(StudyError, match="startup"):
         build_spec(None, {"name": "s", "storage": "/tmp/s", "startup": "grid"})
+
+
+def test_every_trainconfig_field_is_registered_once():
+    """Adding a TrainConfig field without its registry entry fails here, not silently later: no
+    flag, no column, a refit that trains with the default."""
+    from dataclasses import fields
+
+    from study.space import BY_NAME, COLUMNS, DEFAULT_SPACE, PARAMS, RECORDED, SEARCHABLE
+    from vae.config import TrainConfig
+
+    names = [p.name for p in PARAMS]
+    assert len(names) == len(set(names))
+    assert set(names) == {f.name for f in fields(TrainConfig)}
+    # a searched value must be recorded, or its refit would train with the default
+    assert set(SEARCHABLE) <= set(RECORDED)
+    assert set(DEFAULT_SPACE) <= set(SEARCHABLE)
+    assert {"param_beta": "float64", "param_latent_dim": "int64", "param_arch": "string"}.items() <= COLUMNS.items()
+    import pyarrow as pa
+
+    from study.results import TRIAL_COLUMNS
+
+    assert all(TRIAL_COLUMNS[c] == getattr(pa, a)() for c, a in COLUMNS.items())
+    assert all(BY_NAME[n].help for n in names)
+
+
+@pytest.mark.parametrize("name,value", [("beta", 4.0), ("latent_dim", 12), ("lr", 5e-4)])
+def test_a_fixed_value_wins_over_the_default_space(name, value):
+    """[train] x = v, or the flag --x v, fixes x for every trial instead of searching it."""
+    for spec in (build_spec({"train": {name: value}}, BASE), build_spec(None, {**BASE, name: value})):
+        assert name not in spec.space and spec.train[name] == value
+        assert fixed_params(spec)[name] == value and name not in optuna_space(spec)
+        assert set(spec.space) == {"latent_dim", "beta", "lr"} - {name}
+    # a flag also wins over the file's own [space] entry
+    toml = {"space": {name: {"type": "float", "low": 1e-4, "high": 50.0}, "hidden": {"type": "int", "low": 8, "high": 64}}}
+    assert set(build_spec(toml, {**BASE, name: value}).space) == {"hidden"}
+    # the file both fixing and searching it is ambiguous: refused
+    with pytest.raises(StudyError, match=f"{name} is both fixed"):
+        build_spec({"train": {name: value}, "space": toml["space"]}, BASE)
+    # and fixing everything there is to search leaves nothing to search: said, not run
+    with pytest.raises(StudyError, match="nothing to search"):
+        build_spec(None, {**BASE, "beta": 1.0, "latent_dim": 8, "lr": 1e-3})
+
+
+def test_run_flags_come_from_the_registry():
+    """Every run flag for a training value is generated, and reaches the spec by its field name."""
+    from study.cli import build_parser
+    from study.spec import overrides_from_flags
+
+    args = build_parser().parse_args(["run", "--name", "f", "--storage", "/tmp/f", "--beta", "4", "--layers", "2",
+                                      "--grid", "latent_dim=5,10", "--objective", "val_mse", "--split-seed", "3"])
+    spec = build_spec(None, overrides_from_flags(vars(args)))
+    assert spec.train["beta"] == 4.0 and spec.train["layers"] == 2 and spec.train["split_seed"] == 3
+    assert spec.grid == {"latent_dim": [5, 10]} and spec.objective == ("val_mse",) and spec.seed == 0
