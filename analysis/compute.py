@@ -72,8 +72,9 @@ def winner_data(checkpoint_path: str | os.PathLike, s: Settings, say: Any = lamb
     from vae.data import load, stratified_subset
     from vae.evaluate import (decode_probs, encode, mse_per_image, optimise_latents, per_digit, reconstruct,
                               representative_indices)
+    from vae.train import resolve_device
 
-    device = torch.device(s.device if s.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(s.device)
     model, config, _ = checkpoint.load(Path(checkpoint_path), device)
     test = load(config).test
     x = test.pixels(device)  # (N, 1, 28, 28)

@@ -7,9 +7,10 @@ import numpy as np
 import pandas as pd
 
 from study.results import FINISHED
+from vae.evaluate import psnr
 
 # The reference project's per-digit results on the full 10k MNIST test set, from its
-# decoder row, i.e. our ``posterior_sample`` (DESIGN.md): d -> (mean MSE, mean PSNR dB,
+# decoder row, i.e. our ``posterior_sample`` (README, Definitions): d -> (mean MSE, mean PSNR dB,
 # best digit, its MSE, worst digit, its MSE).
 REFERENCE = {
     5: (0.02389, 16.67, 1, 0.00493, 8, 0.03443),
@@ -63,7 +64,7 @@ def reference_comparison(matrix_mse: pd.DataFrame, matrix_sample_mse: pd.DataFra
         matrix_sample_mse: the same for posterior_sample.
     """
     def stats(m: pd.Series, prefix: str) -> dict[str, Any]:
-        return {f"{prefix}_mse": float(m.mean()), f"{prefix}_psnr": float((10 * np.log10(1 / m)).mean()),
+        return {f"{prefix}_mse": float(m.mean()), f"{prefix}_psnr": float(psnr(m.to_numpy()).mean()),
                 f"{prefix}_worst": f"{int(m.idxmax())}: {float(m.max()):.5f}"}
 
     rows = []
@@ -116,7 +117,11 @@ def total_compute(trials: pd.DataFrame, epochs: pd.DataFrame) -> dict[str, float
 
 def kl_per_dimension(mu: np.ndarray, logvar: np.ndarray) -> np.ndarray:
     """Average KL(q(z_j|x) || N(0,1)) per latent dimension j over the images, in nats. (N, d) -> (d,)."""
-    return (-0.5 * (1 + logvar - mu**2 - np.exp(logvar))).mean(0)
+    import torch
+
+    from vae.loss import kl_terms
+
+    return kl_terms(torch.as_tensor(mu, dtype=torch.float64), torch.as_tensor(logvar, dtype=torch.float64)).mean(0).numpy()
 
 
 class Traversal(NamedTuple):

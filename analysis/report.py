@@ -30,6 +30,7 @@ from analysis import metrics as M
 from study import results
 from study.errors import StudyError
 from study.storage import REPORT_DIR, SPEC_FILE, Location, OptunaDB, is_study
+from vae.evaluate import psnr
 
 DPI = 200
 CACHE_VERSION = 2
@@ -46,6 +47,8 @@ class Section:
 
 @dataclass
 class Options:
+    """How the report is made; a value out of range is refused here (StudyError, one line)."""
+
     trial: str | None = None
     device: str = "cpu"
     tsne_points: int = 10000
@@ -53,6 +56,14 @@ class Options:
     decoder_steps: int = 150
     k: int = 10
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name, low in (("tsne_points", 5), ("gap_images", 10), ("decoder_steps", 1), ("k", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise StudyError(f"--{name.replace('_', '-')} {value} must be at least {low}")
+        if self.device not in ("cpu", "cuda", "auto"):
+            raise StudyError(f"--device {self.device!r} is not allowed: choose cpu, cuda or auto")
 
 
 # --------------------------------------------------------------------------- entry point
@@ -73,8 +84,9 @@ def build(study_dir: str | os.PathLike | Location, out: str | os.PathLike | Loca
     if not is_study(study):
         raise StudyError(f"{study} holds no study (no study.json or trials/); pass the folder of one study")
     dest = Location(out) if out is not None else study / REPORT_DIR
-    if dest.local is not None:
-        return _build(study, dest.local, dest, options, printer)
+    local = dest.local_path()
+    if local is not None:
+        return _build(study, local, dest, options, printer)
     with tempfile.TemporaryDirectory(prefix="vae-report-") as tmp:
         index = _build(study, Path(tmp), dest, options, printer)
         for rel in sorted(p.relative_to(tmp).as_posix() for p in Path(tmp).rglob("*") if p.is_file()):
@@ -202,8 +214,8 @@ def _refit_table(win: pd.Series, refit: pd.Series, digits: pd.DataFrame) -> tupl
     table.index.name = "digit"
     table = table.reset_index()
     means = {c: float(table[c].mean()) for c in table.columns if c != "digit"}
-    psnr = {c: float((10 * np.log10(1 / table[c])).mean()) for c in table.columns if c != "digit"}
-    table = pd.concat([table, pd.DataFrame([{"digit": "mean MSE", **means}, {"digit": "mean PSNR dB", **psnr}])],
+    psnrs = {c: float(psnr(table[c].to_numpy(dtype=float)).mean()) for c in table.columns if c != "digit"}
+    table = pd.concat([table, pd.DataFrame([{"digit": "mean MSE", **means}, {"digit": "mean PSNR dB", **psnrs}])],
                       ignore_index=True)
     return ("The winner and its refit: test MSE per digit (posterior_mean; chosen on validation, "
             "then retrained on training + validation for the winner's best epoch count)", table)
@@ -226,8 +238,8 @@ def _digits_vs_latent(out: Path, trials: pd.DataFrame, digits: pd.DataFrame, mod
                        "(the seed-replication preset, or --grid latent_dim=5,10,15,20, gives four)")
         return s
     mse = M.digit_matrix(digits, winners, metric="mse")
-    psnr = M.digit_matrix(digits, winners, metric="psnr")
-    for metric, matrix, fname in (("MSE", mse, "digits_mse.png"), ("PSNR", psnr, "digits_psnr.png")):
+    psnr_matrix = M.digit_matrix(digits, winners, metric="psnr")
+    for metric, matrix, fname in (("MSE", mse, "digits_mse.png"), ("PSNR", psnr_matrix, "digits_psnr.png")):
         ax = F.plot_digit_metric_vs_latent(matrix, metric=metric)
         _save(ax, out / fname)
         s.images.append(fname)
@@ -407,14 +419,14 @@ def _winner_data(study: Location, out: Path, dest: Location, win: pd.Series, opt
     key = hashlib.sha256(json.dumps([CACHE_VERSION, where.uri, mtime, size, settings[:5]]).encode()).hexdigest()[:16]
     rel = f"cache/{win['trial_id']}-{key}.npz"
     cache = out / rel
-    if not cache.is_file() and dest.remote and dest.is_file(rel):
+    if not cache.is_file() and dest.local_path() is None and dest.is_file(rel):
         dest.download(rel, cache)
     if cache.is_file():
         with np.load(cache, allow_pickle=False) as z:
             say(f"  winner arrays from cache {cache.name}")
             return C.from_arrays({k: z[k] for k in z.files})
     with tempfile.TemporaryDirectory(prefix="vae-ckpt-") as tmp:
-        local = where.local if where.local is not None else where.parent.download(where.name, Path(tmp) / "model.pt")
+        local = where.local_path() or where.parent.download(where.name, Path(tmp) / "model.pt")
         data = C.winner_data(local, settings, say)
     cache.parent.mkdir(parents=True, exist_ok=True)
     tmpf = cache.with_name(f".{cache.name}.{uuid.uuid4().hex[:6]}.tmp")

@@ -163,14 +163,48 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _finish(res: Any, spec: Any) -> int:
     """Print the summary; a study in which no trial finished is a failure (exit 1)."""
-    from study.tuner import summary_lines
-
     print("\n".join(summary_lines(res, spec)))
     if not res.any_finished:
         print(f"{PROG}: error: no trial of study {res.name!r} finished; the first error: {res.first_error()}",
               file=sys.stderr)
         return 1
     return 0
+
+
+def summary_lines(res: Any, spec: Any) -> list[str]:
+    """The end of a study, as `run` and `resume` print it: counts, the winner, its refit, where things are."""
+    from study.storage import OPTUNA_DB
+
+    df = res.trials
+    counts = df["status"].value_counts().to_dict() if len(df) else {}
+    lines = [
+        f"study {res.name!r} finished in {res.wall_seconds:.1f} s: "
+        + ", ".join(f"{counts.get(s, 0)} {s}" for s in ("completed", "pruned", "failed")),
+    ]
+    b = res.best
+    if b:
+        params = " ".join(
+            f"{k}={b[f'param_{k}']:.4g}" if isinstance(b[f"param_{k}"], float) else f"{k}={b[f'param_{k}']}"
+            for k in ("latent_dim", "beta", "lr", "arch") if f"param_{k}" in b
+        )
+        lines.append(f"best trial {b['trial_id']}: {params}")
+        lines.append(
+            f"  val -ELBO {b['val_elbo']:.2f} (recon {b['val_recon']:.2f}, KL {b['val_kl']:.2f}) at epoch "
+            f"{int(b['best_epoch'])}/{int(b['epochs_run'])}; test MSE {b['test_mse']:.5f}, PSNR {b['test_psnr']:.2f} dB"
+        )
+        ck = b["checkpoint"]
+        lines.append(f"  checkpoint: {f'{res.location.uri}/{ck}' if ck else None}")
+    r = res.refit
+    if r and r.get("test_psnr") is not None:
+        lines.append(f"refit {r['trial_id']} (the winner retrained on training + validation, {int(r['epochs_run'])} "
+                     f"epochs): test MSE {r['test_mse']:.5f}, PSNR {r['test_psnr']:.2f} dB")
+    lines.append(f"results: {res.location}  (vae-study results {res.location})")
+    local = res.location.local_path(OPTUNA_DB)
+    if local is None:
+        lines.append(f"optuna:  {res.location.uri}/{OPTUNA_DB}, a snapshot (study name {res.name!r})")
+    else:
+        lines.append(f"optuna:  sqlite:///{local}  (study name {res.name!r})")
+    return lines
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
@@ -191,7 +225,8 @@ def cmd_resume(args: argparse.Namespace) -> int:
     import os
 
     from study.errors import StudyError
-    from study.tuner import read_spec, resume
+    from study.spec import read_spec
+    from study.tuner import resume
 
     args.storage = args.storage or os.environ.get("VAE_STUDY_STORAGE")
     if not args.storage:
@@ -255,12 +290,6 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     opts = Options(trial=args.trial, device=args.device, tsne_points=args.tsne_points,
                    gap_images=args.gap_images, decoder_steps=args.decoder_steps)
-    for name, value, low in (("--tsne-points", opts.tsne_points, 5), ("--gap-images", opts.gap_images, 10),
-                             ("--decoder-steps", opts.decoder_steps, 1)):
-        if value < low:
-            from study.errors import StudyError
-
-            raise StudyError(f"{name} {value} must be at least {low}")
     index = build(args.study, args.out, options=opts, printer=_log)
     print(f"report: {index}")
     return 0

@@ -34,6 +34,7 @@ def init_ray(address: str | None, num_cpus: int | None) -> None:
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     _quiet()
     ray.init(
+        address="local",  # a new runtime, even where `ray start` left a cluster running on this machine
         num_cpus=num_cpus or os.cpu_count() or 1,
         include_dashboard=False,
         log_to_driver=False,
@@ -134,7 +135,7 @@ def check_storage_visible(root: Location, cluster: ClusterView, *, shared: bool)
     task on each alive node that can run trials looks for it. Where nodes will only appear later
     (an autoscaler), a folder is accepted only with ``shared`` (``--shared-storage``).
     """
-    if root.remote:
+    if root.visible_everywhere:
         return
     fix = "use --storage s3://bucket/prefix or gs://bucket/prefix, or a folder mounted on every node"
     blind = _nodes_not_seeing(root)
@@ -157,7 +158,7 @@ def _nodes_not_seeing(root: Location) -> tuple[str, int] | None:
     if not workers:
         return None
     token = uuid.uuid4().hex
-    marker = os.path.join(root._nearest_existing_dir(), f".vae-study-probe-{token[:12]}")
+    marker = os.path.join(root.nearest_existing_dir(), f".vae-study-probe-{token[:12]}")
     with open(marker, "w") as f:
         f.write(token)
     probe = ray.remote(num_cpus=0, max_retries=0)(_sees)

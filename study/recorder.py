@@ -1,4 +1,4 @@
-"""Tune callbacks -> Parquet rows: the results recorder, around the pure ``trial_row``.
+"""Tune callbacks -> Parquet rows: the results recorder, around ``study.rows``.
 
 The driver writes every row (through ``study.results`` and so ``study.storage``): a trial's
 epochs as they are reported, its per-digit test metrics when a checkpoint carries them, and its
@@ -8,56 +8,18 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import time
-from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any, Callable
 
 from ray.tune import Callback
 
-from study import results
-from study.space import RECORDED
+from study import results, rows
 from study.storage import Location
-from vae.train import best_epoch
 
 Printer = Callable[[str], None]
-_META_KEYS = ("node", "hostname", "device", "precision", "torch_version", "param_beta", "setup_seconds",
-              "restored_from_epoch", "report_seconds", "checkpoint_seconds")
+_META_KEYS = (*rows.NODE_KEYS, *rows.META_KEYS, "trained_with")
 _EPOCH_KEYS = [k for k in results.EPOCH_COLUMNS if k not in ("study", "trial_id")]
 _DIGIT_KEYS = ("split", "recon_mode", "digit", "n_images", "mse", "psnr")
-
-
-def trial_row(epochs: list[dict[str, Any]], *, status: str, objective: str) -> dict[str, Any]:
-    """A trial's results from its epoch rows: the best epoch (``vae.train.best_epoch``, the one
-    definition of it), that epoch's validation metrics, and the objective read at that epoch.
-
-    Args:
-        epochs: one dict per epoch with ``epoch``, ``val_*``, ``seconds``, ``images_per_second``.
-        status: completed, pruned or failed.
-        objective: the metric the study ranks on (its first objective), e.g. ``val_elbo``.
-    """
-    best = best_epoch(epochs)
-    seconds = sum(r.get("seconds") or 0 for r in epochs)
-    images = sum((r.get("images_per_second") or 0) * (r.get("seconds") or 0) for r in epochs)
-    return {
-        "status": status,
-        "best_epoch": best["epoch"] if best else None,
-        "epochs_run": max((r["epoch"] for r in epochs), default=0),
-        **{k: (best[k] if best else None) for k in ("val_elbo", "val_recon", "val_kl", "val_mse")},
-        "objective": best.get(objective) if best else None,
-        "train_seconds": seconds,
-        "images_per_second": images / seconds if seconds else None,
-    }
-
-
-def git_sha() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
-                             capture_output=True, text=True, timeout=5)
-        return out.stdout.strip() or None if out.returncode == 0 else None
-    except (OSError, subprocess.SubprocessError):
-        return None
 
 
 def error_line(text: str | None) -> str:
@@ -84,9 +46,6 @@ def trial_error(trial: Any) -> str:
             text = f.read()
     return error_line(text or trial.get_error())
 
-
-def _now() -> datetime:
-    return datetime.now(timezone.utc)
 
 
 class _TrialLog:
@@ -121,11 +80,6 @@ class ResultsRecorder(Callback):
         self.logs: dict[str, _TrialLog] = {}
         self.resumed = False  # a new driver of an interrupted study: the old one's rows may exist
         self.write_seconds = 0.0  # time the driver spent writing (the study benchmark reads it)
-        self.git_sha = git_sha()
-        import optuna
-        import ray
-
-        self.versions = {"ray_version": ray.__version__, "optuna_version": optuna.__version__}
 
     def attach(self, study: Location) -> None:
         """Write to this study folder (a resumed study may have been moved since it was pickled)."""
@@ -143,7 +97,7 @@ class ResultsRecorder(Callback):
         return self.logs[tid]
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._log(trial).meta.setdefault("started_at", _now())
+        self._log(trial).meta.setdefault("started_at", rows.now())
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         t0 = time.perf_counter()
@@ -156,7 +110,7 @@ class ResultsRecorder(Callback):
             log.meta.update({k: result[k] for k in ("test_elbo", "test_mse", "test_psnr")})
             base = {"study": self.spec.name, "trial_id": trial.trial_id}
             results.write_rows(self.study, "digits", trial.trial_id, [{**base, **r} for r in log.meta["digits"]])
-        if not self.study.remote or time.monotonic() - log.written_at >= self.BUCKET_EPOCHS_EVERY_S:
+        if not self.study.over_network or time.monotonic() - log.written_at >= self.BUCKET_EPOCHS_EVERY_S:
             self._write_epochs(trial.trial_id, log)
         self.write_seconds += time.perf_counter() - t0
 
@@ -189,28 +143,16 @@ class ResultsRecorder(Callback):
             # restored its final checkpoint and trained nothing. Keep the row as it was.
             self.logs.pop(tid, None)
             return
-        rows = [log.epochs[e] for e in sorted(log.epochs)]
-        meta = log.meta
-        params = {f"param_{k}": trial.config.get(k) for k in RECORDED}
-        if "param_beta" in meta:  # derived in the trial (beta_times_latent)
-            params["param_beta"] = meta["param_beta"]
-        row = {
-            **trial_row(rows, status=status, objective=self.spec.objective[0]),
-            "error": error,
-            **params,
-            "dataset": trial.config.get("dataset"),
-            **{k: meta.get(k) for k in ("test_elbo", "test_mse", "test_psnr", "setup_seconds", "restored_from_epoch",
-                                        "report_seconds", "checkpoint_seconds")},
+        epochs = [log.epochs[e] for e in sorted(log.epochs)]
+        values = {**trial.config, **(log.meta.get("trained_with") or {})}  # what it trained with
+        row = rows.trials_row(
+            status=status, error=error, values=values, facts=log.meta,
+            results=rows.trial_results(epochs, status=status, objective=self.spec.objective[0]),
             # num_failures counts every failure, a final one included
-            "attempts": int(trial.num_failures) + (0 if status == "failed" else 1),
-            **{k: meta.get(k) for k in ("node", "hostname", "device", "precision", "torch_version")},
-            **self.versions,
-            "git_sha": self.git_sha,
-            "checkpoint": checkpoint_path(trial, self.study),
-            "started_at": meta.get("started_at"),
-            "finished_at": _now(),
-        }
-        results.write_trial(self.study, tid, row, rows, meta.get("digits", []))
+            attempts=int(trial.num_failures) + (0 if status == "failed" else 1),
+            checkpoint=checkpoint_path(trial, self.study), started_at=log.meta.get("started_at"),
+        )
+        results.write_trial(self.study, tid, row, epochs, log.meta.get("digits", []))
         self.logs.pop(tid, None)
         self.write_seconds += time.perf_counter() - t0
 

@@ -11,12 +11,12 @@ back to the driver, which writes it to the study's storage (a folder or a bucket
 """
 from __future__ import annotations
 
-from datetime import datetime, timezone
 from typing import Any, Callable
 
 import pandas as pd
 
 from study import results
+from study.rows import now, test_rows, trials_row
 from study.space import RECORDED
 from study.spec import StudySpec
 from study.storage import Location
@@ -43,19 +43,18 @@ def refit_id(winner_id: str) -> str:
 
 def _refit_task(values: dict[str, Any], threads: int) -> dict[str, Any]:
     """Runs in a Ray worker: train on train+val, keep the last epoch, evaluate on test."""
-    import socket
     import tempfile
     from pathlib import Path
 
-    import ray
     import torch
 
+    from study.rows import node_facts
     from study.trainable import TRIAL_MODES
     from vae import checkpoint as ckpt_io
     from vae.config import TrainConfig
     from vae.data import load
     from vae.evaluate import evaluate_split
-    from vae.train import effective_precision, fit, resolve_device
+    from vae.train import fit, resolve_device
 
     torch.set_num_threads(max(1, threads))
     tc = TrainConfig.from_dict(values)
@@ -65,14 +64,11 @@ def _refit_task(values: dict[str, Any], threads: int) -> dict[str, Any]:
     out: dict[str, Any] = {
         "status": fitted.status, "error": fitted.error, "epochs": len(fitted.history),
         "train_seconds": fitted.train_seconds, "images_per_second": fitted.images_per_second,
-        "node": ray.get_runtime_context().get_node_id(),
-        "hostname": socket.gethostname(), "device": str(device), "precision": effective_precision(tc, device),
-        "torch_version": str(torch.__version__),
+        "facts": node_facts(tc, device),
     }
     if fitted.status != "completed":
         return out
-    ev = evaluate_split(fitted.model, data.test, modes=TRIAL_MODES, device=device)
-    out["test"] = ev
+    out["test"] = evaluate_split(fitted.model, data.test, modes=TRIAL_MODES, device=device)
     with tempfile.TemporaryDirectory(prefix="vae-refit-") as tmp:
         path = ckpt_io.save(Path(tmp) / "model.pt", fitted.model, tc, epoch=tc.epochs, refit=True,
                             n_train=len(data.train))
@@ -101,37 +97,24 @@ def run_refit(spec: StudySpec, study: Location, trials: pd.DataFrame, fixed: dic
     values = refit_values(fixed, win)
     printer(f"refit: trial {win['trial_id']}'s configuration on training + validation images, "
             f"{values['epochs']} epochs")
-    started = datetime.now(timezone.utc)
+    started = now()
     task = ray.remote(_refit_task).options(num_cpus=spec.cpus_per_trial, num_gpus=spec.gpus_per_trial,
                                            max_retries=spec.max_failures)
     out = ray.get(task.remote(values, int(spec.cpus_per_trial)))
-    row: dict[str, Any] = {
-        "status": STATUS,
-        "refit_of": str(win["trial_id"]),
-        "error": out["error"],
-        **{f"param_{k}": values.get(k) for k in RECORDED},
-        "dataset": values.get("dataset"),
-        "best_epoch": out["epochs"] if out["status"] == "completed" else None,
-        "epochs_run": out["epochs"],
-        "train_seconds": out["train_seconds"],
-        "images_per_second": out["images_per_second"],
-        "attempts": 1,
-        **{k: out[k] for k in ("node", "hostname", "device", "precision", "torch_version")},
-        "started_at": started,
-        "finished_at": datetime.now(timezone.utc),
-    }
-    digits: list[dict[str, Any]] = []
-    if out["status"] == "completed":
-        ev = out["test"]
-        pm = ev["modes"]["posterior_mean"]
-        row.update({"test_elbo": ev["neg_elbo"], "test_mse": pm["mean_mse"], "test_psnr": pm["mean_psnr"]})
-        digits = [{"split": "test", "recon_mode": mode, **r} for mode, entry in ev["modes"].items()
-                  for r in entry["per_digit"]]
-        rel = f"refit/{win['trial_id']}/model.pt"
-        study.write_bytes(rel, out["checkpoint"])
-        row["checkpoint"] = rel
-    else:
-        row["error"] = f"refit failed: {out['error']}"
+    done = out["status"] == "completed"
+    facts, digits, checkpoint = dict(out["facts"]), [], None
+    if done:
+        metrics, digits = test_rows(out["test"])
+        facts.update(metrics)
+        checkpoint = f"refit/{win['trial_id']}/model.pt"
+        study.write_bytes(checkpoint, out["checkpoint"])
+    row = trials_row(
+        status=STATUS, refit_of=str(win["trial_id"]), error=None if done else f"refit failed: {out['error']}",
+        values=values, facts=facts, attempts=1,
+        checkpoint=checkpoint, started_at=started,
+        results={"best_epoch": out["epochs"] if done else None, "epochs_run": out["epochs"],
+                 "train_seconds": out["train_seconds"], "images_per_second": out["images_per_second"]},
+    )
     # No epoch rows: the epochs table stays the search's (its validation columns would be
     # measured on training images here); the row carries the refit's training seconds.
     results.write_trial(study, tid, row, [], digits)

@@ -215,7 +215,7 @@ def _union(files: list[tuple[Location, str]], got: list[pa.Table | BaseException
     for (study, rel), one in zip(files, got):
         if isinstance(one, BaseException):  # corrupt or foreign file: report it, keep the rest
             reason = str(one).splitlines()[0] if str(one) else type(one).__name__
-            where = study.local / rel if study.local else f"{study.uri}/{rel}"
+            where = study.local_path(rel) or f"{study.uri}/{rel}"
             if on_skip is not None:
                 on_skip(where, reason)
             else:
@@ -233,8 +233,9 @@ def _union(files: list[tuple[Location, str]], got: list[pa.Table | BaseException
 
 def _read_one(study: Location, rel: str) -> pa.Table | BaseException:
     try:
-        if study.local is not None:
-            return pq.read_table(study.local / rel)
+        local = study.local_path(rel)
+        if local is not None:
+            return pq.read_table(local)
         return pq.read_table(io.BytesIO(study.read_bytes(rel)))
     except Exception as exc:  # noqa: BLE001 - reported by the caller
         return exc
@@ -242,7 +243,7 @@ def _read_one(study: Location, rel: str) -> pa.Table | BaseException:
 
 def _read_all(files: list[tuple[Location, str]]) -> list[pa.Table | BaseException]:
     """Read files in order; a bucket's many small objects are fetched concurrently."""
-    if len(files) > 1 and any(study.remote for study, _ in files):
+    if len(files) > 1 and any(study.over_network for study, _ in files):
         from concurrent.futures import ThreadPoolExecutor
 
         with ThreadPoolExecutor(max_workers=16) as pool:

@@ -192,12 +192,9 @@ def asha_rungs(spec: StudySpec) -> list[int]:
     return rungs
 
 
-def restored_searcher(tuner: Any) -> Any:
-    """The StudySearch inside a restored Tuner (under Tune's wrappers), or None if it is not one."""
-    try:
-        inner = tuner._local_tuner._tune_config.search_alg
-    except AttributeError:  # private API moved: refuse rather than resume blind
-        return None
+def unwrap_searcher(search_alg: Any) -> Any:
+    """The StudySearch under Tune's wrappers (a concurrency limiter), or None if it is not one."""
+    inner = search_alg
     while hasattr(inner, "searcher"):
         inner = inner.searcher
     return inner if isinstance(inner, StudySearch) else None

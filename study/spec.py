@@ -105,6 +105,11 @@ class StudySpec:
             return math.prod(len(v) for v in self.grid.values())
         return self.trials
 
+    @property
+    def varied(self) -> set[str]:
+        """The TrainConfig fields that differ between trials: searched, on the grid, or derived."""
+        return set(self.space) | set(self.grid) | ({"beta"} if self.beta_times_latent else set())
+
     def base_config(self) -> TrainConfig:
         """The fixed part of every trial's TrainConfig (searched values filled with defaults)."""
         return TrainConfig.from_dict({**self.train, "epochs": self.epochs})
@@ -222,6 +227,15 @@ def build_spec(toml: dict[str, Any] | None, overrides: dict[str, Any]) -> StudyS
     values["space"] = space
     values["grid"] = grid
     return validate(values)
+
+
+def trial_values(config: dict[str, Any], beta_times_latent: float | None) -> dict[str, Any]:
+    """A trial's TrainConfig values: what Tune hands it, plus the values a spec derives from them
+    (the seed-replication preset's beta = beta_times_latent / latent_dim)."""
+    values = dict(config)
+    if beta_times_latent:
+        values["beta"] = beta_times_latent / values["latent_dim"]
+    return values
 
 
 # `vae-study run`'s options that are the study's own (the training values come from study.space).
@@ -391,4 +405,30 @@ def _parse_value(text: str) -> Any:
     return text
 
 
-__all__ = ["StudySpec", "build_spec", "overrides_from_flags", "read_toml", "parse_grid", "OBJECTIVES", "ARCHS"]
+# --------------------------------------------------------------------------- the spec, kept with its study
+
+def write_spec(study: Any, spec: StudySpec) -> None:
+    """``study.json``: what ``resume`` rebuilds the study from."""
+    import json
+
+    from study.storage import SPEC_FILE
+
+    study.write_text(SPEC_FILE, json.dumps(spec.to_dict(), indent=2))
+
+
+def read_spec(storage: str, name: str) -> StudySpec:
+    """The spec of study ``name`` under ``storage``; a missing or damaged one is a user error."""
+    import json
+
+    from study.storage import SPEC_FILE, study_location
+
+    study = study_location(storage, name)
+    if not study.is_file(SPEC_FILE):
+        raise StudyError(f"no study {name!r} in {storage} (no {study.uri}/{SPEC_FILE}); start it with `vae-study run`")
+    try:
+        return StudySpec.from_dict(json.loads(study.read_text(SPEC_FILE)))
+    except (ValueError, TypeError) as exc:
+        raise StudyError(f"{study.uri}/{SPEC_FILE} is damaged ({exc}); the study cannot be resumed") from exc
+
+
+__all__ = ["StudySpec", "read_spec", "write_spec", "build_spec", "overrides_from_flags", "read_toml", "parse_grid", "OBJECTIVES", "ARCHS"]

@@ -28,7 +28,7 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Protocol, runtime_checkable
 
 from study.errors import StudyError
 
@@ -37,6 +37,39 @@ OPTUNA_DB = "optuna.db"
 TUNE_DIR = "tune"
 REPORT_DIR = "report"
 REMOTE_SCHEMES = ("s3", "gs")
+# A study in a bucket: Ray uploads trial logs and TensorBoard files this often (its default is 300 s).
+BUCKET_SYNC_EVERY_S = 5
+
+
+@runtime_checkable
+class Store(Protocol):
+    """What a study's storage can do. Callers ask it; none checks what kind it is.
+
+    Two implementations: :class:`Folder` (a file system, local or mounted) and :class:`Bucket`
+    (an object store through ``pyarrow.fs``). Adding a backend means one class and its tests.
+    """
+
+    uri: str
+    name: str
+    over_network: bool  # every read, write and listing is a request: batch writes, fetch reads at once
+    visible_everywhere: bool  # every node of a cluster sees the same files without a shared mount
+
+    def __truediv__(self, rel: str) -> "Store": ...
+    @property
+    def parent(self) -> "Store": ...
+    def read_bytes(self, rel: str) -> bytes: ...
+    def write_bytes(self, rel: str, data: bytes) -> None: ...
+    def exists(self, rel: str = "") -> bool: ...
+    def files(self, rel: str = "", suffix: str = "") -> list[str]: ...
+    def folders(self, rel: str = "") -> list[str]: ...
+    def delete(self, rel: str) -> None: ...
+    def local_path(self, rel: str = "") -> Path | None: ...
+    def working_path(self, rel: str) -> Path: ...
+    def has_content(self) -> bool: ...
+    def lock(self) -> contextlib.AbstractContextManager[None]: ...
+    def ray_storage(self) -> dict[str, Any]: ...
+
+
 
 
 class Location:
@@ -46,29 +79,28 @@ class Location:
         where: a path, ``file://`` URI, or ``s3://`` / ``gs://`` URI.
     """
 
-    def __init__(self, where: str | os.PathLike | "Location") -> None:
-        if isinstance(where, Location):
-            self.scheme, self.path = where.scheme, where.path
-        else:
-            self.scheme, self.path = _parse(str(where))
-        self._fs: Any = None
+    over_network = False
+    visible_everywhere = False
+
+    def __new__(cls, where: str | os.PathLike | "Location" | None = None) -> "Location":
+        if where is None:  # unpickling: __setstate__ fills it in
+            return object.__new__(cls)
+        scheme, path = (where.scheme, where.path) if isinstance(where, Location) else _parse(str(where))
+        if cls is Location:
+            cls = Bucket if scheme in REMOTE_SCHEMES else Folder
+        loc = object.__new__(cls)
+        loc.scheme, loc.path, loc._fs = scheme, path, None
+        return loc
+
+    def __init__(self, where: str | os.PathLike | "Location" | None = None) -> None:
+        pass  # made whole by __new__, which picks the kind
 
     # ------------------------------------------------------------------ identity
 
     @property
-    def remote(self) -> bool:
-        """True for an object store (``s3://``, ``gs://``)."""
-        return self.scheme in REMOTE_SCHEMES
-
-    @property
     def uri(self) -> str:
         """``/abs/path`` for a file system, ``s3://bucket/prefix`` for a bucket."""
-        return f"{self.scheme}://{self.path}" if self.remote else self.path
-
-    @property
-    def local(self) -> Path | None:
-        """The folder as a local ``Path``, or None on an object store."""
-        return None if self.remote else Path(self.path)
+        return self.path
 
     @property
     def name(self) -> str:
@@ -97,8 +129,12 @@ class Location:
         # A pyarrow file system is rebuilt where it is used, from the environment there.
         return {"scheme": self.scheme, "path": self.path, "_fs": None}
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.__class__ = Bucket if self.scheme in REMOTE_SCHEMES else Folder  # a Location pickled before the kinds
+
     def _with_path(self, path: str) -> "Location":
-        loc = Location.__new__(Location)
+        loc = object.__new__(type(self))
         loc.scheme, loc.path, loc._fs = self.scheme, path, self._fs
         return loc
 
@@ -110,16 +146,11 @@ class Location:
     def fs(self) -> Any:
         """The ``pyarrow.fs.FileSystem`` behind this location."""
         if self._fs is None:
-            import pyarrow.fs as pafs
-
-            if not self.remote:
-                self._fs = pafs.LocalFileSystem()
-            else:
-                try:
-                    self._fs, _ = pafs.FileSystem.from_uri(self.uri)
-                except Exception as exc:  # pyarrow raises ArrowInvalid / OSError with one line
-                    raise StudyError(f"cannot open storage {self.uri}: {_first_line(exc)}") from None
+            self._fs = self._open_fs()
         return self._fs
+
+    def _open_fs(self) -> Any:
+        raise NotImplementedError
 
     # ------------------------------------------------------------------ queries
 
@@ -143,12 +174,7 @@ class Location:
         """A folder; on an object store, a prefix that holds at least one object."""
         import pyarrow.fs as pafs
 
-        info = self._info(rel)
-        if info.type != pafs.FileType.Directory:
-            return False
-        if not self.remote:
-            return True
-        return bool(self._list(rel, recursive=False, limit_one=True))
+        return self._info(rel).type == pafs.FileType.Directory
 
     def stat(self, rel: str = "") -> tuple[int, int]:
         """(size in bytes, modification time in ns) of a file."""
@@ -202,24 +228,14 @@ class Location:
         return self.read_bytes(rel).decode("utf-8")
 
     def write_bytes(self, rel: str, data: bytes) -> None:
-        """Write a whole file: a temporary name then ``os.replace`` locally; one PUT on a bucket."""
-        target = self._join(rel)
+        """Write a whole file: a reader sees the old one or the new one, never a part."""
         try:
-            if self.remote:
-                with self.fs.open_output_stream(target) as f:
-                    f.write(data)
-                return
-            os.makedirs(posixpath.dirname(target), exist_ok=True)
-            tmp = posixpath.join(posixpath.dirname(target), f".{posixpath.basename(target)}.{uuid.uuid4().hex[:8]}.tmp")
-            try:
-                with open(tmp, "wb") as f:
-                    f.write(data)
-                os.replace(tmp, target)
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
+            self._write_whole(self._join(rel), data)
         except OSError as exc:
             raise StudyError(f"cannot write {self.uri}/{rel}: {_first_line(exc)}") from None
+
+    def _write_whole(self, target: str, data: bytes) -> None:
+        raise NotImplementedError
 
     def write_text(self, rel: str, text: str) -> None:
         self.write_bytes(rel, text.encode("utf-8"))
@@ -259,41 +275,116 @@ class Location:
             raise StudyError(f"cannot delete {self.uri}/{rel}: {_first_line(exc)}") from None
 
     def ensure_dir(self, rel: str = "") -> None:
-        """Create the folder on a file system (a bucket has no folders to create)."""
-        if not self.remote:
-            try:
-                os.makedirs(self._join(rel), exist_ok=True)
-            except OSError as exc:
-                raise StudyError(f"storage {self.uri} is not writable ({_first_line(exc)}): "
-                                 "choose another --storage") from None
+        """Make the folder where folders exist (a bucket has none to make)."""
 
     def check_writable(self) -> None:
         """Fail before any trial starts when the storage cannot take a file; writes nothing that stays."""
         probe = f".write-test-{uuid.uuid4().hex[:8]}"
         try:
-            if self.remote:
-                with self.fs.open_output_stream(self._join(probe)) as f:
-                    f.write(b"\0" * 1024)
-            else:
-                # Only probe inside a folder that exists: creating one would leave it behind.
-                folder = self._nearest_existing_dir()
-                path = os.path.join(folder, probe)
-                try:
-                    with open(path, "wb") as f:
-                        f.write(b"\0" * 65536)
-                        f.flush()
-                        os.fsync(f.fileno())
-                finally:
-                    if os.path.exists(path):
-                        os.unlink(path)
-                return
+            self._probe_write(probe)
+        except OSError as exc:
+            raise StudyError(f"storage {self.uri} is not writable ({_first_line(exc)}): choose another --storage"
+                             + self._unwritable_hint) from None
+
+    _unwritable_hint = ""
+
+    def _probe_write(self, probe: str) -> None:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ what callers ask instead of its kind
+
+    def local_path(self, rel: str = "") -> Path | None:
+        """A path this process can open for ``rel``, or None where files are not on this machine."""
+        return None
+
+    def working_path(self, rel: str) -> Path:
+        """Where this process works on ``rel`` as a local file (SQLite needs one): the file itself
+        where it is local, else a per-user cache file kept for this location."""
+        local = self.local_path(rel)
+        if local is not None:
+            return local
+        from vae.data import cache_dir
+
+        return cache_dir() / "stores" / self._key() / rel
+
+    def _key(self) -> str:
+        return hashlib.sha256(self.uri.encode()).hexdigest()[:16]
+
+    def has_content(self) -> bool:
+        """The folder exists and holds something."""
+        return self.is_dir()
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """One process at a time: a second one fails at once (:class:`StudyError`). The lock is a
+        file beside a local folder; for a bucket, a file in the per-user cache, so it holds
+        against processes on this machine only."""
+        from filelock import FileLock, Timeout
+
+        path = self._lock_path()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(path))
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            raise StudyError(f"study {self.name!r} in {self.parent} is being run by another process right now; "
+                             "wait for it, or pick another --name") from None
+        try:
+            yield
+        finally:
+            lock.release()
+
+    def _lock_path(self) -> Path:
+        from vae.data import cache_dir
+
+        return cache_dir() / "locks" / f"{self._key()}.lock"
+
+    def ray_storage(self) -> dict[str, Any]:
+        """Ray Tune's ``RunConfig`` arguments that put an experiment here."""
+        return {"storage_path": self.uri}
+
+
+class Folder(Location):
+    """A folder on a file system: local, or mounted (NFS, EFS) where every node has it."""
+
+    def _open_fs(self) -> Any:
+        import pyarrow.fs as pafs
+
+        return pafs.LocalFileSystem()
+
+    def _write_whole(self, target: str, data: bytes) -> None:
+        # a temporary name in the same folder, then os.replace
+        os.makedirs(posixpath.dirname(target), exist_ok=True)
+        tmp = posixpath.join(posixpath.dirname(target), f".{posixpath.basename(target)}.{uuid.uuid4().hex[:8]}.tmp")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, target)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+    def ensure_dir(self, rel: str = "") -> None:
+        try:
+            os.makedirs(self._join(rel), exist_ok=True)
         except OSError as exc:
             raise StudyError(f"storage {self.uri} is not writable ({_first_line(exc)}): "
-                             "choose another --storage" + (", or check the bucket name and your credentials"
-                                                           if self.remote else "")) from None
-        self.delete(probe)
+                             "choose another --storage") from None
 
-    def _nearest_existing_dir(self) -> str:
+    def _probe_write(self, probe: str) -> None:
+        # Only probe inside a folder that exists: creating one would leave it behind.
+        path = os.path.join(self.nearest_existing_dir(), probe)
+        try:
+            with open(path, "wb") as f:
+                f.write(b"\0" * 65536)
+                f.flush()
+                os.fsync(f.fileno())
+        finally:
+            if os.path.exists(path):
+                os.unlink(path)
+
+    def nearest_existing_dir(self) -> str:
+        """This folder, or the closest one above it that exists."""
         path = self.path
         while not os.path.isdir(path):
             if os.path.exists(path):
@@ -303,6 +394,57 @@ class Location:
                 break
             path = up
         return path
+
+    def local_path(self, rel: str = "") -> Path | None:
+        return Path(self._join(rel))
+
+    def has_content(self) -> bool:
+        return self.is_dir() and any(Path(self.path).iterdir())
+
+    def _lock_path(self) -> Path:
+        return Path(self.path).parent / f".{self.name}.lock"
+
+
+class Bucket(Location):
+    """A prefix in an object store (``s3://``, ``gs://``), through ``pyarrow.fs``: every node
+    with credentials sees it; every read, write and listing is a request."""
+
+    over_network = True
+    visible_everywhere = True
+    _unwritable_hint = ", or check the bucket name and your credentials"
+
+    @property
+    def uri(self) -> str:
+        return f"{self.scheme}://{self.path}"
+
+    def _open_fs(self) -> Any:
+        import pyarrow.fs as pafs
+
+        try:
+            fs, _ = pafs.FileSystem.from_uri(self.uri)
+        except Exception as exc:  # pyarrow raises ArrowInvalid / OSError with one line
+            raise StudyError(f"cannot open storage {self.uri}: {_first_line(exc)}") from None
+        return fs
+
+    def _write_whole(self, target: str, data: bytes) -> None:
+        with self.fs.open_output_stream(target) as f:  # one PUT
+            f.write(data)
+
+    def is_dir(self, rel: str = "") -> bool:
+        """A prefix that holds at least one object."""
+        return super().is_dir(rel) and bool(self._list(rel, recursive=False, limit_one=True))
+
+    def _probe_write(self, probe: str) -> None:
+        with self.fs.open_output_stream(self._join(probe)) as f:
+            f.write(b"\0" * 1024)
+        self.delete(probe)
+
+    def ray_storage(self) -> dict[str, Any]:
+        from ray import tune
+
+        # trial logs and TensorBoard files go to the bucket too, not only checkpoints
+        return {"storage_path": self.uri,
+                "sync_config": tune.SyncConfig(sync_period=BUCKET_SYNC_EVERY_S, sync_artifacts=True)}
 
 
 class OptunaDB:
@@ -319,13 +461,13 @@ class OptunaDB:
 
     @property
     def path(self) -> Path:
-        """The working copy: the study's own file on a file system, else a per-study local cache file."""
-        if self.study.local is not None:
-            return self.study.local / OPTUNA_DB
-        from vae.data import cache_dir
+        """The working copy: the study's own file where it is local, else a per-user cache file."""
+        return self.study.working_path(OPTUNA_DB)
 
-        key = hashlib.sha256(self.study.uri.encode()).hexdigest()[:16]
-        return cache_dir() / "optuna" / key / OPTUNA_DB
+    @property
+    def published(self) -> bool:
+        """The working copy is a copy: snapshots of it are what the study keeps."""
+        return self.study.local_path(OPTUNA_DB) is None
 
     @property
     def url(self) -> str:
@@ -339,13 +481,13 @@ class OptunaDB:
 
     def reset(self) -> None:
         """A new study: no working copy left from an earlier study at the same URI."""
-        if self.study.remote:
+        if self.published:
             for suffix in ("", "-journal", "-wal", "-shm"):
                 Path(f"{self.path}{suffix}").unlink(missing_ok=True)
 
     def fetch(self) -> bool:
         """Resume: replace the working copy with the published snapshot. False if there is none."""
-        if not self.study.remote:
+        if not self.published:
             return self.path.is_file()
         if not self.study.is_file(OPTUNA_DB):
             return False
@@ -354,8 +496,8 @@ class OptunaDB:
         return True
 
     def publish(self) -> None:
-        """Upload a consistent snapshot of the working copy, whole (no-op on a file system)."""
-        if not self.study.remote or not self.path.is_file():
+        """Upload a consistent snapshot of the working copy, whole (nothing to do where it is local)."""
+        if not self.published or not self.path.is_file():
             return
         t0 = time.perf_counter()
         snap = self.path.with_name(f".{OPTUNA_DB}.{uuid.uuid4().hex[:8]}.snapshot")
@@ -370,8 +512,8 @@ class OptunaDB:
 
     @contextlib.contextmanager
     def read_copy(self) -> Iterator[Path | None]:
-        """A local file to read the study from (a temporary download on a bucket), or None."""
-        if not self.study.remote:
+        """A local file to read the study from (a temporary download of the snapshot), or None."""
+        if not self.published:
             yield self.path if self.path.is_file() else None
             return
         if not self.study.is_file(OPTUNA_DB):

@@ -17,13 +17,14 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from study.spec import OBJECTIVES
+from study.rows import node_facts, test_rows
+from study.space import RECORDED
+from study.spec import OBJECTIVES, trial_values
 
 # Recon modes recorded per trial; decoder_only is costly and left to the report.
 TRIAL_MODES = ("posterior_mean", "posterior_sample")
@@ -34,29 +35,20 @@ class TrialFailed(RuntimeError):
     """Training cannot go on (NaN loss, bad config); Ray records the trial as errored."""
 
 
-def trial_config(config: dict[str, Any], runtime: dict[str, Any]) -> dict[str, Any]:
-    """The TrainConfig values of one trial: Tune's config plus rules that derive values."""
-    values = dict(config)
-    if runtime.get("beta_times_latent"):
-        values["beta"] = runtime["beta_times_latent"] / values["latent_dim"]
-    return values
-
-
 def train_trial(config: dict[str, Any], runtime: dict[str, Any]) -> None:
     """Train one trial. ``runtime`` holds settings that are not hyperparameters (CPU threads)."""
     entered = time.perf_counter()
-    import ray
     import torch
     from ray import tune
 
     from vae import checkpoint as ckpt_io
     from vae.config import ConfigError, TrainConfig
     from vae.data import load
-    from vae.train import effective_precision, fit, resolve_device
+    from vae.train import fit, resolve_device
 
     torch.set_num_threads(max(1, int(runtime.get("cpus_per_trial", 1))))
     try:
-        tc = TrainConfig.from_dict(trial_config(config, runtime))
+        tc = TrainConfig.from_dict(trial_values(config, runtime.get("beta_times_latent")))
     except ConfigError as exc:
         raise TrialFailed(f"invalid trial config: {exc}") from None
     device = resolve_device(tc.device)
@@ -77,14 +69,10 @@ def train_trial(config: dict[str, Any], runtime: dict[str, Any]) -> None:
             return
 
     static = {
-        "node": ray.get_runtime_context().get_node_id(),
-        "hostname": socket.gethostname(),
-        "device": str(device) + (f":{torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""),
-        "precision": effective_precision(tc, device),
-        "torch_version": str(torch.__version__),
+        **node_facts(tc, device),
         "pid": os.getpid(),
         "entered_unix": time.time() - (time.perf_counter() - entered),
-        "param_beta": tc.beta,
+        "trained_with": {k: getattr(tc, k) for k in RECORDED},  # derived values included
         "restored_from_epoch": start_epoch - 1,  # 0: this attempt started from scratch
         # imports, data (memoised in a reused worker) and model set-up, before the first step
         "setup_seconds": time.perf_counter() - entered,
@@ -164,12 +152,9 @@ class _Reporter:
 
         self.scratch.load_state_dict(state.best_state)
         ev = evaluate_split(self.scratch, self.test, modes=TRIAL_MODES, device=self.device)
-        self.best_values["test_elbo"] = ev["neg_elbo"]
-        self.best_values["test_mse"] = ev["modes"]["posterior_mean"]["mean_mse"]
-        self.best_values["test_psnr"] = ev["modes"]["posterior_mean"]["mean_psnr"]
-        self.best_values["test_digits"] = json.dumps(
-            [{"split": "test", "recon_mode": mode, **row} for mode, entry in ev["modes"].items()
-             for row in entry["per_digit"]])
+        metrics, digits = test_rows(ev)
+        self.best_values.update(metrics)
+        self.best_values["test_digits"] = json.dumps(digits)
 
     def _save(self, folder: Path, epoch: int, state: Any) -> None:
         """model.pt: the best weights (what the report analyses); state.pt: the current weights

@@ -7,24 +7,21 @@ and ASHA), ``cluster`` (Ray, resources and the checks that a study's storage is 
 """
 from __future__ import annotations
 
-import contextlib
-import json
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 from study import cluster, results
 from study.errors import StudyError, StudyInterrupted
-from study.spec import StudySpec
-from study.storage import SPEC_FILE, TUNE_DIR, Location, OptunaDB, study_location
+from study.spec import StudySpec, read_spec, write_spec
+from study.storage import TUNE_DIR, Location, OptunaDB, study_location
 
 Printer = Callable[[str], None]
 # Ray saves its experiment state at most this often (default 10+ s), and a study in a bucket
 # uploads it at most this often (default 300 s), so a killed driver loses little.
 STATE_EVERY_S = "3"
-REMOTE_SYNC_EVERY_S = 5
 
 
 @dataclass
@@ -42,7 +39,7 @@ class StudyResult:
     @property
     def folder(self) -> Path | str:
         """The study folder: a Path on a file system, the URI on a bucket."""
-        return self.location.local or self.location.uri
+        return self.location.local_path() or self.location.uri
 
     @property
     def any_finished(self) -> bool:
@@ -53,28 +50,9 @@ class StudyResult:
         return None if failed.empty else str(failed.sort_values("finished_at")["error"].iloc[0])
 
 
-# --------------------------------------------------------------------------- the study's spec
-
-def write_spec(study: Location, spec: StudySpec) -> None:
-    study.write_text(SPEC_FILE, json.dumps(spec.to_dict(), indent=2))
-
-
-def read_spec(storage: str, name: str) -> StudySpec:
-    study = study_location(storage, name)
-    if not study.is_file(SPEC_FILE):
-        raise StudyError(f"no study {name!r} in {storage} (no {study.uri}/{SPEC_FILE}); start it with `vae-study run`")
-    try:
-        return StudySpec.from_dict(json.loads(study.read_text(SPEC_FILE)))
-    except (ValueError, TypeError) as exc:
-        raise StudyError(f"{study.uri}/{SPEC_FILE} is damaged ({exc}); the study cannot be resumed") from exc
-
-
 def fixed_params(spec: StudySpec) -> dict[str, Any]:
     """Tune's param_space: every TrainConfig value that is not searched (the searcher adds those)."""
-    searched = set(spec.space) | set(spec.grid)
-    if spec.beta_times_latent:
-        searched.add("beta")
-    return {k: v for k, v in spec.base_config().to_dict().items() if k not in searched}
+    return {k: v for k, v in spec.base_config().to_dict().items() if k not in spec.varied}
 
 
 def make_trainable(spec: StudySpec) -> Any:
@@ -112,7 +90,7 @@ def run(spec: StudySpec, *, overwrite: bool = False, printer: Printer = print) -
         data_checked(quiet=True)
         raise
     data_checked()
-    with _study_lock(study):
+    with study.lock():
         _refuse_existing(study, spec, overwrite)  # again, now that no other driver can race us
         if overwrite:
             study.delete_tree()
@@ -142,7 +120,7 @@ def resume(storage: str, name: str, *, printer: Printer = print, address: str | 
                          "run it again with --overwrite")
     study.check_writable()
     view = _connect(spec, study)
-    with _study_lock(study):
+    with study.lock():
         OptunaDB(study).fetch()
         return _fit(spec, study, view, printer, restore=True)
 
@@ -182,39 +160,11 @@ def _connect(spec: StudySpec, study: Location) -> cluster.ClusterView:
 
 
 def _refuse_existing(study: Location, spec: StudySpec, overwrite: bool) -> None:
-    if not overwrite and study.is_dir() and (study.remote or any(study.local.iterdir())):
+    if not overwrite and study.has_content():
         raise StudyError(
             f"study {spec.name!r} already exists in {study.parent}: resume it with "
             f"`vae-study resume --name {spec.name} --storage {spec.storage}`, pick another --name, or pass --overwrite"
         )
-
-
-@contextlib.contextmanager
-def _study_lock(study: Location) -> Iterator[None]:
-    """One driver per study: a second `run` or `resume` of the same study fails at once. The lock
-    is a file beside a local study; for a study in a bucket it is a file in the local cache, so it
-    holds against drivers on this machine only."""
-    from filelock import FileLock, Timeout
-
-    if study.local is not None:
-        path = study.local.parent / f".{study.name}.lock"
-    else:
-        import hashlib
-
-        from vae.data import cache_dir
-
-        path = cache_dir() / "locks" / (hashlib.sha256(study.uri.encode()).hexdigest()[:16] + ".lock")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(path))
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        raise StudyError(f"study {study.name!r} in {study.parent} is being run by another process right now; "
-                         "wait for it, or pick another --name") from None
-    try:
-        yield
-    finally:
-        lock.release()
 
 
 def _tune_uri(study: Location) -> str:
@@ -227,7 +177,7 @@ def _fit(spec: StudySpec, study: Location, view: cluster.ClusterView, printer: P
 
     from study.progress import Progress
     from study.recorder import ResultsRecorder
-    from study.search import close_stale_trials, make_scheduler, make_searcher, objective_metrics, restored_searcher
+    from study.search import close_stale_trials, make_scheduler, make_searcher, objective_metrics, unwrap_searcher
 
     t0 = time.perf_counter()
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", STATE_EVERY_S)
@@ -235,13 +185,12 @@ def _fit(spec: StudySpec, study: Location, view: cluster.ClusterView, printer: P
     trainable = make_trainable(spec)
     db = OptunaDB(study)
     if restore:
-        tuner = tune.Tuner.restore(_tune_uri(study), trainable=trainable,
-                                   resume_unfinished=True, resume_errored=False, restart_errored=False)
-        searcher = restored_searcher(tuner)
+        tuner, search_alg, callbacks = _restore_tuner(study, trainable)
+        searcher = unwrap_searcher(search_alg)
         if searcher is None:  # guard against ray #30861: a restore must keep our Optuna searcher
             raise StudyError(f"restored study {spec.name!r} lost its Optuna searcher; cannot resume safely")
         searcher.attach(db)
-        recorder = _attach_callbacks(tuner, study, printer)
+        recorder = _attach_callbacks(callbacks, study, printer)
         printer(f"resuming study {spec.name!r} in {study}")
     else:
         metrics = objective_metrics(spec)
@@ -255,22 +204,23 @@ def _fit(spec: StudySpec, study: Location, view: cluster.ClusterView, printer: P
                 num_samples=spec.n_trials,
                 trial_dirname_creator=_trial_dirname,
                 max_concurrent_trials=concurrent,
-                reuse_actors=True,
+                # A reused actor saves a trial its start-up (1-3 s), but one whose node is lost
+                # while Tune resets it for the next trial fails that trial for good (Tune retries
+                # only running trials): on a cluster, where nodes come and go, each trial starts
+                # its own (found by the launcher test's lost machine).
+                reuse_actors=spec.address is None,
                 metric=None if spec.multi_objective else metrics[0],
                 mode=None if spec.multi_objective else spec.mode,
             ),
             run_config=tune.RunConfig(
                 name=TUNE_DIR,
-                storage_path=study.uri,
+                **study.ray_storage(),
                 failure_config=tune.FailureConfig(max_failures=spec.max_failures),
                 # Tune forces (and waits for) an upload of its experiment state at every checkpoint
                 # when it keeps one: so after a crash no trial restarts from an older checkpoint
                 # than its last, and a trial that finished is not run again. On a bucket that costs
                 # time (keeping 2 was 32% faster in BENCHMARKS §8), and is kept for that guarantee.
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-                # on a bucket, trial logs and TensorBoard files go there too, not only checkpoints
-                sync_config=tune.SyncConfig(sync_period=REMOTE_SYNC_EVERY_S, sync_artifacts=True)
-                if study.remote else None,
                 callbacks=[recorder, Progress(spec, printer)],
                 verbose=0,
                 log_to_file=True,
@@ -321,12 +271,50 @@ def _refit(spec: StudySpec, study: Location, trials: Any, printer: Printer) -> d
         return None
 
 
-def _attach_callbacks(tuner: Any, study: Location, printer: Printer) -> Any:
+def _restore_tuner(study: Location, trainable: Any) -> tuple[Any, Any, list]:
+    """Ray Tune's restore of the study's experiment, with the two things Tune keeps but does not
+    hand back publicly: the search algorithm and the callbacks it pickled. The one place that
+    reads Tune's private attributes; if a Ray upgrade moves them, resuming stops here, in one
+    line, instead of going on without the study's searcher or recorder."""
+    from ray import tune
+
+    tuner = tune.Tuner.restore(_tune_uri(study), trainable=trainable,
+                               resume_unfinished=True, resume_errored=False, restart_errored=False)
+    if _errored_without_rows(tuner, study):
+        # A trial whose worker died with the driver may be saved as errored before the driver
+        # wrote its row: it did not fail, it was cut off, so it continues from its checkpoint
+        # (Tune resumes every errored trial then; one that failed for real fails again).
+        tuner = tune.Tuner.restore(_tune_uri(study), trainable=trainable,
+                                   resume_unfinished=True, resume_errored=True, restart_errored=False)
+    try:
+        inner = tuner._local_tuner
+        return tuner, inner._tune_config.search_alg, list(inner.get_run_config().callbacks or [])
+    except AttributeError:
+        import ray
+
+        raise StudyError(f"cannot resume with Ray {ray.__version__}: its restored Tuner no longer shows "
+                         "its searcher and callbacks where this version of vae-study looks") from None
+
+
+def _errored_without_rows(tuner: Any, study: Location) -> list[str]:
+    """Trials Tune saved as errored that have no trials row: the old driver never recorded them."""
+    import posixpath
+
+    missing = []
+    for result in tuner.get_results():
+        if result.error is None:
+            continue
+        tid = posixpath.basename(str(result.path).rstrip("/")).removeprefix("trial_")
+        if results.read_trial(study, "trials", tid) is None:
+            missing.append(tid)
+    return missing
+
+
+def _attach_callbacks(callbacks: list, study: Location, printer: Printer) -> Any:
     """Point a restored study's callbacks at this study folder and this printer; returns the recorder."""
     from study.progress import Progress
     from study.recorder import ResultsRecorder
 
-    callbacks = tuner._local_tuner.get_run_config().callbacks or []
     recorder = next((c for c in callbacks if isinstance(c, ResultsRecorder)), None)
     if recorder is None:
         raise StudyError(f"restored study {study.name!r} lost its results recorder; cannot resume safely")
@@ -344,7 +332,7 @@ def _trial_dirname(trial: Any) -> str:
 def compact_study(where: str | os.PathLike | Location) -> dict[str, int]:
     """``results.compact`` under the study's lock: never while a driver is writing."""
     study = Location(where)
-    with _study_lock(study):
+    with study.lock():
         return results.compact(study)
 
 
@@ -354,35 +342,3 @@ def best_trial(df: Any, spec: StudySpec) -> dict[str, Any] | None:
         return None
     w = results.winner(df, spec.mode)
     return None if w is None else w.to_dict()
-
-
-def summary_lines(res: StudyResult, spec: StudySpec) -> list[str]:
-    df = res.trials
-    counts = df["status"].value_counts().to_dict() if len(df) else {}
-    lines = [
-        f"study {res.name!r} finished in {res.wall_seconds:.1f} s: "
-        + ", ".join(f"{counts.get(s, 0)} {s}" for s in ("completed", "pruned", "failed")),
-    ]
-    b = res.best
-    if b:
-        params = " ".join(
-            f"{k}={b[f'param_{k}']:.4g}" if isinstance(b[f"param_{k}"], float) else f"{k}={b[f'param_{k}']}"
-            for k in ("latent_dim", "beta", "lr", "arch") if f"param_{k}" in b
-        )
-        lines.append(f"best trial {b['trial_id']}: {params}")
-        lines.append(
-            f"  val -ELBO {b['val_elbo']:.2f} (recon {b['val_recon']:.2f}, KL {b['val_kl']:.2f}) at epoch "
-            f"{int(b['best_epoch'])}/{int(b['epochs_run'])}; test MSE {b['test_mse']:.5f}, PSNR {b['test_psnr']:.2f} dB"
-        )
-        ck = b["checkpoint"]
-        lines.append(f"  checkpoint: {f'{res.location.uri}/{ck}' if ck else None}")
-    r = res.refit
-    if r and r.get("test_psnr") is not None:
-        lines.append(f"refit {r['trial_id']} (the winner retrained on training + validation, {int(r['epochs_run'])} "
-                     f"epochs): test MSE {r['test_mse']:.5f}, PSNR {r['test_psnr']:.2f} dB")
-    lines.append(f"results: {res.location}  (vae-study results {res.location})")
-    if res.location.remote:
-        lines.append(f"optuna:  {res.location.uri}/optuna.db, a snapshot (study name {res.name!r})")
-    else:
-        lines.append(f"optuna:  sqlite:///{res.location.local / 'optuna.db'}  (study name {res.name!r})")
-    return lines

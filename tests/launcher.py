@@ -82,7 +82,7 @@ def laptop_setup(work: Path) -> dict[str, str]:
     for d in (WORK, NODE_HOME, NODE_SYS, WHEELHOUSE, Path("/run/sshd"), Path("/run/netns")):
         d.mkdir(mode=0o755)
     check(["mount", "--bind", str(work), str(WORK)])
-    check(["mount", "-t", "tmpfs", "tmpfs", "/tmp"])
+    _private_tmp(keep=[REPO, ENV_PREFIX])
     check(["mount", "--bind", str(WORK / "wheelhouse"), str(WHEELHOUSE)])
     home = WORK / "laptop"
     (home / ".ssh").mkdir(parents=True)
@@ -98,6 +98,19 @@ def laptop_setup(work: Path) -> dict[str, str]:
     env.update(HOME=str(home), PATH=f"{ENV_PREFIX / 'bin'}:{env['PATH']}", RAY_USAGE_STATS_ENABLED="0",
                VAE_STUDY_CACHE=str(cache_dir()), TMPDIR="/tmp")
     return env
+
+
+def _private_tmp(keep: list[Path]) -> None:
+    """A fresh /tmp (Ray's cluster state and ssh sockets stay in it), but for the folders in
+    ``keep`` that live there (a checkout or environment under /tmp, as in some CI runs)."""
+    inside = [p for p in keep if Path("/tmp") in p.parents]
+    for i, p in enumerate(inside):
+        (Path("/run/keep") / str(i)).mkdir(parents=True)
+        check(["mount", "--bind", str(p), f"/run/keep/{i}"])
+    check(["mount", "-t", "tmpfs", "tmpfs", "/tmp"])
+    for i, p in enumerate(inside):
+        p.mkdir(parents=True, exist_ok=True)
+        check(["mount", "--bind", f"/run/keep/{i}", str(p)])
 
 
 def _passwd_with_home(home: Path, out: Path) -> None:
@@ -116,7 +129,9 @@ class Notes(dict):
 
     def __setitem__(self, key: str, value: Any) -> None:
         super().__setitem__(key, value)
-        self.path.write_text(json.dumps(self, indent=1, default=str))
+        # once the laptop's /tmp is private, WORK is where the test's folder is seen
+        path = WORK / self.path.name if os.path.ismount(WORK) else self.path
+        path.write_text(json.dumps(self, indent=1, default=str))
 
 
 class Machine:
@@ -210,7 +225,8 @@ def machine_main(root: Path, boot: int) -> int:
     if boot == 1:
         _image_env(env_dir)
     check(["mount", "-t", "tmpfs", "tmpfs", "/tmp"])
-    check(["mount", "-t", "tmpfs", "tmpfs", str(REPO)])  # the repository is the laptop's, not the machine's
+    if Path("/tmp") not in REPO.parents:  # (a checkout under /tmp is hidden already)
+        check(["mount", "-t", "tmpfs", "tmpfs", str(REPO)])  # the repository is the laptop's, not the machine's
     check(["mount", "-t", "tmpfs", "tmpfs", str(WORK)])  # nor are the laptop's and the other machines' files
     sshd = subprocess.Popen(["/usr/sbin/sshd", "-D", "-e", "-f", str(NODE_SYS / "sshd_config")])
     while True:
@@ -272,7 +288,6 @@ def run_scenario(out: Notes, work: Path) -> None:
     from s3 import SECRET, s3_server
 
     laptop = laptop_setup(work)
-    out.path = WORK / "out.json"  # the test's folder, as the laptop sees it once its /tmp is private
     with s3_server(host=LAPTOP_IP) as s3_env:
         laptop.update(s3_env)
         setenv = {**s3_env, "PIP_NO_INDEX": "1", "PIP_FIND_LINKS": str(WHEELHOUSE), "RAY_USAGE_STATS_ENABLED": "0",
@@ -281,6 +296,10 @@ def run_scenario(out: Notes, work: Path) -> None:
         for m in machines.values():
             m.boot()
         out["machines_up"] = {name: _port_open(m.ip, 22) for name, m in machines.items()}
+        if not all(out["machines_up"].values()):
+            for m in machines.values():
+                out[f"sshd_log_{m.name}"] = (m.root / "sshd.log").read_text()[-3000:]
+            return
 
         def ray(*args: str, timeout: float = 900) -> dict[str, Any]:
             return sh(["ray", *args], timeout=timeout, env=laptop, cwd=REPO)

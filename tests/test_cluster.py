@@ -6,7 +6,6 @@ import json
 import subprocess
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -120,7 +119,11 @@ def aws(monkeypatch, tmp_path):
     moto loads AWS's managed policies, so AmazonEC2FullAccess can be attached and read back."""
     monkeypatch.setenv("MOTO_IAM_LOAD_MANAGED_POLICIES", "true")
     monkeypatch.setenv("HOME", str(tmp_path))  # Ray writes the cluster's key pair under ~/.ssh
+    from moto.core.base_backend import BackendDict
+
     from s3 import s3_server
+
+    BackendDict.reset()  # moto's state is per process: an IAM made by an earlier test lacks the managed policies
 
     from ray.autoscaler._private.aws import utils
 

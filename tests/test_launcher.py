@@ -77,6 +77,7 @@ def _trials(seen: dict) -> list[dict]:
 
 @pytest.mark.slow
 def test_ray_up_starts_a_head_and_a_worker(launched):
+    assert all(launched["machines_up"].values()), {k: v for k, v in launched.items() if k.startswith("sshd_log")}
     assert _ok(launched["config"]), launched["config"]
     assert _ok(launched["up"]), (launched["up"]["stdout"][-3000:], launched["up"]["stderr"][-3000:])
     nodes = launched["nodes"]

@@ -38,10 +38,10 @@ def test_seed_replication_preset():
     assert spec.epochs == 15 and spec.scheduler == "none" and make_scheduler(spec) is None
     base = spec.base_config()
     assert base.arch == "conv" and base.batch_size == 32 and base.lr == 1e-3
-    from study.trainable import trial_config
+    from study.spec import trial_values
 
     for d in (5, 10, 15, 20):
-        c = trial_config({**fixed_params(spec), "latent_dim": d}, {"beta_times_latent": spec.beta_times_latent})
+        c = trial_values({**fixed_params(spec), "latent_dim": d}, spec.beta_times_latent)
         assert math.isclose(c["beta"], 0.784 / d)
 
 

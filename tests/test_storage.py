@@ -38,17 +38,47 @@ def s3_study(s3, tmp_path_factory):
     return r
 
 
-def test_location_reads_and_writes_whole_objects(s3):
-    loc = Location(f"{ROOT}/unit")
-    assert loc.remote and loc.uri == f"{ROOT}/unit" and loc.name == "unit"
-    loc.write_text("a/b.txt", "hello")
-    assert loc.read_text("a/b.txt") == "hello" and loc.is_file("a/b.txt") and loc.is_dir("a")
-    assert loc.files("a") == ["b.txt"] and loc.folders() == ["a"] and loc.walk() == ["a/b.txt"]
-    assert not loc.exists("nope") and not loc.is_dir("nope")
-    loc.delete_tree()
-    assert not loc.exists("a/b.txt")
+@pytest.fixture(params=["folder", "bucket"])
+def store(request, tmp_path):
+    """Each kind of store, fresh: what every backend must do, one test for all of them."""
+    if request.param == "folder":
+        yield Location(tmp_path / "unit")
+    else:
+        with s3_server():
+            yield Location(f"{ROOT}/unit")
+
+
+def test_every_store_reads_writes_lists_and_locks_the_same_way(store, tmp_path):
+    import pickle
+
+    from study.storage import Bucket, Folder, Store
+
+    assert isinstance(store, (Folder, Bucket)) and isinstance(store, Store)  # all the protocol asks
+    assert store.name == "unit" and not store.has_content()
+    store.write_text("a/b.txt", "hello")
+    assert store.read_text("a/b.txt") == "hello" and store.is_file("a/b.txt") and store.is_dir("a")
+    assert store.files("a") == ["b.txt"] and store.folders() == ["a"] and store.walk() == ["a/b.txt"]
+    assert store.has_content() and not store.exists("nope") and not store.is_dir("nope")
+    # a local path where there is one; a working copy in the per-user cache where there is not
+    local = store.local_path("a/b.txt")
+    assert (local is not None and local.read_text() == "hello") == isinstance(store, Folder)
+    assert store.working_path("x.db") == (store.local_path("x.db") or store.working_path("x.db"))
+    assert isinstance(store, Folder) == (store.working_path("x.db") == store.local_path("x.db"))
+    # Ray is told where the experiment goes by the store, and syncs artefacts only to a bucket
+    assert store.ray_storage()["storage_path"] == store.uri
+    assert ("sync_config" in store.ray_storage()) == store.over_network == store.visible_everywhere
+    # one process at a time
+    with store.lock():
+        with pytest.raises(StudyError, match="being run by another process"):
+            with Location(store.uri).lock():
+                pass
+    # pickled (into Ray's state) without its file system, and comes back as the same kind
+    back = pickle.loads(pickle.dumps(store))
+    assert type(back) is type(store) and back.uri == store.uri and back.read_text("a/b.txt") == "hello"
+    store.delete_tree()
+    assert not store.exists("a/b.txt")
     with pytest.raises(FileNotFoundError):
-        loc.read_bytes("a/b.txt")
+        store.read_bytes("a/b.txt")
 
 
 def test_credentials_or_options_in_the_uri_are_refused_without_echoing_them(s3, tmp_path):

@@ -1,7 +1,6 @@
 """Real studies: Ray Tune on 127.0.0.1 with 2 CPUs, a real SQLite Optuna storage, real Parquet."""
 from __future__ import annotations
 
-import json
 
 import duckdb
 import numpy as np
@@ -14,7 +13,8 @@ from study import results
 from study.errors import StudyError
 from study.spec import build_spec
 from study.storage import OPTUNA_DB
-from study.tuner import run, summary_lines
+from study.cli import summary_lines
+from study.tuner import run
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,6 @@
 """Per-digit metrics, the three reconstruction modes, and latent optimisation.
 
-Definitions (DESIGN.md): MSE per image is the mean over its 784 pixels; a digit's MSE is the
+Definitions (the README's Definitions section): MSE per image is the mean over its 784 pixels; a digit's MSE is the
 mean over *all* images of that digit; PSNR = 10 log10(1 / MSE) with data range 1.
 
 Reconstruction modes:
@@ -16,9 +16,9 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from vae.data import Split
+from vae.loss import bce_per_image, kl_terms
 from vae.model import BetaVAE
 
 MODES = ("posterior_mean", "posterior_sample", "decoder_only")
@@ -105,7 +105,7 @@ def optimise_latents(
             for _ in range(steps):
                 opt.zero_grad(set_to_none=True)
                 logits = model.decode(z)
-                bce = F.binary_cross_entropy_with_logits(logits, xb, reduction="none").flatten(1).sum(1)
+                bce = bce_per_image(logits, xb)
                 # Sum over images: each z only affects its own term, so this is per-image descent.
                 loss = (bce + 0.5 * z.pow(2).sum(1)).sum()
                 loss.backward()
@@ -167,10 +167,9 @@ def evaluate_split(
     with torch.no_grad():
         for i in range(0, x.shape[0], EVAL_BATCH):
             logits = model.decode(z[i : i + EVAL_BATCH]).float()
-            recon_sum += float(F.binary_cross_entropy_with_logits(
-                logits, x[i : i + EVAL_BATCH], reduction="none").flatten(1).sum(1).sum())
+            recon_sum += float(bce_per_image(logits, x[i : i + EVAL_BATCH]).sum())
             sample_probs.append(torch.sigmoid(logits))
-    kl = float((-0.5 * (1 + logvar - mu.pow(2) - logvar.exp())).sum()) / len(split)
+    kl = float(kl_terms(mu, logvar).sum()) / len(split)
     recon = recon_sum / len(split)
     out: dict[str, Any] = {"split": split_name, "n_images": len(split), "neg_elbo": recon + kl, "recon": recon, "kl": kl}
     out["modes"] = {}

@@ -30,21 +30,29 @@ def beta_vae_loss(
     """
     b = x.shape[0]
     recon = F.binary_cross_entropy_with_logits(logits, x, reduction="sum") / b
-    # KL(N(mu, sigma^2) || N(0, 1)) in closed form; Kingma & Welling 2014, Appendix B.
-    kl = -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp()) / b
+    kl = kl_terms(mu, logvar).sum() / b
     return recon + beta * kl, recon, kl
+
+
+def kl_terms(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL(N(mu, sigma^2) || N(0, 1)) per image and latent dimension, (B, d), in nats.
+
+    In closed form; Kingma & Welling 2014, Appendix B. Summed over d it is an image's KL term.
+    """
+    return -0.5 * (1 + logvar - mu.pow(2) - logvar.exp())
+
+
+def bce_per_image(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Bernoulli reconstruction term per image, (B,): BCE on logits summed over the pixels."""
+    b = x.shape[0]
+    return F.binary_cross_entropy_with_logits(logits.reshape(b, -1), x.reshape(b, -1), reduction="none").sum(1)
 
 
 def per_image_terms(
     logits: torch.Tensor, x: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-image (recon, kl), each of shape (B,): the parts of -ELBO before averaging."""
-    b = x.shape[0]
-    recon = F.binary_cross_entropy_with_logits(
-        logits.reshape(b, -1), x.reshape(b, -1), reduction="none"
-    ).sum(1)
-    kl = -0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).sum(1)
-    return recon, kl
+    return bce_per_image(logits, x), kl_terms(mu, logvar).sum(1)
 
 
 def elbo(

@@ -46,7 +46,7 @@ class MLPDecoder(nn.Module):
 
 
 class ConvEncoder(nn.Module):
-    """The reference project's (Keras) encoder, layer for layer; see DESIGN.md."""
+    """The reference project's (Keras) encoder, layer for layer (README, Definitions)."""
 
     def __init__(self, latent_dim: int) -> None:
         super().__init__()
