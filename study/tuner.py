@@ -1,5 +1,5 @@
-"""Run and resume studies: preflight, then Ray Tune's Tuner with the study's searcher, scheduler,
-trainable and callbacks, then the summary.
+"""Run and resume studies, each a short recipe read top to bottom: the spec, its store, the
+cluster's checks, the search and Tune's Tuner, then the winner's refit and the compaction.
 
 The pieces live beside this module: ``storage`` (every file a study keeps), ``search`` (Optuna
 and ASHA), ``cluster`` (Ray, resources and the checks that a study's storage is visible),
@@ -70,7 +70,8 @@ def make_trainable(spec: StudySpec) -> Any:
 # --------------------------------------------------------------------------- run / resume
 
 def run(spec: StudySpec, *, overwrite: bool = False, printer: Printer = print) -> StudyResult:
-    """Run a new study to completion.
+    """Run a new study to completion: spec, store, cluster checks, search and Tune, then the
+    winner's refit and the compaction of its tables.
 
     Raises:
         StudyError: the study exists already (resume it, or pass ``overwrite``), the storage is
@@ -80,24 +81,17 @@ def run(spec: StudySpec, *, overwrite: bool = False, printer: Printer = print) -
     study = study_location(spec.storage, spec.name)
     _refuse_existing(study, spec, overwrite)
     study.parent.check_writable()
-    # Data problems surface in the driver, before anything is written. The check (importing
-    # torch, reading the files) runs while Ray starts: it took 1.7 s off the README study's
-    # path to its first trial (BENCHMARKS §3).
-    data_checked = _check_data_in_background(spec)
-    try:
-        view = _connect(spec, study)
-    except BaseException:
-        data_checked(quiet=True)
-        raise
-    data_checked()
+    view = _connect(spec, study, check_data=True)
     with study.lock():
         _refuse_existing(study, spec, overwrite)  # again, now that no other driver can race us
         if overwrite:
             study.delete_tree()
-        OptunaDB(study).reset()
+        db = OptunaDB(study)
+        db.reset()
         study.ensure_dir()
         write_spec(study, spec)
-        return _fit(spec, study, view, printer, restore=False)
+        tuner, recorder = _new_tuner(spec, study, view, db, printer)
+        return _complete(spec, study, tuner, recorder, db, printer, resumed=False)
 
 
 def resume(storage: str, name: str, *, printer: Printer = print, address: str | None = None,
@@ -110,19 +104,129 @@ def resume(storage: str, name: str, *, printer: Printer = print, address: str | 
     spec = read_spec(storage, name)
     changes = {k: v for k, v in {"address": address, "num_cpus": num_cpus, "shared_storage": shared_storage}.items()
                if v is not None}
-    if changes:
-        spec = StudySpec.from_dict({**spec.to_dict(), **changes})
+    spec = StudySpec.from_dict({**spec.to_dict(), **changes}) if changes else spec
     study = study_location(storage, name)
-    from ray.tune import Tuner
-
-    if not Tuner.can_restore(_tune_uri(study)):
-        raise StudyError(f"study {name!r} in {storage} has no Ray experiment state to resume from; "
-                         "run it again with --overwrite")
+    _refuse_unrestorable(study, spec)
     study.check_writable()
-    view = _connect(spec, study)
+    _connect(spec, study, check_data=False)
     with study.lock():
-        OptunaDB(study).fetch()
-        return _fit(spec, study, view, printer, restore=True)
+        db = OptunaDB(study)
+        db.fetch()
+        tuner, recorder = _restored_tuner(spec, study, db, printer)
+        return _complete(spec, study, tuner, recorder, db, printer, resumed=True)
+
+
+def _connect(spec: StudySpec, study: Location, *, check_data: bool) -> cluster.ClusterView:
+    """Ray, and what it must give the study: the GPUs asked for, storage every trial node sees.
+    A new study's data are checked too, while Ray starts (1.7 s off its path to the first
+    trial, BENCHMARKS §3), so a data problem surfaces before anything is written."""
+    data_checked = _check_data_in_background(spec) if check_data else (lambda quiet=False: None)
+    try:
+        cluster.init_ray(spec.address, spec.num_cpus)
+        view = cluster.view()
+        cluster.check_gpus(spec, view)
+        cluster.check_storage_visible(study.parent, view, shared=spec.shared_storage)
+    except BaseException:
+        data_checked(quiet=True)
+        raise
+    data_checked()
+    return view
+
+
+def _new_tuner(spec: StudySpec, study: Location, view: cluster.ClusterView, db: OptunaDB,
+               printer: Printer) -> tuple[Any, Any]:
+    """Tune's Tuner for a new study: the trainable, the Optuna searcher, ASHA, the callbacks."""
+    from ray import tune
+
+    from study.progress import Progress
+    from study.recorder import ResultsRecorder
+    from study.search import make_scheduler, make_searcher, objective_metrics
+
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", STATE_EVERY_S)
+    concurrent = spec.max_concurrent or cluster.default_concurrency(spec, view)
+    metric = objective_metrics(spec)[0]
+    recorder = ResultsRecorder(study, spec)
+    tuner = tune.Tuner(
+        make_trainable(spec),
+        param_space=fixed_params(spec),
+        tune_config=tune.TuneConfig(
+            search_alg=make_searcher(spec, db),
+            scheduler=make_scheduler(spec),
+            num_samples=spec.n_trials,
+            trial_dirname_creator=_trial_dirname,
+            max_concurrent_trials=concurrent,
+            # A reused actor saves a trial its start-up (1-3 s), but one whose node is lost while
+            # Tune resets it for the next trial fails that trial for good (Tune retries only
+            # running trials): on a cluster, where nodes come and go, each trial starts its own
+            # (found by the launcher test's lost machine).
+            reuse_actors=spec.address is None,
+            metric=None if spec.multi_objective else metric,
+            mode=None if spec.multi_objective else spec.mode,
+        ),
+        run_config=tune.RunConfig(
+            name=TUNE_DIR,
+            **study.ray_storage(),
+            failure_config=tune.FailureConfig(max_failures=spec.max_failures),
+            # Tune forces (and waits for) an upload of its experiment state at every checkpoint
+            # when it keeps one: so after a crash no trial restarts from an older checkpoint
+            # than its last, and a trial that finished is not run again. On a bucket that costs
+            # time (keeping 2 was 32% faster in BENCHMARKS §8), and is kept for that guarantee.
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            callbacks=[recorder, Progress(spec, printer)],
+            verbose=0,
+            log_to_file=True,
+        ),
+    )
+    grow = ", more as the cluster grows" if view.can_grow else ""
+    printer(f"study {spec.name!r}: {spec.n_trials} trials x up to {spec.epochs} epochs, "
+            f"{concurrent} at a time{grow}, objective {'+'.join(spec.objective)} ({spec.mode}), "
+            f"scheduler {spec.scheduler if not spec.multi_objective else 'none'}; results in {study}")
+    return tuner, recorder
+
+
+def _restored_tuner(spec: StudySpec, study: Location, db: OptunaDB, printer: Printer) -> tuple[Any, Any]:
+    """Tune's Tuner of an interrupted study, with its own searcher and callbacks reattached."""
+    from study.search import unwrap_searcher
+
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", STATE_EVERY_S)
+    tuner, search_alg, callbacks = _restore_tuner(study, make_trainable(spec))
+    searcher = unwrap_searcher(search_alg)
+    if searcher is None:  # guard against ray #30861: a restore must keep our Optuna searcher
+        raise StudyError(f"restored study {spec.name!r} lost its Optuna searcher; cannot resume safely")
+    searcher.attach(db)
+    recorder = _attach_callbacks(callbacks, study, printer)
+    printer(f"resuming study {spec.name!r} in {study}")
+    return tuner, recorder
+
+
+def _complete(spec: StudySpec, study: Location, tuner: Any, recorder: Any, db: OptunaDB, printer: Printer, *,
+              resumed: bool) -> StudyResult:
+    """Run the trials to the end, then the winner's refit, then one file per table."""
+    from study.search import close_stale_trials
+
+    t0 = time.perf_counter()
+    try:
+        tuner.fit()
+    finally:
+        db.publish()
+    df = results.load(study, "trials")
+    finished = int(df["status"].isin(["completed", "pruned", "failed"]).sum()) if len(df) else 0
+    if finished < spec.n_trials:
+        # Ray stopped on Ctrl-C and saved its state; the finished trials' rows are all in storage.
+        raise StudyInterrupted(
+            f"study {spec.name!r} stopped with {finished} of {spec.n_trials} trials finished; finish it with "
+            f"`vae-study resume --name {spec.name} --storage {spec.storage}`"
+        )
+    if resumed:
+        close_stale_trials(db, spec.name)
+        db.publish()
+    results.drop_orphans(study, set(df["trial_id"]))
+    refit = _refit(spec, study, df, printer)
+    # A finished study is read as one file per table: fast queries, even from a bucket.
+    results.compact(study)
+    return StudyResult(spec.name, study, df, best_trial(df, spec), time.perf_counter() - t0,
+                       write_seconds=recorder.write_seconds, publish_seconds=db.publish_seconds,
+                       publishes=db.publishes, refit=refit)
 
 
 def _check_data_in_background(spec: StudySpec) -> Callable[..., None]:
@@ -151,14 +255,6 @@ def _check_data_in_background(spec: StudySpec) -> Callable[..., None]:
     return wait
 
 
-def _connect(spec: StudySpec, study: Location) -> cluster.ClusterView:
-    cluster.init_ray(spec.address, spec.num_cpus)
-    view = cluster.view()
-    cluster.check_gpus(spec, view)
-    cluster.check_storage_visible(study.parent, view, shared=spec.shared_storage)
-    return view
-
-
 def _refuse_existing(study: Location, spec: StudySpec, overwrite: bool) -> None:
     if not overwrite and study.has_content():
         raise StudyError(
@@ -167,93 +263,16 @@ def _refuse_existing(study: Location, spec: StudySpec, overwrite: bool) -> None:
         )
 
 
+def _refuse_unrestorable(study: Location, spec: StudySpec) -> None:
+    from ray.tune import Tuner
+
+    if not Tuner.can_restore(_tune_uri(study)):
+        raise StudyError(f"study {spec.name!r} in {spec.storage} has no Ray experiment state to resume from; "
+                         "run it again with --overwrite")
+
+
 def _tune_uri(study: Location) -> str:
     return f"{study.uri}/{TUNE_DIR}"
-
-
-def _fit(spec: StudySpec, study: Location, view: cluster.ClusterView, printer: Printer, *,
-         restore: bool) -> StudyResult:
-    from ray import tune
-
-    from study.progress import Progress
-    from study.recorder import ResultsRecorder
-    from study.search import close_stale_trials, make_scheduler, make_searcher, objective_metrics, unwrap_searcher
-
-    t0 = time.perf_counter()
-    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", STATE_EVERY_S)
-    concurrent = spec.max_concurrent or cluster.default_concurrency(spec, view)
-    trainable = make_trainable(spec)
-    db = OptunaDB(study)
-    if restore:
-        tuner, search_alg, callbacks = _restore_tuner(study, trainable)
-        searcher = unwrap_searcher(search_alg)
-        if searcher is None:  # guard against ray #30861: a restore must keep our Optuna searcher
-            raise StudyError(f"restored study {spec.name!r} lost its Optuna searcher; cannot resume safely")
-        searcher.attach(db)
-        recorder = _attach_callbacks(callbacks, study, printer)
-        printer(f"resuming study {spec.name!r} in {study}")
-    else:
-        metrics = objective_metrics(spec)
-        recorder = ResultsRecorder(study, spec)
-        tuner = tune.Tuner(
-            trainable,
-            param_space=fixed_params(spec),
-            tune_config=tune.TuneConfig(
-                search_alg=make_searcher(spec, db),
-                scheduler=make_scheduler(spec),
-                num_samples=spec.n_trials,
-                trial_dirname_creator=_trial_dirname,
-                max_concurrent_trials=concurrent,
-                # A reused actor saves a trial its start-up (1-3 s), but one whose node is lost
-                # while Tune resets it for the next trial fails that trial for good (Tune retries
-                # only running trials): on a cluster, where nodes come and go, each trial starts
-                # its own (found by the launcher test's lost machine).
-                reuse_actors=spec.address is None,
-                metric=None if spec.multi_objective else metrics[0],
-                mode=None if spec.multi_objective else spec.mode,
-            ),
-            run_config=tune.RunConfig(
-                name=TUNE_DIR,
-                **study.ray_storage(),
-                failure_config=tune.FailureConfig(max_failures=spec.max_failures),
-                # Tune forces (and waits for) an upload of its experiment state at every checkpoint
-                # when it keeps one: so after a crash no trial restarts from an older checkpoint
-                # than its last, and a trial that finished is not run again. On a bucket that costs
-                # time (keeping 2 was 32% faster in BENCHMARKS §8), and is kept for that guarantee.
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-                callbacks=[recorder, Progress(spec, printer)],
-                verbose=0,
-                log_to_file=True,
-            ),
-        )
-        grow = ", more as the cluster grows" if view.can_grow else ""
-        printer(
-            f"study {spec.name!r}: {spec.n_trials} trials x up to {spec.epochs} epochs, "
-            f"{concurrent} at a time{grow}, objective {'+'.join(spec.objective)} ({spec.mode}), "
-            f"scheduler {spec.scheduler if not spec.multi_objective else 'none'}; results in {study}"
-        )
-    try:
-        tuner.fit()
-    finally:
-        db.publish()
-    df = results.load(study, "trials")
-    finished = int(df["status"].isin(["completed", "pruned", "failed"]).sum()) if len(df) else 0
-    if finished < spec.n_trials:
-        # Ray stopped on Ctrl-C and saved its state; the finished trials' rows are all in storage.
-        raise StudyInterrupted(
-            f"study {spec.name!r} stopped with {finished} of {spec.n_trials} trials finished; finish it with "
-            f"`vae-study resume --name {spec.name} --storage {spec.storage}`"
-        )
-    if restore:
-        close_stale_trials(db, spec.name)
-        db.publish()
-    results.drop_orphans(study, set(df["trial_id"]))
-    refit = _refit(spec, study, df, printer)
-    # A finished study is read as one file per table: fast queries, even from a bucket.
-    results.compact(study)
-    return StudyResult(spec.name, study, df, best_trial(df, spec), time.perf_counter() - t0,
-                       write_seconds=recorder.write_seconds, publish_seconds=db.publish_seconds,
-                       publishes=db.publishes, refit=refit)
 
 
 def _refit(spec: StudySpec, study: Location, trials: Any, printer: Printer) -> dict[str, Any] | None:
