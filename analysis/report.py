@@ -119,7 +119,7 @@ def _build(study: Location, out: Path, dest: Location, options: Options | None,
     timings: dict[str, float] = {}
     sections: list[Section] = []
     summary: dict[str, Any] = {"study": name, "folder": study.uri, "objective": spec.get("objective", ["val_elbo"]),
-                               "mode": mode, "counts": M.status_counts(trials),
+                               "mode": mode, "sampler": _sampler_text(spec), "counts": M.status_counts(trials),
                                "compute": M.total_compute(trials, epochs), "notes": list(skipped)}
 
     if opts.trial is not None:
@@ -452,6 +452,13 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _sampler_text(spec: dict[str, Any]) -> str:
+    """The study's sampler as study.json records it (a study from before samplers were chosen: TPE)."""
+    sampler = spec.get("sampler") or ("grid" if spec.get("grid") else "tpe")
+    liar = spec.get("constant_liar")
+    return sampler + ("" if liar is None or sampler != "tpe" else f", constant liar {'on' if liar else 'off'}")
+
+
 def _read_spec(study: Location) -> dict[str, Any]:
     try:
         return json.loads(study.read_text(SPEC_FILE))
@@ -490,7 +497,8 @@ def _html(name: str, folder: str, sections: list[Section], summary: dict, out: P
              f"<style>{_CSS}</style></head><body>",
              f"<h1>β-VAE study <code>{html.escape(name)}</code></h1>",
              f"<p class='muted'>{html.escape(folder)} · built {time.strftime('%Y-%m-%d %H:%M:%S')} in "
-             f"{summary['seconds']:.1f} s · objective {html.escape('+'.join(summary['objective']))} ({summary['mode']})</p>",
+             f"{summary['seconds']:.1f} s · objective {html.escape('+'.join(summary['objective']))} ({summary['mode']}) · "
+             f"sampler {html.escape(summary['sampler'])}</p>",
              "<nav>" + "".join(f"<a href='#s{i}'>{html.escape(s.title)}</a>" for i, s in enumerate(sections)) + "</nav>"]
     for note in summary.get("notes", []):
         parts.append(f"<p class='note'>{html.escape(note)}</p>")

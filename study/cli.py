@@ -435,6 +435,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--trials", type=int, help="number of trials (default 16)")
     g.add_argument("--epochs", type=int, help="max epochs per trial (default 10)")
     g.add_argument("--seed", type=int, help="seeds the sampler (default 0)")
+    from study.spec import SAMPLERS
+
+    g.add_argument("--sampler", choices=SAMPLERS,
+                   help="Optuna's sampler, seeded by --seed (default: tpe; nsgaii for two objectives)")
+    g.add_argument("--constant-liar", action=argparse.BooleanOptionalAction, default=None,
+                   help="TPE: count running trials as bad results when asking (default: on with 2+ trials at once)")
     g.add_argument("--startup-trials", type=int, help="TPE: start-up trials before it models, spread over the space "
                    "by a seeded Sobol sequence (default: min(10, max(2, trials/4)))")
     g.add_argument("--grid", action="append", metavar="NAME=V1,V2", help="plain grid, e.g. latent_dim=5,10,15,20 (repeatable)")

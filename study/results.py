@@ -235,7 +235,10 @@ def _read_one(study: Location, rel: str) -> pa.Table | BaseException:
     try:
         local = study.local_path(rel)
         if local is not None:
-            return pq.read_table(local)
+            # One open file: read_table(path) opens it again for the pages, and a writer's
+            # os.replace in between pairs the old footer with the new file's pages.
+            with open(local, "rb") as f:
+                return pq.read_table(pa.BufferReader(f.read()))
         return pq.read_table(io.BytesIO(study.read_bytes(rel)))
     except Exception as exc:  # noqa: BLE001 - reported by the caller
         return exc

@@ -1,4 +1,5 @@
-"""The search: Optuna (TPE or a grid) in a SQLite storage, and ASHA.
+"""The search: an Optuna sampler (TPE by default, or random, QMC, CMA-ES, GP, NSGA-II, a grid) on
+the study's Optuna storage, and ASHA.
 
 SQLite cannot live on an object store. For a study in a bucket the driver works on a copy in a
 local cache folder and publishes a consistent snapshot (SQLite's backup API) to
@@ -145,15 +146,63 @@ def spread_points(space: dict[str, Any], n: int, seed: int) -> list[dict[str, An
     return points
 
 
-def make_searcher(spec: StudySpec, db: OptunaDB) -> StudySearch:
+# Model-based samplers that start from a few configurations spread over the space (Sobol).
+_WITH_STARTUP = ("tpe", "gp")
+
+
+def uses_constant_liar(spec: StudySpec, concurrent: int) -> bool:
+    """TPE's constant liar: trials running at once count as (bad) results, so that two asked at
+    the same time are not sent to the same spot. On whenever more than one trial runs at once,
+    unless the study says otherwise."""
+    return spec.sampler == "tpe" and (spec.constant_liar if spec.constant_liar is not None else concurrent > 1)
+
+
+def make_sampler(spec: StudySpec, concurrent: int = 1) -> Any:
+    """The study's Optuna sampler, seeded."""
+    s, seed = spec.sampler, spec.seed
+    if s == "grid":
+        return optuna.samplers.GridSampler({k: list(v) for k, v in spec.grid.items()}, seed=seed)
+    if s == "tpe":
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=startup_count(spec),
+                                          constant_liar=uses_constant_liar(spec, concurrent))
+    if s == "gp":
+        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=startup_count(spec))
+    if s == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if s == "qmc":
+        import warnings
+
+        with warnings.catch_warnings():  # "experimental since v3.0": known, and nothing to act on
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.samplers.QMCSampler(qmc_type="sobol", scramble=True, seed=seed,
+                                              warn_independent_sampling=False, warn_asynchronous_seeding=False)
+    if s == "cmaes":
+        return optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)
+    if s == "nsgaii":
+        return optuna.samplers.NSGAIISampler(seed=seed, population_size=max(4, min(50, spec.n_trials // 4)))
+    raise ValueError(f"unknown sampler {s!r}")
+
+
+def sampler_notes(spec: StudySpec) -> list[str]:
+    """One line for each part of the space the sampler cannot model itself: Optuna then samples
+    that part at random (its independent sampler)."""
+    space = optuna_space(spec)
+    categorical = sorted(n for n, d in space.items() if isinstance(d, optuna.distributions.CategoricalDistribution))
+    numeric = sorted(set(space) - set(categorical))
+    if spec.sampler == "cmaes" and categorical:
+        return [f"note: CMA-ES models numbers only; {', '.join(categorical)} is drawn at random (Optuna's fallback)"]
+    if spec.sampler == "cmaes" and len(numeric) < 2:
+        return ["note: CMA-ES needs two or more numeric parameters; with one, every trial is drawn at random"]
+    if spec.sampler == "qmc" and categorical:
+        return [f"note: QMC spreads numbers only; {', '.join(categorical)} is drawn at random (Optuna's fallback)"]
+    return []
+
+
+def make_searcher(spec: StudySpec, db: OptunaDB, concurrent: int = 1) -> StudySearch:
     points = None
-    if spec.grid:
-        sampler: Any = optuna.samplers.GridSampler({k: list(v) for k, v in spec.grid.items()}, seed=spec.seed)
-    else:
-        startup = startup_count(spec)
-        sampler = optuna.samplers.TPESampler(seed=spec.seed, multivariate=True, n_startup_trials=startup)
-        if spec.startup == "sobol":  # TPE counts these as its start-up trials
-            points = spread_points(optuna_space(spec), startup, spec.seed)
+    if spec.sampler in _WITH_STARTUP and spec.startup == "sobol":  # they count these as start-up trials
+        points = spread_points(optuna_space(spec), startup_count(spec), spec.seed)
+    sampler = make_sampler(spec, concurrent)
     metrics = objective_metrics(spec)
     return StudySearch(
         db=db,

@@ -52,9 +52,12 @@ from study.space import BY_NAME, DEFAULT_SPACE, PRESETS, SEARCHABLE
 from vae.config import ARCHS, ConfigError, TrainConfig
 
 OBJECTIVES = ("val_elbo", "val_recon", "val_kl", "val_mse")
+# The samplers a study may use (`--sampler`, `[search] sampler`); each is seeded by the study's seed.
+SAMPLERS = ("tpe", "random", "qmc", "cmaes", "gp", "nsgaii")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 _SECTIONS = {
     "study": {"name", "trials", "epochs", "seed", "objective", "mode", "preset", "startup_trials", "startup", "refit"},
+    "search": {"sampler", "constant_liar", "startup", "startup_trials"},
     "data": {"dataset", "data_dir", "val_fraction", "split_seed", "max_train_images", "download"},
     "train": None,  # checked against TrainConfig
     "space": None,  # checked per entry
@@ -93,6 +96,8 @@ class StudySpec:
     shared_storage: bool = False  # a local --storage folder is mounted on every node, those to come too
     startup: str = "sobol"  # TPE's start-up trials: "sobol" (spread over the space, seeded) or "random"
     refit: bool = True  # retrain the winner on train+validation for its best epoch count (study.refit)
+    sampler: str = "tpe"  # Optuna's sampler (study.search.SAMPLERS); a multi-objective study's default is nsgaii
+    constant_liar: bool | None = None  # TPE: None = on when more than one trial runs at once
 
     @property
     def multi_objective(self) -> bool:
@@ -160,6 +165,7 @@ def build_spec(toml: dict[str, Any] | None, overrides: dict[str, Any]) -> StudyS
                 if key not in allowed:
                     raise StudyError(f"unknown config key {section}.{key}; known: {', '.join(sorted(allowed))}")
     study = toml.get("study", {})
+    search = toml.get("search", {})
     o = {k: v for k, v in overrides.items() if v is not None}
 
     preset_name = o.get("preset", study.get("preset"))
@@ -208,10 +214,13 @@ def build_spec(toml: dict[str, Any] | None, overrides: dict[str, Any]) -> StudyS
         "num_cpus": o.get("num_cpus"),
         "beta_times_latent": preset.get("beta_times_latent"),
         "preset": preset_name,
-        "startup_trials": o.get("startup_trials", study.get("startup_trials")),
+        "startup_trials": o.get("startup_trials", search.get("startup_trials", study.get("startup_trials"))),
         "shared_storage": bool(o.get("shared_storage", resources.get("shared_storage", False))),
         "refit": o.get("refit", study.get("refit", preset.get("refit", True))),
-        "startup": o.get("startup", study.get("startup", "sobol")),
+        "startup": o.get("startup", search.get("startup", study.get("startup", "sobol"))),
+        "sampler": o.get("sampler", search.get("sampler", "nsgaii" if len(objective) > 1 else "tpe")),
+        "constant_liar": o.get("constant_liar", search.get("constant_liar")),
+        "sampler_given": "sampler" in o or "sampler" in search,
     }
     if o.get("smoke"):  # tiny, unless a flag says otherwise
         values.update(trials=o.get("trials", 2), epochs=o.get("epochs", 1))
@@ -242,7 +251,7 @@ def trial_values(config: dict[str, Any], beta_times_latent: float | None) -> dic
 SPEC_OPTIONS = frozenset({
     "name", "storage", "trials", "epochs", "seed", "startup_trials", "mode", "preset", "grace_period",
     "reduction_factor", "cpus_per_trial", "gpus_per_trial", "max_concurrent", "max_failures", "address",
-    "num_cpus", "smoke", "refit", "shared_storage", "startup",
+    "num_cpus", "smoke", "refit", "shared_storage", "startup", "sampler", "constant_liar",
 })
 
 
@@ -291,6 +300,15 @@ def validate(v: dict[str, Any]) -> StudySpec:
         _int(v, "num_cpus", 1, 100000)
     if v["startup_trials"] is not None:
         _int(v, "startup_trials", 1, 100000)
+    given = v.pop("sampler_given", False)
+    if v["grid"]:  # a plain grid runs through Optuna's grid sampler
+        if given:
+            raise StudyError(f"--grid runs a plain grid (Optuna's grid sampler): drop --sampler {v['sampler']}")
+        v["sampler"] = "grid"
+    elif v["sampler"] not in SAMPLERS:
+        raise StudyError(f"sampler={v['sampler']!r} is not allowed: choose one of {', '.join(SAMPLERS)}")
+    if v["constant_liar"] is not None and not isinstance(v["constant_liar"], bool):
+        raise StudyError(f"constant_liar={v['constant_liar']!r} has the wrong type: it must be true or false")
     if v["startup"] not in ("sobol", "random"):
         raise StudyError(f"startup={v['startup']!r} is not allowed: choose sobol or random")
     if not isinstance(v["refit"], bool):
@@ -322,6 +340,9 @@ def validate(v: dict[str, Any]) -> StudySpec:
             _check_value(pname, value)
     if not v["space"] and not v["grid"]:
         raise StudyError("nothing to search: give a [space] entry or a --grid")
+    if v["sampler"] == "cmaes" and len(v["objective"]) > 1:
+        raise StudyError("the cmaes sampler optimises one objective: for a Pareto study use nsgaii (the default), "
+                         "tpe, gp, qmc or random")
     spec = StudySpec(**v)
     try:
         spec.base_config()

@@ -342,7 +342,10 @@ def run_scenario(out: Notes, work: Path) -> None:
             # The worker machine is lost once a trial has saved a checkpoint: every process at
             # once, as in a spot reclaim or a power cut. It comes back (same address and disk);
             # the head's autoscaler, which lost its heartbeat, restarts Ray there by itself.
-            out["checkpointed"] = _wait(lambda: _checkpoints(f"{STUDY}/tune", 1) > 0, 600)
+            # A trial that still runs (no trials row yet) must hold a checkpoint, or the kill
+            # may hit only trials ASHA is about to stop, or ones that have none to continue from.
+            out["checkpointed"] = _wait(lambda: any(n >= 1 for n in _running_checkpoints().values()), 600)
+            out["checkpoints_at_kill"] = _running_checkpoints()
             out["killed_at"] = time.time()
             machines["worker"].kill()
             out["gone"] = _wait(lambda: len(alive_nodes(laptop)) == 1, 120)
@@ -403,6 +406,20 @@ def _checkpoints(prefix: str, index: int = 0) -> int:
     from s3 import bucket_keys
 
     return sum(f"/checkpoint_{index:06d}/" in k for k in bucket_keys(f"launched/{prefix}"))
+
+
+def _running_checkpoints() -> dict[str, int]:
+    """Trials without a trials row yet, and how many checkpoints each has in the bucket."""
+    from s3 import bucket_keys
+
+    keys = bucket_keys(f"launched/{STUDY}/")
+    done = {m.group(1) for k in keys if (m := re.search(r"/trials/(\w+)\.parquet$", k))}
+    held: dict[str, set[str]] = {}
+    for k in keys:
+        m = re.search(r"/trial_(\w+)/(checkpoint_\d+)/", k)
+        if m and m.group(1) not in done:
+            held.setdefault(m.group(1), set()).add(m.group(2))
+    return {tid: len(cps) for tid, cps in held.items()}
 
 
 def _secret_in_bucket(secret: str) -> list[str]:

@@ -132,7 +132,13 @@ def test_a_lost_worker_machine_costs_its_trials_a_retry_and_nothing_else(launche
     trials = _trials(launched)
     retried = [t for t in trials if t["attempts"] > 1]
     assert retried, trials
-    assert any(t["restored_from_epoch"] >= 1 for t in retried), retried  # continued, not started over
+    # continued, not started over: a trial that held checkpoints when the machine went continues
+    # from the newest of them (ASHA checkpoints at epochs 1, 2, 4, ...: the n-th is epoch 2**(n-1))
+    held = launched["checkpoints_at_kill"]
+    assert any(held.get(t["trial_id"], 0) for t in retried), (retried, held)
+    for t in retried:
+        if held.get(t["trial_id"], 0):
+            assert t["restored_from_epoch"] >= 2 ** (held[t["trial_id"]] - 1), (t, held)
     logs = launched["logs"]["stdout"]
     assert "  retry    " in logs
     assert "  waiting  " in logs and "since" in logs  # not a silent wait

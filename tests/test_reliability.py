@@ -97,6 +97,37 @@ def test_two_studies_at_once_in_one_root_and_a_reader_alongside(tmp_path):
     assert len(results.search_trials(both)) == 7 and (both["status"] == results.REFIT).sum() == 2
 
 
+def test_a_reader_never_pairs_one_version_of_a_file_with_another(tmp_path):
+    """A running trial rewrites its epochs file after every epoch (a new file, then os.replace).
+    A reader that opened the file twice, once for the footer and once for the pages, could
+    pair the old footer with the new pages ("Page was smaller than expected"); found by the
+    test above in CI. Here a writer replaces the file as fast as it can while a reader reads."""
+    import pyarrow as pa
+
+    loc = results.Location(tmp_path)
+    write = lambda n: loc.write_bytes("epochs/t.parquet", results.parquet_bytes(  # noqa: E731
+        pa.Table.from_pylist([{"epoch": i, "loss": float(i)} for i in range(n % 50 + 1)])))
+    write(0)
+    stop = threading.Event()
+
+    def writer() -> None:
+        n = 1
+        while not stop.is_set():
+            write(n)
+            n += 1
+
+    t = threading.Thread(target=writer, daemon=True)
+    t.start()
+    try:
+        got = [results._read_one(loc, "epochs/t.parquet") for _ in range(1500)]
+    finally:
+        stop.set()
+        t.join(timeout=10)
+    errors = [g for g in got if isinstance(g, BaseException)]
+    assert not errors, (len(errors), errors[:2])
+    assert len({g.num_rows for g in got}) > 1  # the reader did see the file change under it
+
+
 def test_same_study_twice_at_once_is_refused_by_the_lock(tmp_path):
     """Two drivers for the same new study, started at the same moment: both find no study, so
     only the lock can keep one out. Exactly one runs; the other is refused with one line."""

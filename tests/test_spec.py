@@ -189,3 +189,36 @@ def test_run_flags_come_from_the_registry():
     spec = build_spec(None, overrides_from_flags(vars(args)))
     assert spec.train["beta"] == 4.0 and spec.train["layers"] == 2 and spec.train["split_seed"] == 3
     assert spec.grid == {"latent_dim": [5, 10]} and spec.objective == ("val_mse",) and spec.seed == 0
+
+
+def test_sampler_choices_and_what_each_cannot_do():
+    from study.search import make_sampler, sampler_notes, uses_constant_liar
+    from study.spec import SAMPLERS
+
+    assert build_spec(None, BASE).sampler == "tpe"
+    assert build_spec(None, {**BASE, "objective": ["val_recon", "val_kl"]}).sampler == "nsgaii"
+    for name in SAMPLERS:
+        spec = build_spec(None, {**BASE, "sampler": name})
+        assert type(make_sampler(spec)).__name__.lower().startswith(
+            {"tpe": "tpe", "random": "random", "qmc": "qmc", "cmaes": "cmaes", "gp": "gp", "nsgaii": "nsgaii"}[name])
+    # a TOML [search] section says the same
+    assert build_spec({"search": {"sampler": "gp", "constant_liar": False}}, BASE).sampler == "gp"
+    # constant liar: on with trials at once, off alone, and as the study says
+    tpe = build_spec(None, BASE)
+    assert uses_constant_liar(tpe, 4) and not uses_constant_liar(tpe, 1)
+    assert not uses_constant_liar(build_spec(None, {**BASE, "constant_liar": False}), 4)
+    assert make_sampler(tpe, 4)._constant_liar and not make_sampler(tpe, 1)._constant_liar
+    # what a sampler cannot model is said in one line; what it cannot do at all is refused
+    cat = {"space": {"latent_dim": {"type": "int", "low": 2, "high": 8},
+                     "beta": {"type": "float", "low": 0.1, "high": 1.0},
+                     "arch": {"type": "categorical", "choices": ["mlp", "conv"]}}}
+    assert "arch is drawn at random" in sampler_notes(build_spec(cat, {**BASE, "sampler": "cmaes"}))[0]
+    assert "arch is drawn at random" in sampler_notes(build_spec(cat, {**BASE, "sampler": "qmc"}))[0]
+    assert sampler_notes(build_spec(cat, {**BASE, "sampler": "tpe"})) == []
+    with pytest.raises(StudyError, match="cmaes sampler optimises one objective"):
+        build_spec(None, {**BASE, "sampler": "cmaes", "objective": ["val_recon", "val_kl"]})
+    with pytest.raises(StudyError, match="drop --sampler"):
+        build_spec(None, {**BASE, "sampler": "gp", "grid": {"latent_dim": [2, 4]}})
+    assert build_spec(None, {**BASE, "grid": {"latent_dim": [2, 4]}}).sampler == "grid"
+    with pytest.raises(StudyError, match="sampler='bayes' is not allowed"):
+        build_spec(None, {**BASE, "sampler": "bayes"})
