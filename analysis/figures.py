@@ -218,20 +218,6 @@ def plot_search_efficiency(curves: dict[str, pd.DataFrame], *, ax: Axes | None =
     return ax
 
 
-def table_figure(df: pd.DataFrame, *, title: str = "", fig: Figure | None = None, fmt: str = "{:.5g}") -> Figure:
-    """A small table drawn as a figure (for the PNG beside a plot)."""
-    cells = [[fmt.format(v) if isinstance(v, (float, np.floating)) else str(v) for v in row] for row in df.to_numpy()]
-    fig = fig or _figure((1.3 * len(df.columns) + 0.5, 0.32 * len(df) + 0.8))
-    ax = fig.add_subplot()
-    ax.set_axis_off()
-    t = ax.table(cellText=cells, colLabels=[str(c) for c in df.columns], loc="center")
-    t.auto_set_font_size(False)
-    t.set_fontsize(8)
-    if title:
-        ax.set_title(title, fontsize=9)
-    return fig
-
-
 def close(obj: Any) -> None:
     """Release a figure. Ours are not in pyplot's list; Optuna's plots are, and are closed there."""
     fig = obj if isinstance(obj, Figure) else getattr(obj, "figure", None)

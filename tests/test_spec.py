@@ -1,9 +1,15 @@
 from __future__ import annotations
 
+import json
 import math
+import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 
+from conftest import REPO
 from study.errors import StudyError
 from study.spec import build_spec, parse_grid, read_toml
 from study.search import make_scheduler, optuna_space
@@ -222,3 +228,56 @@ def test_sampler_choices_and_what_each_cannot_do():
     assert build_spec(None, {**BASE, "grid": {"latent_dim": [2, 4]}}).sampler == "grid"
     with pytest.raises(StudyError, match="sampler='bayes' is not allowed"):
         build_spec(None, {**BASE, "sampler": "bayes"})
+
+
+def test_a_new_parameter_is_one_field_and_one_registry_entry(tmp_path):
+    """What adding a searchable parameter takes: a TrainConfig field in vae/config.py and one
+    Param in study/space.py. In a copy of the package with just those two lines added, the new
+    parameter is a run and train flag, a searchable name in the default space, a typed param_*
+    column of the trials table, a value a fixed flag sets for every trial, and what the refit
+    of a winner trains with."""
+    import shutil
+
+    for pkg in ("vae", "study", "analysis"):
+        shutil.copytree(REPO / pkg, tmp_path / pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    config = tmp_path / "vae" / "config.py"
+    text = config.read_text()
+    assert "    download: bool = False\n" in text
+    config.write_text(text.replace("    download: bool = False\n",
+                                   "    download: bool = False\n    dropout: float = 0.0\n", 1))
+    space = tmp_path / "study" / "space.py"
+    text = space.read_text()
+    assert "\n)\nBY_NAME" in text
+    space.write_text(text.replace("\n)\nBY_NAME", '\n    Param("dropout", "dropout before the decoder", "float64", '
+                                  'searchable=True, space={"type": "float", "low": 0.0, "high": 0.5}),\n)\nBY_NAME', 1))
+    probe = tmp_path / "probe.py"
+    probe.write_text(textwrap.dedent('''
+        import contextlib, io, json
+        import pandas as pd
+        import pyarrow as pa
+        from study import cli, results, spec as spec_mod, tuner, refit
+        out = {}
+        for sub in ("run", "train"):
+            buf = io.StringIO()
+            with contextlib.redirect_stdout(buf), contextlib.suppress(SystemExit):
+                cli.main([sub, "--help"])
+            out[sub + "_flag"] = "--dropout" in buf.getvalue()
+        searched = spec_mod.build_spec(None, {"name": "s", "storage": "/tmp/s"})
+        out["searched"] = "dropout" in searched.space
+        fixed = spec_mod.build_spec(None, {"name": "s", "storage": "/tmp/s", "dropout": 0.25})
+        out["fixed"] = tuner.fixed_params(fixed).get("dropout")
+        out["fixed_not_searched"] = "dropout" not in fixed.space
+        out["column"] = str(results.TRIAL_COLUMNS.get("param_dropout"))
+        winner = pd.Series({"param_latent_dim": 8, "param_beta": 1.0, "param_lr": 1e-3, "param_dropout": 0.3,
+                            "best_epoch": 3, "trial_id": "abc"}, dtype=object)
+        values = refit.refit_values(tuner.fixed_params(searched), winner)
+        from vae.config import TrainConfig
+        out["refit"] = TrainConfig.from_dict(values).dropout
+        print(json.dumps(out))
+    '''))
+    p = subprocess.run([sys.executable, str(probe)], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    assert p.returncode == 0, p.stderr[-3000:]
+    got = json.loads(p.stdout.strip().splitlines()[-1])
+    assert got == {"run_flag": True, "train_flag": True, "searched": True, "fixed": 0.25,
+                   "fixed_not_searched": True, "column": "double", "refit": 0.3}, got
