@@ -172,6 +172,10 @@ def _build(study: Location, out: Path, dest: Location, options: Options | None,
     index = out / "index.html"
     _atomic_write(out / "summary.json", json.dumps(summary, indent=2, default=str))
     _atomic_write(index, _html(name, study.uri, sections, summary, out))
+    if spec.get("log_to") and win is not None:
+        from study.trackers import log_report
+
+        log_report(spec["log_to"], name, str(win["trial_id"]), out, say)
     return index
 
 
@@ -352,7 +356,7 @@ def _search_progress(out: Path, trials: pd.DataFrame) -> Section:
 
 
 def _optuna(out: Path, folder: Location, spec: dict) -> Section:
-    with OptunaDB(folder).read_copy() as db:
+    with OptunaDB(folder, spec.get("optuna_storage")).read_copy() as db:
         if db is None:
             s = Section("Study plots (Optuna)")
             s.notes.append("left out: no optuna.db in the study folder")
@@ -360,13 +364,13 @@ def _optuna(out: Path, folder: Location, spec: dict) -> Section:
         return _optuna_plots(out, db, spec.get("name", folder.name), spec)
 
 
-def _optuna_plots(out: Path, db: Path, name: str, spec: dict) -> Section:
+def _optuna_plots(out: Path, db: str, name: str, spec: dict) -> Section:
     import optuna
     from optuna.visualization import matplotlib as ovm
 
     s = Section("Study plots (Optuna)")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    storage = optuna.storages.RDBStorage(f"sqlite:///{db}")
+    storage = optuna.storages.RDBStorage(db)
     study = optuna.load_study(study_name=name, storage=storage)
     done = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
     with warnings.catch_warnings():

@@ -40,6 +40,8 @@ def main() -> None:
     ap.add_argument("--startup-trials", type=int, default=None, help="TPE's start-up trials (default: the tool's)")
     ap.add_argument("--startup", choices=("sobol", "random"), default=None,
                     help="how the start-up trials are drawn (default: the tool's)")
+    ap.add_argument("--constant-liar", action=argparse.BooleanOptionalAction, default=None,
+                    help="TPE's constant liar (default: the tool's, on with trials at once)")
     ap.add_argument("--grid-from", help="reuse the grid measured by an earlier run (its JSON); the grid's trials "
                     "run to the end in any order, so its results do not change")
     ap.add_argument("--out", default="benchmarks/results")
@@ -57,7 +59,7 @@ def main() -> None:
     cluster.init_ray(None, args.num_cpus)
     curves = {}
     summary = {"epochs": args.epochs, "grace_period": args.grace_period, "reduction_factor": args.reduction_factor,
-               "startup_trials": args.startup_trials,
+               "startup_trials": args.startup_trials, "constant_liar": args.constant_liar,
                "runs": {}}
     with tempfile.TemporaryDirectory() as tmp:
         if args.grid_from:
@@ -94,7 +96,7 @@ def main() -> None:
                                      "epochs": args.epochs, "seed": seed, "grace_period": args.grace_period,
                                      "reduction_factor": args.reduction_factor,
                                      "startup_trials": args.startup_trials, "startup": args.startup,
-                                     "refit": False})
+                                     "constant_liar": args.constant_liar, "refit": False})
             r = tuner.run(spec, printer=lambda s: None)
             df = results.load(r.folder)
             curve = M.best_so_far(df)
@@ -112,7 +114,8 @@ def main() -> None:
     lowest = min(float(c["best_so_far"].min()) for c in curves.values())
     ax.set_ylim(lowest - 0.02 * grid_best, grid_best * 1.15)
     tag = (f"rf{args.reduction_factor:g}" + (f"_startup{args.startup_trials}" if args.startup_trials else "")
-           + (f"_{args.startup}" if args.startup else ""))
+           + (f"_{args.startup}" if args.startup else "")
+           + ("" if args.constant_liar is None else "_liar" if args.constant_liar else "_noliar"))
     summary["curves"] = {name: c[["cumulative_epochs", "best_so_far"]].values.tolist() for name, c in curves.items()}
     ax.set_title(f"Search efficiency (ASHA grace {args.grace_period}, reduction factor {args.reduction_factor:g})")
     ax.figure.savefig(out / f"search_efficiency_{tag}.png", dpi=150)

@@ -50,8 +50,9 @@ def matmul_limit(n: int = 2048, seconds: float = 3.0) -> float:
     return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e9
 
 
-def canonical_loop(root: Path, cls: type, batch: int, max_images: int) -> float:
-    """pytorch/examples style: per-item ToTensor through a DataLoader. Returns images/s."""
+def canonical_loop(root: Path, cls: type, batch: int, max_images: int, device: str = "cpu") -> float:
+    """pytorch/examples style: per-item ToTensor through a DataLoader, each batch moved to the
+    device. Returns images/s."""
     from torch.utils.data import DataLoader, Subset
     from torchvision import transforms
 
@@ -59,17 +60,20 @@ def canonical_loop(root: Path, cls: type, batch: int, max_images: int) -> float:
     n = min(len(ds), max_images)
     loader = DataLoader(Subset(ds, range(n)), batch_size=batch, shuffle=True, num_workers=0)
     torch.manual_seed(0)
-    model = BetaVAE("mlp", 20, 400)
+    model = BetaVAE("mlp", 20, 400).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     model.train()
     seen, t0 = 0, time.perf_counter()
     for x, _ in loader:
+        x = x.to(device, non_blocking=True)
         logits, mu, logvar = model(x)
         loss, _, _ = beta_vae_loss(logits, x, mu, logvar, 1.0)
         opt.zero_grad()
         loss.backward()
         opt.step()
         seen += x.shape[0]
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
     return seen / (time.perf_counter() - t0)
 
 

@@ -200,7 +200,9 @@ def summary_lines(res: Any, spec: Any) -> list[str]:
                      f"epochs): test MSE {r['test_mse']:.5f}, PSNR {r['test_psnr']:.2f} dB")
     lines.append(f"results: {res.location}  (vae-study results {res.location})")
     local = res.location.local_path(OPTUNA_DB)
-    if local is None:
+    if res.optuna_storage and not res.optuna_storage.startswith("sqlite:"):
+        lines.append(f"optuna:  {res.optuna_storage}  (study name {res.name!r}; optuna-dashboard takes this URL)")
+    elif local is None:
         lines.append(f"optuna:  {res.location.uri}/{OPTUNA_DB}, a snapshot (study name {res.name!r})")
     else:
         lines.append(f"optuna:  sqlite:///{local}  (study name {res.name!r})")
@@ -449,6 +451,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-early-stopping", action="store_true", help="turn ASHA off")
     g.add_argument("--grace-period", type=int, help="ASHA: epochs before a trial may be stopped")
     g.add_argument("--reduction-factor", type=float, help="ASHA: keep 1/N at each rung")
+    g.add_argument("--optuna-storage", metavar="URL",
+                   help="a PostgreSQL (or MySQL) database for the Optuna study, shared by every driver: "
+                        "postgresql://user@host:5432/db, the password in PGPASSWORD or ~/.pgpass "
+                        "(default: optuna.db in the study folder)")
+    g.add_argument("--log-to", action="append", choices=("mlflow", "wandb"),
+                   help="log every trial to MLflow or W&B (repeatable), set up from the environment: "
+                        "MLFLOW_TRACKING_URI; WANDB_API_KEY or WANDB_MODE=offline")
     g.add_argument("--refit", action=argparse.BooleanOptionalAction, default=None,
                    help="retrain the winner on training + validation images for its best epoch count and "
                         "record it as its own row (default: on)")

@@ -56,7 +56,8 @@ OBJECTIVES = ("val_elbo", "val_recon", "val_kl", "val_mse")
 SAMPLERS = ("tpe", "random", "qmc", "cmaes", "gp", "nsgaii")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 _SECTIONS = {
-    "study": {"name", "trials", "epochs", "seed", "objective", "mode", "preset", "startup_trials", "startup", "refit"},
+    "study": {"name", "trials", "epochs", "seed", "objective", "mode", "preset", "startup_trials", "startup", "refit",
+              "log_to", "optuna_storage"},
     "search": {"sampler", "constant_liar", "startup", "startup_trials"},
     "data": {"dataset", "data_dir", "val_fraction", "split_seed", "max_train_images", "download"},
     "train": None,  # checked against TrainConfig
@@ -98,6 +99,8 @@ class StudySpec:
     refit: bool = True  # retrain the winner on train+validation for its best epoch count (study.refit)
     sampler: str = "tpe"  # Optuna's sampler (study.search.SAMPLERS); a multi-objective study's default is nsgaii
     constant_liar: bool | None = None  # TPE: None = on when more than one trial runs at once
+    log_to: tuple[str, ...] = ()  # experiment trackers (study.trackers): "mlflow", "wandb"
+    optuna_storage: str | None = None  # a PostgreSQL/MySQL URL (no password); None: optuna.db in the study folder
 
     @property
     def multi_objective(self) -> bool:
@@ -122,12 +125,14 @@ class StudySpec:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["objective"] = list(self.objective)
+        d["log_to"] = list(self.log_to)
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "StudySpec":
         d = dict(d)
         d["objective"] = tuple(d.get("objective", ("val_elbo",)))
+        d["log_to"] = tuple(d.get("log_to", ()))
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
 
@@ -221,6 +226,8 @@ def build_spec(toml: dict[str, Any] | None, overrides: dict[str, Any]) -> StudyS
         "sampler": o.get("sampler", search.get("sampler", "nsgaii" if len(objective) > 1 else "tpe")),
         "constant_liar": o.get("constant_liar", search.get("constant_liar")),
         "sampler_given": "sampler" in o or "sampler" in search,
+        "log_to": o.get("log_to", study.get("log_to", ())),
+        "optuna_storage": o.get("optuna_storage", study.get("optuna_storage")),
     }
     if o.get("smoke"):  # tiny, unless a flag says otherwise
         values.update(trials=o.get("trials", 2), epochs=o.get("epochs", 1))
@@ -251,7 +258,8 @@ def trial_values(config: dict[str, Any], beta_times_latent: float | None) -> dic
 SPEC_OPTIONS = frozenset({
     "name", "storage", "trials", "epochs", "seed", "startup_trials", "mode", "preset", "grace_period",
     "reduction_factor", "cpus_per_trial", "gpus_per_trial", "max_concurrent", "max_failures", "address",
-    "num_cpus", "smoke", "refit", "shared_storage", "startup", "sampler", "constant_liar",
+    "num_cpus", "smoke", "refit", "shared_storage", "startup", "sampler", "constant_liar", "log_to",
+    "optuna_storage",
 })
 
 
@@ -309,6 +317,21 @@ def validate(v: dict[str, Any]) -> StudySpec:
         raise StudyError(f"sampler={v['sampler']!r} is not allowed: choose one of {', '.join(SAMPLERS)}")
     if v["constant_liar"] is not None and not isinstance(v["constant_liar"], bool):
         raise StudyError(f"constant_liar={v['constant_liar']!r} has the wrong type: it must be true or false")
+    log_to = [v["log_to"]] if isinstance(v["log_to"], str) else v["log_to"]
+    if not isinstance(log_to, (list, tuple)) or not all(isinstance(t, str) for t in log_to):
+        raise StudyError(f"log_to={v['log_to']!r} has the wrong type: a list of trackers, e.g. [\"mlflow\"]")
+    from study.trackers import TRACKERS
+
+    for tracker in log_to:
+        if tracker not in TRACKERS:
+            raise StudyError(f"log_to {tracker!r} is not a tracker: choose from {', '.join(TRACKERS)}")
+    v["log_to"] = tuple(dict.fromkeys(log_to))
+    if v["optuna_storage"] is not None:
+        from study.storage import check_rdb_url
+
+        if not isinstance(v["optuna_storage"], str):
+            raise StudyError("optuna_storage has the wrong type: a postgresql://user@host:port/database URL")
+        check_rdb_url(v["optuna_storage"])
     if v["startup"] not in ("sobol", "random"):
         raise StudyError(f"startup={v['startup']!r} is not allowed: choose sobol or random")
     if not isinstance(v["refit"], bool):

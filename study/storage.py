@@ -447,15 +447,55 @@ class Bucket(Location):
                 "sync_config": tune.SyncConfig(sync_period=BUCKET_SYNC_EVERY_S, sync_artifacts=True)}
 
 
+RDB_DRIVERS = {"postgresql": "postgresql+psycopg", "postgres": "postgresql+psycopg", "mysql": "mysql+pymysql"}
+
+
+def check_rdb_url(url: str) -> str:
+    """An Optuna database URL as a study may record it: postgresql:// or mysql://, with no
+    password (libpq takes it from PGPASSWORD or ~/.pgpass). Returns it; a refusal never echoes
+    the URL, which may hold the secret."""
+    from urllib.parse import parse_qs, urlsplit
+
+    scheme = url.split("://", 1)[0].lower() if "://" in url else ""
+    base = scheme.split("+", 1)[0]
+    if base not in RDB_DRIVERS:
+        raise StudyError("--optuna-storage: give a postgresql://user@host:port/database (or mysql://) URL; "
+                         "a study's own SQLite file is the default")
+    parts = urlsplit(url)
+    try:
+        has_password = parts.password is not None
+        parts.port  # noqa: B018 - raises on a bad port
+    except ValueError:
+        raise StudyError(f"--optuna-storage {base}://…: the URL does not parse (host:port?)") from None
+    if has_password or any(k.lower() in ("password", "passfile") for k in parse_qs(parts.query)):
+        raise StudyError(f"--optuna-storage {base}://…: a password in the URL is refused (it would be written "
+                         "into study.json and logs); give it through PGPASSWORD or ~/.pgpass"
+                         + (" (PostgreSQL)" if base != "mysql" else ""))
+    if not parts.hostname or not parts.path.strip("/"):
+        raise StudyError(f"--optuna-storage {base}://…: name the host and the database, "
+                         f"e.g. {base}://user@db.example.com:5432/studies")
+    return url
+
+
+def _sqlalchemy_url(url: str) -> str:
+    """The URL for SQLAlchemy: postgresql:// goes through psycopg 3 (the `postgres` extra)."""
+    scheme, rest = url.split("://", 1)
+    return f"{RDB_DRIVERS.get(scheme.lower(), scheme)}://{rest}"
+
+
 class OptunaDB:
-    """Where a study's Optuna SQLite file is worked on, and where it is kept.
+    """Where a study's Optuna storage is: by default a SQLite file in the study folder (worked
+    on in a per-user cache and published as snapshots when the study is in a bucket); or a
+    PostgreSQL/MySQL database every driver reaches (``--optuna-storage``), used directly.
 
     Args:
         study: the study's folder (local or in a bucket).
+        rdb: the database URL (no password), or None for the SQLite file.
     """
 
-    def __init__(self, study: Location) -> None:
+    def __init__(self, study: Location, rdb: str | None = None) -> None:
         self.study = study
+        self.rdb = rdb
         self.publish_seconds = 0.0  # time spent publishing snapshots in this process
         self.publishes = 0
 
@@ -467,17 +507,93 @@ class OptunaDB:
     @property
     def published(self) -> bool:
         """The working copy is a copy: snapshots of it are what the study keeps."""
-        return self.study.local_path(OPTUNA_DB) is None
+        return self.rdb is None and self.study.local_path(OPTUNA_DB) is None
 
     @property
     def url(self) -> str:
-        return f"sqlite:///{self.path}"
+        """SQLAlchemy's URL of the storage (what ``optuna.load_study`` and optuna-dashboard take)."""
+        return _sqlalchemy_url(self.rdb) if self.rdb else f"sqlite:///{self.path}"
 
     def storage(self) -> Any:
         import optuna
 
+        if self.rdb:
+            try:
+                # pool_pre_ping: a driver outlives idle connections a database or proxy drops
+                return optuna.storages.RDBStorage(self.url, engine_kwargs={"pool_pre_ping": True})
+            except Exception as exc:  # noqa: BLE001 - sqlalchemy's and the driver's errors, said in one line
+                raise StudyError(f"cannot open the Optuna database {self.display}: {_rdb_reason(exc)}") from None
         self.path.parent.mkdir(parents=True, exist_ok=True)
         return optuna.storages.RDBStorage(self.url)
+
+    @property
+    def display(self) -> str:
+        """Where the storage is, for messages (the URL holds no password: check_rdb_url)."""
+        return self.rdb or str(self.study / OPTUNA_DB)
+
+    def has_study(self, name: str) -> bool:
+        import optuna
+
+        if not self.rdb and not self.path.is_file():
+            return False
+        return name in {s.study_name for s in optuna.get_all_study_summaries(self.storage(), include_best_trial=False)}
+
+    def delete_study(self, name: str) -> None:
+        import optuna
+
+        if self.has_study(name):
+            optuna.delete_study(study_name=name, storage=self.storage())
+
+    def check_reachable(self) -> None:
+        """Connect once to a database storage (before Ray starts): a wrong host, password or
+        missing driver is said in one line up front."""
+        if not self.rdb:
+            return
+        import sqlalchemy as sa
+        from sqlalchemy.pool import NullPool
+
+        try:
+            engine = sa.create_engine(self.url, poolclass=NullPool)
+            with engine.connect() as conn:
+                conn.execute(sa.text("SELECT 1"))
+            engine.dispose()
+        except Exception as exc:  # noqa: BLE001
+            raise StudyError(f"cannot open the Optuna database {self.display}: {_rdb_reason(exc)}") from None
+
+    @contextlib.contextmanager
+    def lock(self, name: str) -> Iterator[None]:
+        """One driver per study on a shared database, on any machine: a PostgreSQL advisory
+        lock (MySQL: GET_LOCK) held by one connection while the study runs; the database frees
+        it when that driver's connection ends, a crash included. The SQLite file needs none:
+        the study folder's lock covers it."""
+        if not self.rdb:
+            yield
+            return
+        import sqlalchemy as sa
+        from sqlalchemy.pool import NullPool
+
+        key = int.from_bytes(hashlib.sha256(f"vae-study:{name}".encode()).digest()[:8], "big", signed=True)
+        mysql = self.url.startswith("mysql")
+        try:
+            engine = sa.create_engine(self.url, poolclass=NullPool)
+            conn = engine.connect()
+            got = conn.execute(sa.text("SELECT GET_LOCK(:k, 0)" if mysql else "SELECT pg_try_advisory_lock(:k)"),
+                               {"k": f"vae-study:{name}" if mysql else key}).scalar()
+        except Exception as exc:  # noqa: BLE001
+            raise StudyError(f"cannot open the Optuna database {self.display}: {_rdb_reason(exc)}") from None
+        if not got:
+            conn.close()
+            engine.dispose()
+            raise StudyError(f"study {name!r} is running from another driver on {self.display}; wait for it, "
+                             "or stop it first (one driver per study)")
+        try:
+            yield
+        finally:
+            with contextlib.suppress(Exception):
+                conn.execute(sa.text("SELECT RELEASE_LOCK(:k)" if mysql else "SELECT pg_advisory_unlock(:k)"),
+                             {"k": f"vae-study:{name}" if mysql else key})
+            conn.close()
+            engine.dispose()
 
     def reset(self) -> None:
         """A new study: no working copy left from an earlier study at the same URI."""
@@ -487,6 +603,8 @@ class OptunaDB:
 
     def fetch(self) -> bool:
         """Resume: replace the working copy with the published snapshot. False if there is none."""
+        if self.rdb:
+            return True
         if not self.published:
             return self.path.is_file()
         if not self.study.is_file(OPTUNA_DB):
@@ -511,19 +629,33 @@ class OptunaDB:
         self.publishes += 1
 
     @contextlib.contextmanager
-    def read_copy(self) -> Iterator[Path | None]:
-        """A local file to read the study from (a temporary download of the snapshot), or None."""
+    def read_copy(self) -> Iterator[str | None]:
+        """A storage URL to read the study from (the database; the study's file; a temporary
+        download of its snapshot), or None when there is none."""
+        if self.rdb:
+            yield self.url
+            return
         if not self.published:
-            yield self.path if self.path.is_file() else None
+            yield self.url if self.path.is_file() else None
             return
         if not self.study.is_file(OPTUNA_DB):
             yield None
             return
         with tempfile.TemporaryDirectory(prefix="vae-optuna-") as tmp:
-            yield self.study.download(OPTUNA_DB, Path(tmp) / OPTUNA_DB)
+            yield f"sqlite:///{self.study.download(OPTUNA_DB, Path(tmp) / OPTUNA_DB)}"
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"study": self.study, "publish_seconds": 0.0, "publishes": 0}
+        return {"study": self.study, "rdb": self.rdb, "publish_seconds": 0.0, "publishes": 0}
+
+
+def _rdb_reason(exc: BaseException) -> str:
+    """The driver's own reason, one line (libpq's messages name no password)."""
+    seen = exc.__cause__ or exc.__context__ or exc
+    if isinstance(exc, ModuleNotFoundError) or isinstance(seen, ModuleNotFoundError):
+        missing = getattr(exc, "name", None) or getattr(seen, "name", "")
+        return f"its driver is not installed ({missing}): pip install 'vae-study[postgres]'"
+    lines = [ln.strip() for ln in str(getattr(exc, "orig", None) or exc).splitlines() if ln.strip()]
+    return lines[0][:300] if lines else type(exc).__name__
 
 
 def study_location(storage: str | os.PathLike | Location, name: str) -> Location:

@@ -7,14 +7,14 @@ and ASHA), ``cluster`` (Ray, resources and the checks that a study's storage is 
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
-from study import cluster, results
+from study import cluster, results, trackers
 from study.errors import StudyError, StudyInterrupted
 from study.spec import StudySpec, read_spec, write_spec
 from study.storage import TUNE_DIR, Location, OptunaDB, study_location
@@ -36,6 +36,15 @@ class StudyResult:
     publish_seconds: float = 0.0  # the driver's Optuna snapshots (a study in a bucket)
     publishes: int = 0
     refit: dict[str, Any] | None = None  # the refit's trials row (study.refit), if one was made
+    result_grid: Any = None  # Ray Tune's ResultGrid of this run (or of this resume)
+    optuna_storage: str | None = None  # where the Optuna study is, for optuna.load_study
+
+    def optuna_study(self) -> Any:
+        """The study's Optuna study, loaded from its storage (every trial, its intermediate
+        values per epoch, pruned trials as PRUNED)."""
+        import optuna
+
+        return optuna.load_study(study_name=self.name, storage=self.optuna_storage)
 
     @property
     def folder(self) -> Path | str:
@@ -70,37 +79,53 @@ def make_trainable(spec: StudySpec) -> Any:
 
 # --------------------------------------------------------------------------- run / resume
 
-def run(spec: StudySpec, *, overwrite: bool = False, printer: Printer = print) -> StudyResult:
+def run(spec: StudySpec, *, overwrite: bool = False, printer: Printer = print,
+        callbacks: Sequence[Any] = ()) -> StudyResult:
     """Run a new study to completion: spec, store, cluster checks, search and Tune, then the
     winner's refit and the compaction of its tables.
+
+    Args:
+        spec: the study (``study.build_spec``).
+        overwrite: replace a study of that name in that storage.
+        printer: where progress lines go (``print``; a list's ``append`` to keep them).
+        callbacks: Ray Tune callbacks (``ray.tune.Callback``) to run beside the study's own.
 
     Raises:
         StudyError: the study exists already (resume it, or pass ``overwrite``), the storage is
             not writable or not visible to the nodes that run trials, or the cluster cannot
             provide what the spec asks for. Nothing is written before these checks pass.
     """
+    trackers.check(spec.log_to)
     study = study_location(spec.storage, spec.name)
     _refuse_existing(study, spec, overwrite)
     study.parent.check_writable()
+    db = OptunaDB(study, spec.optuna_storage)
+    db.check_reachable()
     view = _connect(spec, study, check_data=True)
     if spec.sampler == "tpe" and spec.constant_liar is None:  # study.json records what ran
         concurrent = spec.max_concurrent or cluster.default_concurrency(spec, view)
         spec = dataclasses.replace(spec, constant_liar=concurrent > 1)
-    with study.lock():
+    with study.lock(), db.lock(spec.name):
         _refuse_existing(study, spec, overwrite)  # again, now that no other driver can race us
+        if db.rdb and not overwrite and db.has_study(spec.name):
+            raise StudyError(f"an Optuna study {spec.name!r} is in {db.display} already: choose another name, "
+                             "or pass --overwrite to replace it")
         if overwrite:
             study.delete_tree()
-        db = OptunaDB(study)
+            if db.rdb:
+                db.delete_study(spec.name)
         db.reset()
         study.ensure_dir()
         write_spec(study, spec)
-        tuner, recorder = _new_tuner(spec, study, view, db, printer)
+        tuner, recorder = _new_tuner(spec, study, view, db, printer, list(callbacks))
         return _complete(spec, study, tuner, recorder, db, printer, resumed=False)
 
 
 def resume(storage: str, name: str, *, printer: Printer = print, address: str | None = None,
-           num_cpus: int | None = None, shared_storage: bool | None = None) -> StudyResult:
+           num_cpus: int | None = None, shared_storage: bool | None = None,
+           callbacks: Sequence[Any] = ()) -> StudyResult:
     """Finish an interrupted study from its Ray experiment state and its Optuna storage.
+    ``callbacks``: Ray Tune callbacks for the rest of the study, beside the ones it had.
 
     Resuming restores Ray Tune's own pickled experiment state (``tune/``): only resume a
     study folder or bucket you trust.
@@ -109,14 +134,18 @@ def resume(storage: str, name: str, *, printer: Printer = print, address: str | 
     changes = {k: v for k, v in {"address": address, "num_cpus": num_cpus, "shared_storage": shared_storage}.items()
                if v is not None}
     spec = StudySpec.from_dict({**spec.to_dict(), **changes}) if changes else spec
+    trackers.check(spec.log_to)
     study = study_location(storage, name)
     _refuse_unrestorable(study, spec)
     study.check_writable()
+    db = OptunaDB(study, spec.optuna_storage)
+    db.check_reachable()
     _connect(spec, study, check_data=False)
-    with study.lock():
-        db = OptunaDB(study)
+    with study.lock(), db.lock(spec.name):
+        if db.rdb and not db.has_study(spec.name):
+            raise StudyError(f"study {name!r}: its Optuna study is not in {db.display}; nothing to resume there")
         db.fetch()
-        tuner, recorder = _restored_tuner(spec, study, db, printer)
+        tuner, recorder = _restored_tuner(spec, study, db, printer, list(callbacks))
         return _complete(spec, study, tuner, recorder, db, printer, resumed=True)
 
 
@@ -138,7 +167,7 @@ def _connect(spec: StudySpec, study: Location, *, check_data: bool) -> cluster.C
 
 
 def _new_tuner(spec: StudySpec, study: Location, view: cluster.ClusterView, db: OptunaDB,
-               printer: Printer) -> tuple[Any, Any]:
+               printer: Printer, extra: list[Any]) -> tuple[Any, Any]:
     """Tune's Tuner for a new study: the trainable, the Optuna searcher, ASHA, the callbacks."""
     from ray import tune
 
@@ -176,7 +205,7 @@ def _new_tuner(spec: StudySpec, study: Location, view: cluster.ClusterView, db: 
             # than its last, and a trial that finished is not run again. On a bucket that costs
             # time (keeping 2 was 32% faster in BENCHMARKS §8), and is kept for that guarantee.
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-            callbacks=[recorder, Progress(spec, printer)],
+            callbacks=[recorder, Progress(spec, printer), *trackers.callbacks(spec.log_to, spec.name), *extra],
             verbose=0,
             log_to_file=True,
         ),
@@ -189,15 +218,18 @@ def _new_tuner(spec: StudySpec, study: Location, view: cluster.ClusterView, db: 
             f"results in {study}")
     for line in sampler_notes(spec):
         printer(line)
+    if db.rdb:
+        printer(f"optuna: {db.url} (live: optuna-dashboard {db.url}; the password from PGPASSWORD or ~/.pgpass)")
     return tuner, recorder
 
 
-def _restored_tuner(spec: StudySpec, study: Location, db: OptunaDB, printer: Printer) -> tuple[Any, Any]:
+def _restored_tuner(spec: StudySpec, study: Location, db: OptunaDB, printer: Printer,
+                    extra: list[Any]) -> tuple[Any, Any]:
     """Tune's Tuner of an interrupted study, with its own searcher and callbacks reattached."""
     from study.search import unwrap_searcher
 
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", STATE_EVERY_S)
-    tuner, search_alg, callbacks = _restore_tuner(study, make_trainable(spec))
+    tuner, search_alg, callbacks = _restore_tuner(study, make_trainable(spec), extra)
     searcher = unwrap_searcher(search_alg)
     if searcher is None:  # guard against ray #30861: a restore must keep our Optuna searcher
         raise StudyError(f"restored study {spec.name!r} lost its Optuna searcher; cannot resume safely")
@@ -214,7 +246,7 @@ def _complete(spec: StudySpec, study: Location, tuner: Any, recorder: Any, db: O
 
     t0 = time.perf_counter()
     try:
-        tuner.fit()
+        grid = tuner.fit()
     finally:
         db.publish()
     df = results.load(study, "trials")
@@ -234,7 +266,7 @@ def _complete(spec: StudySpec, study: Location, tuner: Any, recorder: Any, db: O
     results.compact(study)
     return StudyResult(spec.name, study, df, best_trial(df, spec), time.perf_counter() - t0,
                        write_seconds=recorder.write_seconds, publish_seconds=db.publish_seconds,
-                       publishes=db.publishes, refit=refit)
+                       publishes=db.publishes, refit=refit, result_grid=grid, optuna_storage=db.url)
 
 
 def _check_data_in_background(spec: StudySpec) -> Callable[..., None]:
@@ -298,11 +330,12 @@ def _refit(spec: StudySpec, study: Location, trials: Any, printer: Printer) -> d
         return None
 
 
-def _restore_tuner(study: Location, trainable: Any) -> tuple[Any, Any, list]:
+def _restore_tuner(study: Location, trainable: Any, extra: list[Any]) -> tuple[Any, Any, list]:
     """Ray Tune's restore of the study's experiment, with the two things Tune keeps but does not
-    hand back publicly: the search algorithm and the callbacks it pickled. The one place that
-    reads Tune's private attributes; if a Ray upgrade moves them, resuming stops here, in one
-    line, instead of going on without the study's searcher or recorder."""
+    hand back publicly: the search algorithm and the callbacks it pickled (``extra`` joins
+    them). The one place that reads Tune's private attributes; if a Ray upgrade moves them,
+    resuming stops here, in one line, instead of going on without the study's searcher or
+    recorder."""
     from ray import tune
 
     _align_trial_counter(study)
@@ -316,7 +349,10 @@ def _restore_tuner(study: Location, trainable: Any) -> tuple[Any, Any, list]:
                                    resume_unfinished=True, resume_errored=True, restart_errored=False)
     try:
         inner = tuner._local_tuner
-        return tuner, inner._tune_config.search_alg, list(inner.get_run_config().callbacks or [])
+        run_config = inner.get_run_config()
+        if extra:
+            run_config.callbacks = [*(run_config.callbacks or []), *extra]
+        return tuner, inner._tune_config.search_alg, list(run_config.callbacks or [])
     except AttributeError:
         import ray
 

@@ -1,0 +1,111 @@
+"""Experiment trackers: MLflow and Weights & Biases, through Ray Tune's own logger callbacks.
+
+``--log-to mlflow`` and ``--log-to wandb`` (``[study] log_to = ["mlflow"]``) add Tune's
+``MLflowLoggerCallback`` / ``WandbLoggerCallback`` to a study: one tracker run per trial, with
+the trial's parameters and every epoch's metrics (step = epoch). ``vae-study report`` then
+logs the report to the winner's run as an artifact.
+
+Both are configured only from the environment, as their own tools are, so no address or key
+is ever written into the study: MLflow reads ``MLFLOW_TRACKING_URI`` (and its token
+variables), W&B ``WANDB_API_KEY`` or ``WANDB_MODE=offline``, and ``WANDB_PROJECT``,
+``WANDB_DIR``. The callbacks run in the driver (W&B's in small actors beside it), so only the
+driver's machine needs the variables and the network path to the tracker.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from study.errors import StudyError
+
+TRACKERS = ("mlflow", "wandb")
+WANDB_PROJECT = "vae-study"  # when WANDB_PROJECT is not set
+
+
+def check(log_to: Sequence[str]) -> None:
+    """Refuse, in one line, a tracker that is not installed or not configured. Called before a
+    study writes anything."""
+    for name in log_to:
+        if name not in TRACKERS:
+            raise StudyError(f"--log-to {name}: choose from {', '.join(TRACKERS)}")
+        try:
+            __import__(name)
+        except ImportError:
+            raise StudyError(f"--log-to {name}: the {name} package is not installed; "
+                             f"pip install 'vae-study[{name}]'") from None
+    if "mlflow" in log_to and not os.environ.get("MLFLOW_TRACKING_URI"):
+        raise StudyError("--log-to mlflow: set MLFLOW_TRACKING_URI (a server, databricks, or sqlite:///mlflow.db "
+                         "for a local store)")
+    if "wandb" in log_to and not (os.environ.get("WANDB_API_KEY")
+                                  or os.environ.get("WANDB_MODE") in ("offline", "disabled")):
+        raise StudyError("--log-to wandb: set WANDB_API_KEY (or WANDB_MODE=offline to keep the runs on this "
+                         "machine for `wandb sync`)")
+
+
+def callbacks(log_to: Sequence[str], study_name: str) -> list[Any]:
+    """Ray Tune's logger callbacks for the study's trackers: an MLflow experiment, or a W&B
+    group in ``$WANDB_PROJECT``, named after the study."""
+    out: list[Any] = []
+    if "mlflow" in log_to:
+        from ray.air.integrations.mlflow import MLflowLoggerCallback
+
+        # tracking_uri None: MLflow reads MLFLOW_TRACKING_URI itself, so it is never pickled
+        # into Tune's experiment state with the callback
+        out.append(MLflowLoggerCallback(experiment_name=study_name, tags={"vae_study": study_name}))
+    if "wandb" in log_to:
+        from ray.air.integrations.wandb import WandbLoggerCallback
+
+        out.append(WandbLoggerCallback(project=os.environ.get("WANDB_PROJECT", WANDB_PROJECT), group=study_name))
+    return out
+
+
+def log_report(log_to: Sequence[str], study_name: str, winner_id: str, report_dir: Path,
+               say: Callable[[str], None]) -> None:
+    """Attach a built report to the winner's tracker run. A tracker that cannot take it costs a
+    line, never the report."""
+    for name in log_to:
+        try:
+            where = (_mlflow_report if name == "mlflow" else _wandb_report)(study_name, winner_id, report_dir)
+            say(f"report logged to {name}: {where}")
+        except Exception as exc:  # noqa: BLE001 - the report is built; the tracker is extra
+            text = str(exc).strip().splitlines()
+            say(f"report not logged to {name}: {text[-1] if text else type(exc).__name__}")
+
+
+def _mlflow_report(study_name: str, winner_id: str, report_dir: Path) -> str:
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    experiment = client.get_experiment_by_name(study_name)
+    if experiment is None:
+        raise StudyError(f"no MLflow experiment {study_name!r} at this MLFLOW_TRACKING_URI")
+    runs = client.search_runs([experiment.experiment_id], filter_string=f"tags.trial_name LIKE '%{winner_id}'")
+    if not runs:
+        raise StudyError(f"no MLflow run of trial {winner_id} in experiment {study_name!r}")
+    run_id = runs[0].info.run_id
+    for f in _report_files(report_dir):
+        client.log_artifact(run_id, str(f), artifact_path="report")
+    return f"run {run_id}, artifacts report/"
+
+
+def _wandb_report(study_name: str, winner_id: str, report_dir: Path) -> str:
+    import wandb
+
+    project = os.environ.get("WANDB_PROJECT", WANDB_PROJECT)
+    run = wandb.init(project=project, group=study_name, id=winner_id, resume="allow", job_type="report",
+                     settings=wandb.Settings(silent=True))
+    try:
+        artifact = wandb.Artifact(f"report-{study_name}", type="report")
+        for f in _report_files(report_dir):
+            artifact.add_file(str(f))
+        run.log_artifact(artifact)
+    finally:
+        run.finish()
+    return f"project {project}, run {winner_id}, artifact report-{study_name}"
+
+
+def _report_files(report_dir: Path) -> list[Path]:
+    """The report as a reader opens it: index.html, its figures, summary.json (not the cache
+    of arrays it was drawn from)."""
+    return sorted(p for p in Path(report_dir).iterdir() if p.is_file() and not p.name.startswith("."))

@@ -1,0 +1,134 @@
+"""Experiment trackers through Ray Tune's own callbacks: MLflow on a local SQLite tracking store,
+read back with MLflow's client, and W&B in offline mode, read back from its run files."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from conftest import run_cli
+from study import results
+
+
+def test_a_tracker_that_is_not_set_up_is_refused_before_anything_is_written(tmp_path, monkeypatch):
+    for var in ("MLFLOW_TRACKING_URI", "WANDB_API_KEY", "WANDB_MODE"):
+        monkeypatch.delenv(var, raising=False)
+    for tracker, needs in (("mlflow", "MLFLOW_TRACKING_URI"), ("wandb", "WANDB_API_KEY")):
+        p = run_cli("run", "--name", "t", "--storage", str(tmp_path), "--smoke", "--log-to", tracker)
+        assert p.returncode == 2, p.stderr
+        assert needs in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+        assert "Traceback" not in p.stderr
+    assert not (tmp_path / "t").exists()
+    p = run_cli("run", "--name", "t", "--storage", str(tmp_path), "--smoke", "--log-to", "neptune")
+    assert p.returncode == 2 and "neptune" in p.stderr
+
+
+def _wandb_records(path) -> list[bytes]:
+    """The records of a .wandb file: a 7-byte header (":W&B", magic, version), then LevelDB's
+    log format: 32 KiB blocks of records, each with a CRC (4 bytes), a length (2) and a type (1:
+    whole, 2/3/4: first/middle/last piece). W&B 0.31 no longer ships a Python reader."""
+    import struct
+
+    data = path.read_bytes()
+    assert data[:4] == b":W&B", data[:7]
+    out, pos, piece = [], 7, b""
+    block = 32768
+    while pos + 7 <= len(data):
+        room = block - pos % block
+        if room < 7:  # a block's tail too short for a header is padding
+            pos += room
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if length == 0 and kind == 0:
+            pos += room
+            continue
+        chunk = data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind == 1:
+            out.append(chunk)
+        elif kind == 2:
+            piece = chunk
+        elif kind == 3:
+            piece += chunk
+        elif kind == 4:
+            out.append(piece + chunk)
+    return out
+
+
+def _wandb_history(run_dir) -> list[dict]:
+    """The metrics rows an offline W&B run wrote to its .wandb file, decoded with W&B's protobufs."""
+    from wandb.proto import wandb_internal_pb2
+
+    (path,) = run_dir.glob("run-*.wandb")
+    rows = []
+    for data in _wandb_records(path):
+        rec = wandb_internal_pb2.Record()
+        rec.ParseFromString(data)
+        if rec.WhichOneof("record_type") == "history":
+            rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in rec.history.item})
+    return rows
+
+
+@pytest.mark.slow
+def test_mlflow_and_wandb_hold_every_trials_parameters_and_epochs_and_the_report(tmp_path):
+    """One study logged to both: every trial is a run in each, with its parameters and one
+    metrics row per epoch it trained (pruned trials included); the report goes to the
+    winner's run; no tracker address is written into the study."""
+    import mlflow
+
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "WANDB_MODE": "offline",
+           "WANDB_DIR": str(tmp_path / "wb"), "WANDB_PROJECT": "vae-study-test", "WANDB_SILENT": "true"}
+    (tmp_path / "wb").mkdir()
+    p = run_cli("run", "--name", "tracked", "--storage", str(tmp_path / "studies"), "--trials", "4", "--epochs", "3",
+                "--max-train-images", "400", "--num-cpus", "2", "--no-refit", "--log-to", "mlflow",
+                "--log-to", "wandb", env=env, timeout=600, cwd=tmp_path)  # MLflow's artifacts: ./mlruns
+    assert p.returncode == 0, p.stderr[-3000:]
+    study = tmp_path / "studies" / "tracked"
+    trials = results.load(study).set_index("trial_id")
+    epochs = results.load(study, "epochs")
+    assert len(trials) == 4
+    spec = json.loads((study / "study.json").read_text())
+    assert spec["log_to"] == ["mlflow", "wandb"]
+    assert "mlflow.db" not in (study / "study.json").read_text()
+
+    # MLflow: an experiment named after the study, one run per trial
+    os.environ["MLFLOW_TRACKING_URI"] = env["MLFLOW_TRACKING_URI"]
+    try:
+        client = mlflow.MlflowClient()
+        exp = client.get_experiment_by_name("tracked")
+        runs = client.search_runs([exp.experiment_id])
+        assert len(runs) == 4
+        by_trial = {r.data.tags["trial_name"].rsplit("_", 1)[-1]: r for r in runs}
+        assert set(by_trial) == set(trials.index)
+        for tid, run in by_trial.items():
+            assert int(run.data.params["latent_dim"]) == trials.loc[tid, "param_latent_dim"]
+            assert float(run.data.params["beta"]) == pytest.approx(trials.loc[tid, "param_beta"])
+            history = client.get_metric_history(run.info.run_id, "val_elbo")
+            mine = epochs[epochs["trial_id"] == tid].sort_values("epoch")
+            assert [m.step for m in sorted(history, key=lambda m: m.step)] == list(mine["epoch"])
+            assert [m.value for m in sorted(history, key=lambda m: m.step)] == pytest.approx(list(mine["val_elbo"]))
+
+        # W&B, offline: one run folder per trial, holding every epoch's metrics
+        run_dirs = sorted((tmp_path / "wb" / "wandb").glob("offline-run-*"))
+        assert len(run_dirs) == 4, run_dirs
+        seen = {}
+        for d in run_dirs:
+            rows = [r for r in _wandb_history(d) if "val_elbo" in r]
+            seen[d.name.rsplit("-", 1)[-1]] = [r["val_elbo"] for r in rows]  # the W&B run id is the trial id
+        assert set(seen) == set(trials.index)
+        for tid, values in seen.items():
+            mine = epochs[epochs["trial_id"] == tid].sort_values("epoch")
+            assert values == pytest.approx(list(mine["val_elbo"]))
+
+        # the report goes to the winner's run
+        p = run_cli("report", str(study), "--tsne-points", "200", "--gap-images", "50", "--decoder-steps", "5",
+                    env=env, timeout=600, cwd=tmp_path)
+        assert p.returncode == 0, p.stderr[-3000:]
+        winner = json.loads((study / "report" / "summary.json").read_text())["winner"]["trial_id"]
+        assert "report logged to mlflow" in p.stderr + p.stdout, p.stderr[-2000:]
+        arts = {a.path for a in client.list_artifacts(by_trial[winner].info.run_id, "report")}
+        assert {"report/index.html", "report/summary.json"} <= arts and not any("cache" in a for a in arts)
+        assert "report logged to wandb" in p.stderr + p.stdout
+    finally:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
