@@ -369,8 +369,11 @@ def _align_trial_counter(study: Location) -> tuple[int, int] | None:
     (the count is ahead) or run one too many (behind). Found by the S3 resume test, 1 kill in 6.
     Returns (count, trials) when they disagreed, else None."""
     import json
+    import tempfile
 
-    import ray.cloudpickle as cloudpickle
+    # Tune's own reader and writer of the file (a pickle Tune made: resuming trusts Tune's
+    # state already, and no code of ours unpickles anything)
+    from ray.tune.utils.util import _atomic_save, _load_newest_checkpoint
 
     files = study.files(TUNE_DIR)
     states = sorted(f for f in files if f.startswith("experiment_state-") and f.endswith(".json"))
@@ -378,14 +381,17 @@ def _align_trial_counter(study: Location) -> tuple[int, int] | None:
     if not states or not gens:
         return None
     trials = len(json.loads(study.read_text(f"{TUNE_DIR}/{states[-1]}")).get("trial_data", []))
-    gen = cloudpickle.loads(study.read_bytes(f"{TUNE_DIR}/{gens[-1]}"))
-    count = gen.get("counter") if isinstance(gen, dict) else None
-    if not isinstance(count, int) or count == trials:
-        return None
-    gen["counter"] = trials
-    if trials < gen.get("total_samples", trials):
-        gen["finished"] = False  # it had made them all; the ones the state lacks are still to make
-    study.write_bytes(f"{TUNE_DIR}/{gens[-1]}", cloudpickle.dumps(gen))
+    with tempfile.TemporaryDirectory(prefix="vae-tune-state-") as tmp:
+        study.download(f"{TUNE_DIR}/{gens[-1]}", f"{tmp}/{gens[-1]}")
+        gen = _load_newest_checkpoint(tmp, gens[-1])
+        count = gen.get("counter") if isinstance(gen, dict) else None
+        if not isinstance(count, int) or count == trials:
+            return None
+        gen["counter"] = trials
+        if trials < gen.get("total_samples", trials):
+            gen["finished"] = False  # it had made them all; the ones the state lacks are still to make
+        _atomic_save(gen, tmp, gens[-1], f"tmp-{gens[-1]}")
+        study.upload(f"{tmp}/{gens[-1]}", f"{TUNE_DIR}/{gens[-1]}")
     return count, trials
 
 

@@ -109,3 +109,28 @@ def test_a_resumed_trial_continues_from_its_checkpoint_exactly(tmp_path):
     ref_ep = results.load(storage / "ref", "epochs").sort_values("epoch")
     for col in ("train_loss", "val_elbo", "val_mse"):
         assert ep[col].tolist() == pytest.approx(ref_ep[col].tolist(), rel=1e-6), col
+
+
+def test_tunes_trial_count_is_aligned_with_its_saved_trials(tmp_path):
+    """A driver killed between Tune's two state uploads (the trials; the count of trials made)
+    leaves them disagreeing; resume makes the count agree with the trials (Tune's own files,
+    written and read with Tune's own helpers)."""
+    import json
+
+    from ray.tune.utils.util import _atomic_save, _load_newest_checkpoint
+
+    from study.storage import Location
+    from study.tuner import _align_trial_counter
+
+    tune_dir = tmp_path / "tune"
+    tune_dir.mkdir()
+    (tune_dir / "experiment_state-2026.json").write_text(json.dumps({"trial_data": [[1], [2], [3]]}))
+    gen = "search_gen_state-2026.json"
+    _atomic_save({"counter": 4, "total_samples": 5, "finished": False, "experiment": None}, str(tune_dir), gen, "t")
+    assert _align_trial_counter(Location(tmp_path)) == (4, 3)  # ahead: one trial would be lost
+    assert _load_newest_checkpoint(str(tune_dir), gen)["counter"] == 3
+    assert _align_trial_counter(Location(tmp_path)) is None  # agreeing: left alone
+    _atomic_save({"counter": 5, "total_samples": 5, "finished": True, "experiment": None}, str(tune_dir), gen, "t")
+    assert _align_trial_counter(Location(tmp_path)) == (5, 3)
+    state = _load_newest_checkpoint(str(tune_dir), gen)
+    assert state["counter"] == 3 and state["finished"] is False  # two trials still to make
