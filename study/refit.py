@@ -37,6 +37,18 @@ def refit_values(fixed: dict[str, Any], winner: pd.Series) -> dict[str, Any]:
     return values
 
 
+def refit_cpus(spec: StudySpec) -> float:
+    """CPUs (and torch threads) for the refit. It trains alone once the search is over, so on the
+    study's own local runtime a CPU refit takes every CPU free there rather than one trial's
+    share, which left the other slots idle (BENCHMARKS §3c). On a cluster (``--address``) and on
+    a GPU it keeps a trial's: Ray's free CPUs are the cluster's, not one node's."""
+    if spec.gpus_per_trial or spec.address is not None:
+        return spec.cpus_per_trial
+    import ray
+
+    return max(float(spec.cpus_per_trial), float(int(ray.available_resources().get("CPU", 0.0))))
+
+
 def refit_id(winner_id: str) -> str:
     return f"{PREFIX}{winner_id}"
 
@@ -98,9 +110,10 @@ def run_refit(spec: StudySpec, study: Location, trials: pd.DataFrame, fixed: dic
     printer(f"refit: trial {win['trial_id']}'s configuration on training + validation images, "
             f"{values['epochs']} epochs")
     started = now()
-    task = ray.remote(_refit_task).options(num_cpus=spec.cpus_per_trial, num_gpus=spec.gpus_per_trial,
+    cpus = refit_cpus(spec)
+    task = ray.remote(_refit_task).options(num_cpus=cpus, num_gpus=spec.gpus_per_trial,
                                            max_retries=spec.max_failures)
-    out = ray.get(task.remote(values, int(spec.cpus_per_trial)))
+    out = ray.get(task.remote(values, int(cpus)))
     done = out["status"] == "completed"
     facts, digits, checkpoint = dict(out["facts"]), [], None
     if done:

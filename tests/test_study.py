@@ -128,6 +128,13 @@ def test_refit_retrains_the_winner_on_train_and_validation(four):
     assert res.refit is not None and res.refit["trial_id"] == row["trial_id"]
     assert any(line.startswith("refit ") and "test MSE" in line for line in lines)
     assert any(line.startswith("refit refit-") for line in summary_lines(res, spec))
+    # it trains alone: on the study's own runtime it takes every free CPU, on a cluster a trial's share
+    import dataclasses
+
+    from study.refit import refit_cpus
+
+    assert refit_cpus(spec) == 2.0
+    assert refit_cpus(dataclasses.replace(spec, address="auto")) == spec.cpus_per_trial == 1.0
 
 
 def test_existing_study_is_not_overwritten(four):
