@@ -469,8 +469,7 @@ def check_rdb_url(url: str) -> str:
         raise StudyError(f"--optuna-storage {base}://…: the URL does not parse (host:port?)") from None
     if has_password or any(k.lower() in ("password", "passfile") for k in parse_qs(parts.query)):
         raise StudyError(f"--optuna-storage {base}://…: a password in the URL is refused (it would be written "
-                         "into study.json and logs); give it through PGPASSWORD or ~/.pgpass"
-                         + (" (PostgreSQL)" if base != "mysql" else ""))
+                         "into study.json and logs); give it through PGPASSWORD or ~/.pgpass")
     if not parts.hostname or not parts.path.strip("/"):
         raise StudyError(f"--optuna-storage {base}://…: name the host and the database, "
                          f"e.g. {base}://user@db.example.com:5432/studies")
