@@ -437,7 +437,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--trials", type=int, help="number of trials (default 16)")
     g.add_argument("--epochs", type=int, help="max epochs per trial (default 10)")
     g.add_argument("--seed", type=int, help="seeds the sampler (default 0)")
-    from study.spec import SAMPLERS
+    from study.spec import SAMPLERS, TRACKERS
 
     g.add_argument("--sampler", choices=SAMPLERS,
                    help="Optuna's sampler, seeded by --seed (default: tpe; nsgaii for two objectives)")
@@ -455,7 +455,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a PostgreSQL (or MySQL) database for the Optuna study, shared by every driver: "
                         "postgresql://user@host:5432/db, the password in PGPASSWORD or ~/.pgpass "
                         "(default: optuna.db in the study folder)")
-    g.add_argument("--log-to", action="append", choices=("mlflow", "wandb"),
+    g.add_argument("--log-to", action="append", choices=TRACKERS,
                    help="log every trial to MLflow or W&B (repeatable), set up from the environment: "
                         "MLFLOW_TRACKING_URI; WANDB_API_KEY or WANDB_MODE=offline")
     g.add_argument("--refit", action=argparse.BooleanOptionalAction, default=None,

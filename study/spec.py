@@ -54,6 +54,8 @@ from vae.config import ARCHS, ConfigError, TrainConfig
 OBJECTIVES = ("val_elbo", "val_recon", "val_kl", "val_mse")
 # The samplers a study may use (`--sampler`, `[search] sampler`); each is seeded by the study's seed.
 SAMPLERS = ("tpe", "random", "qmc", "cmaes", "gp", "nsgaii")
+# Experiment trackers a study may log to (`--log-to`, `[study] log_to`): study.trackers.
+TRACKERS = ("mlflow", "wandb")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 _SECTIONS = {
     "study": {"name", "trials", "epochs", "seed", "objective", "mode", "preset", "startup_trials", "startup", "refit",
@@ -320,8 +322,6 @@ def validate(v: dict[str, Any]) -> StudySpec:
     log_to = [v["log_to"]] if isinstance(v["log_to"], str) else v["log_to"]
     if not isinstance(log_to, (list, tuple)) or not all(isinstance(t, str) for t in log_to):
         raise StudyError(f"log_to={v['log_to']!r} has the wrong type: a list of trackers, e.g. [\"mlflow\"]")
-    from study.trackers import TRACKERS
-
     for tracker in log_to:
         if tracker not in TRACKERS:
             raise StudyError(f"log_to {tracker!r} is not a tracker: choose from {', '.join(TRACKERS)}")

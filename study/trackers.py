@@ -17,9 +17,10 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from study.errors import StudyError
+from ray.air.integrations.wandb import WandbLoggerCallback
 
-TRACKERS = ("mlflow", "wandb")
+from study.errors import StudyError
+from study.spec import TRACKERS
 WANDB_PROJECT = "vae-study"  # when WANDB_PROJECT is not set
 
 
@@ -54,10 +55,41 @@ def callbacks(log_to: Sequence[str], study_name: str) -> list[Any]:
         # into Tune's experiment state with the callback
         out.append(MLflowLoggerCallback(experiment_name=study_name, tags={"vae_study": study_name}))
     if "wandb" in log_to:
-        from ray.air.integrations.wandb import WandbLoggerCallback
-
-        out.append(WandbLoggerCallback(project=os.environ.get("WANDB_PROJECT", WANDB_PROJECT), group=study_name))
+        out.append(WandbCallback(project=os.environ.get("WANDB_PROJECT", WANDB_PROJECT), group=study_name))
     return out
+
+
+def close_stale_runs(log_to: Sequence[str], study_name: str) -> int:
+    """After a resumed study ends: MLflow runs still RUNNING were opened by the killed driver
+    (a resumed trial logs to a new run), so mark them KILLED, as Optuna's stale trials are
+    marked FAIL. Returns how many; a tracker that cannot be reached costs nothing."""
+    if "mlflow" not in log_to:
+        return 0
+    try:
+        import mlflow
+
+        client = mlflow.MlflowClient()
+        experiment = client.get_experiment_by_name(study_name)
+        if experiment is None:
+            return 0
+        stale = client.search_runs([experiment.experiment_id], filter_string="attributes.status = 'RUNNING'")
+        for run in stale:
+            client.set_terminated(run.info.run_id, status="KILLED")
+        return len(stale)
+    except Exception:  # noqa: BLE001 - the study is done; the tracker is extra
+        return 0
+
+
+class WandbCallback(WandbLoggerCallback):
+    """Tune's W&B callback, quiet at interpreter exit. Its ``__del__`` calls
+    ``ray.is_initialized()``; for a callback that ``resume`` restored it runs only at exit, when
+    the ``ray`` module is gone, and Python printed a traceback after the study had finished."""
+
+    def __del__(self) -> None:
+        try:
+            super().__del__()
+        except Exception:  # noqa: BLE001 - at exit; its actors went with Ray
+            pass
 
 
 def log_report(log_to: Sequence[str], study_name: str, winner_id: str, report_dir: Path,

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from study import cluster, results, trackers
+from study import cluster, results
 from study.errors import StudyError, StudyInterrupted
 from study.spec import StudySpec, read_spec, write_spec
 from study.storage import TUNE_DIR, Location, OptunaDB, study_location
@@ -95,7 +95,7 @@ def run(spec: StudySpec, *, overwrite: bool = False, printer: Printer = print,
             not writable or not visible to the nodes that run trials, or the cluster cannot
             provide what the spec asks for. Nothing is written before these checks pass.
     """
-    trackers.check(spec.log_to)
+    _check_trackers(spec)
     study = study_location(spec.storage, spec.name)
     _refuse_existing(study, spec, overwrite)
     study.parent.check_writable()
@@ -134,7 +134,7 @@ def resume(storage: str, name: str, *, printer: Printer = print, address: str | 
     changes = {k: v for k, v in {"address": address, "num_cpus": num_cpus, "shared_storage": shared_storage}.items()
                if v is not None}
     spec = StudySpec.from_dict({**spec.to_dict(), **changes}) if changes else spec
-    trackers.check(spec.log_to)
+    _check_trackers(spec)
     study = study_location(storage, name)
     _refuse_unrestorable(study, spec)
     study.check_writable()
@@ -205,7 +205,7 @@ def _new_tuner(spec: StudySpec, study: Location, view: cluster.ClusterView, db: 
             # than its last, and a trial that finished is not run again. On a bucket that costs
             # time (keeping 2 was 32% faster in BENCHMARKS §8), and is kept for that guarantee.
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-            callbacks=[recorder, Progress(spec, printer), *trackers.callbacks(spec.log_to, spec.name), *extra],
+            callbacks=[recorder, Progress(spec, printer), *_tracker_callbacks(spec), *extra],
             verbose=0,
             log_to_file=True,
         ),
@@ -260,6 +260,10 @@ def _complete(spec: StudySpec, study: Location, tuner: Any, recorder: Any, db: O
     if resumed:
         close_stale_trials(db, spec.name)
         db.publish()
+        if spec.log_to:
+            from study import trackers
+
+            trackers.close_stale_runs(spec.log_to, spec.name)
     results.drop_orphans(study, set(df["trial_id"]))
     refit = _refit(spec, study, df, printer)
     # A finished study is read as one file per table: fast queries, even from a bucket.
@@ -267,6 +271,21 @@ def _complete(spec: StudySpec, study: Location, tuner: Any, recorder: Any, db: O
     return StudyResult(spec.name, study, df, best_trial(df, spec), time.perf_counter() - t0,
                        write_seconds=recorder.write_seconds, publish_seconds=db.publish_seconds,
                        publishes=db.publishes, refit=refit, result_grid=grid, optuna_storage=db.url)
+
+
+def _check_trackers(spec: StudySpec) -> None:
+    if spec.log_to:  # study.trackers imports W&B's integration (0.65 s): only when asked for
+        from study import trackers
+
+        trackers.check(spec.log_to)
+
+
+def _tracker_callbacks(spec: StudySpec) -> list[Any]:
+    if not spec.log_to:
+        return []
+    from study import trackers
+
+    return trackers.callbacks(spec.log_to, spec.name)
 
 
 def _check_data_in_background(spec: StudySpec) -> Callable[..., None]:

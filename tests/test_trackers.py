@@ -132,3 +132,57 @@ def test_mlflow_and_wandb_hold_every_trials_parameters_and_epochs_and_the_report
         assert "report logged to wandb" in p.stderr + p.stdout
     finally:
         os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+
+@pytest.mark.slow
+def test_a_killed_and_resumed_study_keeps_logging_and_leaves_no_run_open(tmp_path):
+    """The driver is SIGKILLed mid-study and the study resumed: every trial ends with a finished
+    MLflow run that reached its last epoch (a trial continued from a checkpoint logs the rest to
+    a new run), the runs the killed driver left open are closed (KILLED), W&B keeps logging, and
+    nothing prints a traceback at exit."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import mlflow
+
+    from conftest import REPO
+
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "WANDB_MODE": "offline",
+           "WANDB_DIR": str(tmp_path / "wb"), "WANDB_SILENT": "true"}
+    (tmp_path / "wb").mkdir()
+    cmd = [sys.executable, "-m", "study", "run", "--name", "k", "--storage", str(tmp_path / "s"), "--trials", "5",
+           "--epochs", "6", "--num-cpus", "2", "--max-train-images", "600", "--no-early-stopping",
+           "--log-to", "mlflow", "--log-to", "wandb"]
+    driver = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    rows = tmp_path / "s" / "k" / "trials"
+    deadline = time.time() + 300
+    while time.time() < deadline and driver.poll() is None and len(list(rows.glob("*.parquet"))) < 2:
+        time.sleep(0.3)
+    done = len(list(rows.glob("*.parquet")))
+    if driver.poll() is None:
+        os.killpg(driver.pid, signal.SIGKILL)
+    driver.wait(timeout=30)
+    assert 2 <= done < 5, done
+    p = subprocess.run([sys.executable, "-m", "study", "resume", "--name", "k", "--storage", str(tmp_path / "s"),
+                        "--num-cpus", "2"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "Traceback" not in p.stderr and "Exception ignored" not in p.stderr, p.stderr[-3000:]
+    trials = results.load(tmp_path / "s" / "k")
+    trials = trials[trials["status"] != results.REFIT]
+    epochs = results.load(tmp_path / "s" / "k", "epochs")
+    os.environ["MLFLOW_TRACKING_URI"] = env["MLFLOW_TRACKING_URI"]
+    try:
+        client = mlflow.MlflowClient()
+        runs = client.search_runs([client.get_experiment_by_name("k").experiment_id])
+    finally:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    assert not [r for r in runs if r.info.status == "RUNNING"], [(r.data.tags["trial_name"], r.info.status) for r in runs]
+    for tid in trials["trial_id"]:
+        mine = [r for r in runs if r.data.tags["trial_name"].endswith(tid) and r.info.status == "FINISHED"]
+        assert int((epochs["trial_id"] == tid).sum()) == 6
+        assert any(r.data.metrics.get("epoch") == 6 for r in mine), \
+            (tid, [(r.info.status, r.data.metrics.get("epoch")) for r in mine])
+    assert len(list((tmp_path / "wb" / "wandb").glob("offline-run-*"))) >= 5
