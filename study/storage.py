@@ -543,28 +543,13 @@ class OptunaDB:
         if self.has_study(name):
             optuna.delete_study(study_name=name, storage=self.storage())
 
-    def check_reachable(self) -> None:
-        """Connect once to a database storage (before Ray starts): a wrong host, password or
-        missing driver is said in one line up front."""
-        if not self.rdb:
-            return
-        import sqlalchemy as sa
-        from sqlalchemy.pool import NullPool
-
-        try:
-            engine = sa.create_engine(self.url, poolclass=NullPool)
-            with engine.connect() as conn:
-                conn.execute(sa.text("SELECT 1"))
-            engine.dispose()
-        except Exception as exc:  # noqa: BLE001
-            raise StudyError(f"cannot open the Optuna database {self.display}: {_rdb_reason(exc)}") from None
-
     @contextlib.contextmanager
     def lock(self, name: str) -> Iterator[None]:
         """One driver per study on a shared database, on any machine: a PostgreSQL advisory
         lock (MySQL: GET_LOCK) held by one connection while the study runs; the database frees
-        it when that driver's connection ends, a crash included. The SQLite file needs none:
-        the study folder's lock covers it."""
+        it when that driver's connection ends, a crash included. Taken before Ray starts, its
+        connection is also the check that the database is reachable (host, password, driver).
+        The SQLite file needs none: the study folder's lock covers it."""
         if not self.rdb:
             yield
             return

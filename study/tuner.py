@@ -7,6 +7,7 @@ and ASHA), ``cluster`` (Ray, resources and the checks that a study's storage is 
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import time
@@ -100,12 +101,12 @@ def run(spec: StudySpec, *, overwrite: bool = False, printer: Printer = print,
     _refuse_existing(study, spec, overwrite)
     study.parent.check_writable()
     db = OptunaDB(study, spec.optuna_storage)
-    db.check_reachable()
-    view = _connect(spec, study, check_data=True)
-    if spec.sampler == "tpe" and spec.constant_liar is None:  # study.json records what ran
-        concurrent = spec.max_concurrent or cluster.default_concurrency(spec, view)
-        spec = dataclasses.replace(spec, constant_liar=concurrent > 1)
-    with study.lock(), db.lock(spec.name):
+    with db.lock(spec.name), contextlib.ExitStack() as held:  # a shared database: one line before Ray starts
+        view = _connect(spec, study, check_data=True)
+        if spec.sampler == "tpe" and spec.constant_liar is None:  # study.json records what ran
+            concurrent = spec.max_concurrent or cluster.default_concurrency(spec, view)
+            spec = dataclasses.replace(spec, constant_liar=concurrent > 1)
+        held.enter_context(study.lock())
         _refuse_existing(study, spec, overwrite)  # again, now that no other driver can race us
         if db.rdb and not overwrite and db.has_study(spec.name):
             raise StudyError(f"an Optuna study {spec.name!r} is in {db.display} already: choose another name, "
@@ -139,9 +140,9 @@ def resume(storage: str, name: str, *, printer: Printer = print, address: str | 
     _refuse_unrestorable(study, spec)
     study.check_writable()
     db = OptunaDB(study, spec.optuna_storage)
-    db.check_reachable()
-    _connect(spec, study, check_data=False)
-    with study.lock(), db.lock(spec.name):
+    with db.lock(spec.name), contextlib.ExitStack() as held:  # a shared database: one line before Ray starts
+        _connect(spec, study, check_data=False)
+        held.enter_context(study.lock())
         if db.rdb and not db.has_study(spec.name):
             raise StudyError(f"study {name!r}: its Optuna study is not in {db.display}; nothing to resume there")
         db.fetch()
