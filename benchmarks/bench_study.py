@@ -88,6 +88,18 @@ def main() -> None:
         "first_setup_seconds": float(trials.sort_values("started_at")["setup_seconds"].iloc[0]),
         "median_setup_seconds": float(trials["setup_seconds"].median()),
     }
+    # the search's slots left idle between its first trial's start and its last trial's end:
+    # hand-overs between trials, and the tail, when fewer trials are left than slots
+    spans = sorted((float(r.started_at.timestamp()) - t0_unix, float(r.finished_at.timestamp()) - t0_unix)
+                   for r in trials.itertuples())
+    events = sorted([(a, 1) for a, _ in spans] + [(b, -1) for _, b in spans])
+    running, last, short = 0, events[0][0], 0.0
+    for t, step in events:
+        if running < slots:
+            short += t - last
+        running, last = running + step, t
+    out["search_idle_slot_seconds"] = slots * (search_end - before_first) - sum(b - a for a, b in spans)
+    out["search_seconds_under_full"] = short  # seconds with fewer trials running than slots
     search_train = train - out["refit_train_seconds"]
     out["search_ratio"] = out["search_wall_seconds"] / out["search_ideal_seconds"]
     out["search_overhead_slot_seconds_per_trial"] = (out["search_wall_seconds"] * slots - search_train) / len(trials)
@@ -98,6 +110,8 @@ def main() -> None:
           f"{out['search_ideal_seconds']:.1f} s -> {out['search_ratio']:.2f}x; overhead "
           f"{out['search_overhead_slot_seconds_per_trial']:.2f} slot-seconds per trial; the refit trained "
           f"{out['refit_train_seconds']:.1f} s")
+    print(f"the search's idle slot-seconds: {out['search_idle_slot_seconds']:.1f} (fewer trials running than "
+          f"slots for {out['search_seconds_under_full']:.1f} s)")
     for k, v in out["breakdown_seconds"].items():
         print(f"  {k:<62} {v:7.2f} s")
     print(f"  trial set-up: first {out['first_setup_seconds']:.2f} s (cold worker), median {out['median_setup_seconds']:.2f} s")

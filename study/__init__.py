@@ -9,6 +9,7 @@ The Python API (the CLI is a thin layer over it)::
     result.trials                                 # the trials table (pandas)
     result.optuna_study()                         # the Optuna study
     result.result_grid                            # Ray Tune's ResultGrid
+    study.each_epoch(result)                      # in a Tune callback: the epochs a result carries
 
 Importing ``study`` starts nothing; Ray and torch load when a study runs.
 """
@@ -16,11 +17,11 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["StudyError", "StudyResult", "StudySpec", "build_spec", "read_toml", "resume", "run"]
+__all__ = ["StudyError", "StudyResult", "StudySpec", "build_spec", "each_epoch", "read_toml", "resume", "run"]
 
 _WHERE = {"run": "study.tuner", "resume": "study.tuner", "StudyResult": "study.tuner",
           "build_spec": "study.spec", "read_toml": "study.spec", "StudySpec": "study.spec",
-          "StudyError": "study.errors"}
+          "StudyError": "study.errors", "each_epoch": "study.reports"}
 
 
 def __getattr__(name: str) -> Any:

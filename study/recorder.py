@@ -14,6 +14,7 @@ from typing import Any, Callable
 from ray.tune import Callback
 
 from study import results, rows
+from study.reports import each_epoch
 from study.storage import Location
 
 Printer = Callable[[str], None]
@@ -60,7 +61,7 @@ class _TrialLog:
 
 
 class ResultsRecorder(Callback):
-    """Writes each trial's Parquet rows from the driver: epochs as they come, the rest at the end.
+    """Writes each trial's Parquet rows from the driver: epochs as reports bring them, the rest at the end.
 
     In a local folder a trial's epoch rows are rewritten at every epoch. In a bucket, where each
     write is a PUT, at most every ``BUCKET_EPOCHS_EVERY_S`` seconds per trial, and always before
@@ -103,7 +104,8 @@ class ResultsRecorder(Callback):
         t0 = time.perf_counter()
         log = self._log(trial)
         log.reported = True
-        log.epochs[int(result["epoch"])] = {k: result.get(k) for k in _EPOCH_KEYS}
+        for r in each_epoch(result):  # the epochs the report carries, then its own
+            log.epochs[int(r["epoch"])] = {k: r.get(k) for k in _EPOCH_KEYS}
         log.meta.update({k: result[k] for k in _META_KEYS if k in result})
         if "test_digits" in result:
             log.meta["digits"] = json.loads(result["test_digits"])

@@ -12,9 +12,9 @@ import math
 from typing import Any
 
 import optuna
-from ray.tune.result import TRAINING_ITERATION
 from ray.tune.search.optuna import OptunaSearch
 
+from study.reports import each_epoch
 from study.spec import StudySpec
 from study.storage import OptunaDB
 
@@ -44,8 +44,9 @@ class StudySearch(OptunaSearch):
     """Ray's OptunaSearch on the study's OptunaDB, telling Optuna what an Optuna user expects.
 
     - A trial ASHA stopped before its last epoch is PRUNED, not COMPLETE (TPE treats the two
-      differently), and every trial has one intermediate value per reported epoch: Tune does
-      not pass a trial's stopping result to ``on_trial_result``, so it is reported here.
+      differently), and every trial has one intermediate value per epoch, the epochs a report
+      carries included: Tune does not pass a trial's stopping result to ``on_trial_result``,
+      so it is reported here.
     - After every change a trial makes (asked, told) a snapshot is published (a bucket).
     - After a restore it reopens this study's working copy, never the old driver's files.
 
@@ -64,15 +65,16 @@ class StudySearch(OptunaSearch):
         if isinstance(self.metric, list) or self.metric not in result or trial_id not in self._ot_trials:
             return  # Optuna keeps no intermediate values for multi-objective studies
         ot_trial = self._ot_trials[trial_id]
-        step = int(result[TRAINING_ITERATION])
         # A resumed trial repeats no step; a retried one may (Optuna would warn and ignore it).
         # The steps already stored are read once per trial per driver, then kept here.
         steps = self._steps.get(trial_id)
         if steps is None:
             steps = self._steps[trial_id] = set(self._ot_study._storage.get_trial(ot_trial._trial_id).intermediate_values)
-        if step not in steps:
-            ot_trial.report(float(result[self.metric]), step)
-            steps.add(step)
+        for r in each_epoch(result):
+            step = int(r["epoch"])
+            if step not in steps and self.metric in r:
+                ot_trial.report(float(r[self.metric]), step)
+                steps.add(step)
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         if trial_id not in self._completed_trials:
@@ -91,7 +93,7 @@ class StudySearch(OptunaSearch):
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         if result and not error and trial_id not in self._completed_trials and trial_id in self._ot_trials:
             self._report(trial_id, result)  # the stopping epoch
-            if int(result.get(TRAINING_ITERATION, 0)) < self._max_epochs and isinstance(self.metric, str):
+            if int(result.get("epoch", 0)) < self._max_epochs and isinstance(self.metric, str):
                 self._ot_study.tell(self._ot_trials[trial_id], state=optuna.trial.TrialState.PRUNED)
                 self._completed_trials.add(trial_id)
                 self._db.publish()
@@ -222,7 +224,7 @@ def make_scheduler(spec: StudySpec) -> Any:
     from ray.tune.schedulers import ASHAScheduler
 
     return ASHAScheduler(
-        time_attr="training_iteration",
+        time_attr="epoch",  # a trial reports at the rungs, not every epoch (study.reports)
         max_t=spec.epochs,
         grace_period=min(spec.grace_period, spec.epochs),
         reduction_factor=spec.reduction_factor,

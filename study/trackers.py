@@ -17,9 +17,11 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from ray.air.integrations.mlflow import MLflowLoggerCallback
 from ray.air.integrations.wandb import WandbLoggerCallback
 
 from study.errors import StudyError
+from study.reports import PerEpoch
 
 WANDB_PROJECT = "vae-study"  # when WANDB_PROJECT is not set
 
@@ -47,11 +49,9 @@ def callbacks(log_to: Sequence[str], study_name: str) -> list[Any]:
     group in ``$WANDB_PROJECT``, named after the study."""
     out: list[Any] = []
     if "mlflow" in log_to:
-        from ray.air.integrations.mlflow import MLflowLoggerCallback
-
         # tracking_uri None: MLflow reads MLFLOW_TRACKING_URI itself, so it is never pickled
         # into Tune's experiment state with the callback
-        out.append(MLflowLoggerCallback(experiment_name=study_name, tags={"vae_study": study_name}))
+        out.append(MLflowCallback(experiment_name=study_name, tags={"vae_study": study_name}))
     if "wandb" in log_to:
         out.append(WandbCallback(project=os.environ.get("WANDB_PROJECT", WANDB_PROJECT), group=study_name))
     return out
@@ -78,8 +78,13 @@ def close_stale_runs(log_to: Sequence[str], study_name: str) -> int:
         return 0
 
 
-class WandbCallback(WandbLoggerCallback):
-    """Tune's W&B callback, quiet at interpreter exit. Its ``__del__`` calls
+class MLflowCallback(PerEpoch, MLflowLoggerCallback):
+    """Tune's MLflow callback, a metrics step per epoch (a trial's reports carry several)."""
+
+
+class WandbCallback(PerEpoch, WandbLoggerCallback):
+    """Tune's W&B callback, a log entry per epoch (a trial's reports carry several), quiet at
+    interpreter exit. Its ``__del__`` calls
     ``ray.is_initialized()``; for a callback that ``resume`` restored it runs only at exit, when
     the ``ray`` module is gone, and Python printed a traceback after the study had finished."""
 

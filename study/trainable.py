@@ -1,16 +1,20 @@
-"""The Ray Tune function trainable: config dict -> TrainConfig -> vae.fit, tune.report per epoch.
+"""The Ray Tune function trainable: config dict -> TrainConfig -> vae.fit -> tune.report.
 
-This is the only place that calls ``tune.report``: once per epoch, so ``training_iteration``
-equals the epoch. Each report carries the epoch's metrics and the best-so-far values of every
-objective.
+This is the only place that calls ``tune.report``, and it reports only where the driver decides
+something or someone watches (``study.reports``): at each epoch where ASHA may stop the trial
+(its rungs), at the last epoch, and at least every ``report_every_s`` seconds (5). Each report is
+its newest epoch's result (metrics and the best-so-far values of every objective) and carries
+the epochs since the previous report, which the driver reads back one by one
+(``study.reports.each_epoch``). ``training_iteration`` therefore counts reports; ``epoch`` is
+the epoch, and ASHA counts in epochs.
 
-Checkpoints are persisted where they can matter, not at every epoch: at each epoch where ASHA
-may stop the trial (its rungs), at the last epoch, and at least every ``PERSIST_EVERY_S``
-seconds. Each holds ``model.pt``, the best epoch's weights (what the report analyses), and
-``state.pt``, the current weights with the optimiser state, from which a retried or resumed trial
-continues. The test split's per-digit metrics of the best weights travel with each checkpoint
-that has a new best. On mnist-sample an epoch takes a fraction of a second, and evaluating plus
-saving at every improving epoch cost about a third on top.
+Checkpoints are persisted where they can matter, not at every epoch: at ASHA's rungs, at the
+last epoch, and at least every ``PERSIST_EVERY_S`` seconds. Each holds ``model.pt``, the best
+epoch's weights (what the report analyses), and ``state.pt``, the current weights with the
+optimiser state, from which a retried or resumed trial continues. The test split's per-digit
+metrics of the best weights travel with each checkpoint that has a new best. On mnist-sample an
+epoch takes a fraction of a second, and evaluating plus saving at every improving epoch cost
+about a third on top.
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from study.reports import CARRIED
 from study.rows import node_facts, test_rows
 from study.space import RECORDED
 from study.spec import OBJECTIVES, trial_values
@@ -78,36 +83,43 @@ def train_trial(config: dict[str, Any], runtime: dict[str, Any]) -> None:
         "setup_seconds": time.perf_counter() - entered,
     }
     reporter = _Reporter(tc, data.test, device, static, best_values, restored,
-                         persist_at=set(runtime.get("persist_epochs") or ()) | {tc.epochs})
+                         persist_at=set(runtime.get("persist_epochs") or ()) | {tc.epochs},
+                         report_every_s=float(runtime.get("report_every_s", 0.0)))
     result = fit(
         tc, data, on_epoch=reporter, model=model, optimizer_state=opt_state,
         start_epoch=start_epoch, best_val_elbo=best_elbo, best_epoch=best_epoch,
     )
     if result.status == "failed":
+        reporter.flush()  # the epochs it trained before it failed are recorded
         raise TrialFailed(result.error)
 
 
 class _Reporter:
-    """``fit``'s on_epoch: one ``tune.report`` per epoch, with a checkpoint where one is due.
+    """``fit``'s on_epoch: a ``tune.report`` where one is due (``study.reports``), carrying the
+    epochs since the previous one, with a checkpoint where one is due.
 
     Args:
         tc: the trial's config.
         test: the test split (per-digit metrics of the best weights travel with checkpoints).
         device: where the model lives.
-        static: facts about the trial reported with every epoch (node, device, ...).
+        static: facts about the trial reported with every report (node, device, ...).
         best_values: best-so-far objective values (restored from a checkpoint, or empty).
         restored: the checkpoint this attempt continued from, or None.
-        persist_at: epochs at which a checkpoint is persisted (ASHA's rungs and the last epoch).
+        persist_at: epochs at which a checkpoint is persisted (ASHA's rungs and the last epoch);
+            a report is made there too.
+        report_every_s: the longest it goes without a report (0: a report every epoch).
     """
 
     def __init__(self, tc: Any, test: Any, device: Any, static: dict[str, Any], best_values: dict[str, Any],
-                 restored: Any, *, persist_at: set[int]) -> None:
+                 restored: Any, *, persist_at: set[int], report_every_s: float) -> None:
         from vae.model import BetaVAE
 
         self.tc, self.test, self.device, self.static = tc, test, device, static
         self.best_values, self.restored, self.persist_at = best_values, restored, persist_at
-        self.last_persist = time.monotonic()
+        self.report_every_s = report_every_s
+        self.last_persist = self.last_report = time.monotonic()
         self.dirty = False  # a new best since the last persisted checkpoint
+        self.pending: list[dict[str, Any]] = []  # epochs trained since the last report, oldest first
         # Where a trial's time goes besides training and validation (up to its previous report):
         # in tune.report (which waits for the driver to take the result), and in checkpoints
         # (the best weights' per-digit test metrics, saving the files).
@@ -115,37 +127,51 @@ class _Reporter:
         self.scratch = BetaVAE.from_config(tc).to(device)  # holds the best weights to evaluate and save
 
     def __call__(self, m: dict[str, Any], state: Any) -> None:
-        from ray import tune
-
-        metrics = {**m, **self.static}
         if state.is_best:
             self.best_values.update({f"best_{k}": m[k] for k in OBJECTIVES})
             self.best_values["best_epoch"] = m["epoch"]
             self.dirty = True
-        metrics.update({k: v for k, v in self.best_values.items() if not k.startswith("test")})
-        metrics.update(self.overhead)
-        due = m["epoch"] in self.persist_at or time.monotonic() - self.last_persist >= PERSIST_EVERY_S
-        if not due:
-            t0 = time.perf_counter()
-            tune.report(metrics)
-            self.overhead["report_seconds"] += time.perf_counter() - t0
+        # this epoch's values: its metrics and the best-so-far values (the test ones travel apart)
+        epoch = {**m, **{k: v for k, v in self.best_values.items() if not k.startswith("test")}}
+        now = time.monotonic()
+        persist = m["epoch"] in self.persist_at or now - self.last_persist >= PERSIST_EVERY_S
+        if not persist and now - self.last_report < self.report_every_s:
+            self.pending.append(epoch)
+            return
+        if not persist:
+            self._report(epoch)
             return
         t0 = time.perf_counter()
         if self.dirty and state.best_state is not None:
             self._evaluate_best(state)
         # Every persisted checkpoint carries the best weights' test metrics, so a driver that
         # restarted since they were computed still records them.
-        metrics.update({k: self.best_values[k] for k in ("test_elbo", "test_mse", "test_psnr", "test_digits")
-                        if k in self.best_values})
+        test = {k: self.best_values[k] for k in ("test_elbo", "test_mse", "test_psnr", "test_digits")
+                if k in self.best_values}
         with tempfile.TemporaryDirectory(prefix="vae-ckpt-") as tmp:
             self._save(Path(tmp), m["epoch"], state)
-            t1 = time.perf_counter()
-            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
-            t2 = time.perf_counter()
-        self.overhead["checkpoint_seconds"] += t1 - t0
-        self.overhead["report_seconds"] += t2 - t1
+            self.overhead["checkpoint_seconds"] += time.perf_counter() - t0
+            self._report({**epoch, **test}, checkpoint=tmp)
         self.dirty = False
         self.last_persist = time.monotonic()
+
+    def flush(self) -> None:
+        """Report the epochs still held (the trial is about to end without a report of its own)."""
+        if self.pending:
+            self._report(self.pending.pop())
+
+    def _report(self, epoch: dict[str, Any], checkpoint: str | None = None) -> None:
+        from ray import tune
+
+        metrics = {**self.static, **epoch, **self.overhead, CARRIED: json.dumps(self.pending)}
+        t0 = time.perf_counter()
+        if checkpoint is None:
+            tune.report(metrics)
+        else:
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(checkpoint))
+        self.overhead["report_seconds"] += time.perf_counter() - t0
+        self.pending = []
+        self.last_report = time.monotonic()
 
     def _evaluate_best(self, state: Any) -> None:
         from vae.evaluate import evaluate_split

@@ -69,11 +69,12 @@ def fixed_params(spec: StudySpec) -> dict[str, Any]:
 def make_trainable(spec: StudySpec) -> Any:
     from ray import tune
 
+    from study.reports import report_every_s
     from study.search import asha_rungs
     from study.trainable import train_trial
 
     runtime = {"beta_times_latent": spec.beta_times_latent, "cpus_per_trial": spec.cpus_per_trial,
-               "persist_epochs": asha_rungs(spec)}
+               "persist_epochs": asha_rungs(spec), "report_every_s": report_every_s()}
     fn = tune.with_parameters(train_trial, runtime=runtime)
     return tune.with_resources(fn, {"cpu": spec.cpus_per_trial, "gpu": spec.gpus_per_trial})
 
@@ -174,6 +175,7 @@ def _new_tuner(spec: StudySpec, study: Location, view: cluster.ClusterView, db: 
 
     from study.progress import Progress
     from study.recorder import ResultsRecorder
+    from study.reports import loggers
     from study.search import make_scheduler, make_searcher, objective_metrics, sampler_notes, uses_constant_liar
 
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", STATE_EVERY_S)
@@ -206,7 +208,7 @@ def _new_tuner(spec: StudySpec, study: Location, view: cluster.ClusterView, db: 
             # than its last, and a trial that finished is not run again. On a bucket that costs
             # time (keeping 2 was 32% faster in BENCHMARKS §8), and is kept for that guarantee.
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-            callbacks=[recorder, Progress(spec, printer), *_tracker_callbacks(spec), *extra],
+            callbacks=[recorder, Progress(spec, printer), *loggers(), *_tracker_callbacks(spec), *extra],
             verbose=0,
             log_to_file=True,
         ),

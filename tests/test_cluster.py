@@ -1,6 +1,7 @@
 """cluster.yaml, and real multi-node studies on a 2-node Ray cluster on 127.0.0.1."""
 from __future__ import annotations
 
+import os
 import copy
 import json
 import subprocess
@@ -263,9 +264,10 @@ def test_study_runs_on_both_nodes(two_nodes, tmp_path):
 def test_killed_worker_node_trial_is_retried_and_study_completes(two_nodes, tmp_path):
     cluster, worker = two_nodes
     worker_id = worker.node_id
+    # trials report every epoch here, so rows appear while the worker's trial is young
     p = _run(["run", "--name", "ft", "--storage", str(tmp_path), "--trials", "4", "--epochs", "30",
               "--max-train-images", "800", "--address", cluster.address, "--no-early-stopping",
-              "--max-failures", "2"])
+              "--max-failures", "2"], env={**os.environ, "VAE_STUDY_REPORT_EVERY_S": "0"})
     epochs_dir = tmp_path / "ft" / "epochs"
     deadline = time.time() + 300
     # wait until the trial on the worker node has reported a few epochs

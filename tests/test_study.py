@@ -187,6 +187,70 @@ def test_asha_prunes_weak_trials(ray_local, tmp_path):
         assert [t.intermediate_values[e] for e in ep["epoch"]] == pytest.approx(ep["val_elbo"].cummin().tolist())
 
 
+def _tensorboard_scalars(folder, tag: str) -> dict[int, float]:
+    """step -> value of one scalar in a trial's TensorBoard event files (TFRecord framing: length,
+    its CRC, the Event proto, its CRC), read with tensorboardX's own protobuf classes."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    out: dict[int, float] = {}
+    for path in folder.glob("events.out.tfevents.*"):
+        data, i = path.read_bytes(), 0
+        while i < len(data):
+            (n,) = struct.unpack("<Q", data[i:i + 8])
+            event = event_pb2.Event.FromString(data[i + 12:i + 12 + n])
+            i += 12 + n + 4
+            for v in event.summary.value:
+                if v.tag == tag:
+                    out[event.step] = v.simple_value
+    return out
+
+
+def test_reports_carry_the_epochs_between_decisions(ray_local, tmp_path):
+    """Without ASHA a trial reports at its last epoch (and every few seconds); the epochs before
+    it ride along in that report, and every per-epoch record still gets every epoch: the epochs
+    table, Optuna's intermediate values, Tune's progress.csv, TensorBoard, a user's callback."""
+    from ray import tune
+
+    import study as api
+
+    class Count(tune.Callback):
+        def __init__(self):
+            self.results, self.epochs = 0, []
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            self.results += 1
+            self.epochs += [(trial.trial_id, r["epoch"]) for r in api.each_epoch(result)]
+
+    count = Count()
+    spec = build_spec(None, {"name": "carry", "storage": str(tmp_path), "trials": 2, "epochs": 5,
+                             "max_train_images": 300, "num_cpus": 2, "scheduler": "none", "refit": False})
+    res = api.run(spec, printer=lambda s: None, callbacks=[count])
+    df = res.trials
+    assert list(df["status"]) == ["completed", "completed"]
+    assert sorted(count.epochs) == sorted((t, e) for t in df["trial_id"] for e in range(1, 6))
+    assert count.results < len(count.epochs)  # 5 epochs of 300 images take well under the 5 s between reports
+    epochs = results.load(res.folder, "epochs")
+    assert len(epochs) == 10 and epochs.groupby("trial_id")["val_elbo"].nunique().tolist() == [5, 5]
+    study = optuna.load_study(study_name="carry", storage=f"sqlite:///{res.folder / OPTUNA_DB}")
+    assert [sorted(t.intermediate_values) for t in study.trials] == [[1, 2, 3, 4, 5]] * 2
+    for tid in df["trial_id"]:
+        ep = epochs[epochs.trial_id == tid].sort_values("epoch")
+        trial_dir = res.folder / "tune" / f"trial_{tid}"
+        csv = pd.read_csv(trial_dir / "progress.csv")
+        assert csv["epoch"].tolist() == [1, 2, 3, 4, 5] and csv["training_iteration"].tolist() == [1, 2, 3, 4, 5]
+        assert csv["val_elbo"].tolist() == pytest.approx(ep["val_elbo"].tolist())
+        board = _tensorboard_scalars(trial_dir, "ray/tune/val_elbo")
+        assert sorted(board) == [1, 2, 3, 4, 5]
+        assert [board[e] for e in range(1, 6)] == pytest.approx(ep["val_elbo"].tolist(), rel=1e-6)
+    # Optuna's value at each epoch is the best -ELBO so far, for every epoch of both trials
+    want = sorted(v for tid in df["trial_id"]
+                  for v in epochs[epochs.trial_id == tid].sort_values("epoch")["val_elbo"].cummin())
+    got = sorted(v for t in study.trials for v in t.intermediate_values.values())
+    assert got == pytest.approx(want)
+
+
 def test_rate_distortion_pareto_study(ray_local, tmp_path):
     spec = build_spec(None, {"name": "rd", "storage": str(tmp_path), "trials": 3, "epochs": 2,
                              "max_train_images": 300, "objective": ["val_recon", "val_kl"], "num_cpus": 2})

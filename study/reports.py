@@ -1,0 +1,94 @@
+"""What a trial's report to Tune holds, and how the driver reads every epoch out of it.
+
+A trial reports to Tune only where a decision is made or someone is watching: at ASHA's rungs
+(where it may be stopped), at its last epoch, and at least every ``REPORT_EVERY_S`` seconds
+(the progress table). Each report is its newest epoch's result, and carries the epochs trained
+since the previous report under ``CARRIED`` (a JSON list, so Tune's loggers pass it by as text).
+A round trip to the driver per epoch cost each slot 0.8 s in the README's study, and the
+driver's CPU per result (Tune's own bookkeeping most of it) is taken from the trials on a small
+machine (BENCHMARKS §3, §3b).
+
+Everything that keeps one row per epoch reads a result through ``each_epoch``: the results
+recorder, Optuna's intermediate values, and the loggers below (TensorBoard, CSV, JSON; the
+trackers' callbacks in ``study.trackers``). A Tune callback of the user's own does the same::
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        for epoch in study.each_epoch(result):
+            ...  # one dict per epoch: epoch["epoch"], epoch["val_elbo"], ...
+"""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback, TBXLoggerCallback
+
+CARRIED = "carried_epochs"
+REPORT_EVERY_S = 5.0  # the driver's VAE_STUDY_REPORT_EVERY_S overrides it (0: every epoch)
+
+
+def report_every_s() -> float:
+    """The longest a trial goes without reporting, read where the study starts (the driver) and
+    handed to its trials, so every node of a cluster reports at the driver's pace."""
+    import os
+
+    raw = os.environ.get("VAE_STUDY_REPORT_EVERY_S")
+    try:
+        return max(0.0, float(raw)) if raw else REPORT_EVERY_S
+    except ValueError:
+        return REPORT_EVERY_S
+# Per-report values that belong to the report's own epoch only (the best weights' test metrics
+# travel with checkpoints); an earlier epoch carried in the same report does not repeat them.
+_OWN_EPOCH_ONLY = ("test_elbo", "test_mse", "test_psnr", "test_digits")
+
+
+def each_epoch(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """One result per epoch, oldest first: the epochs ``result`` carries, then its own. Each is
+    ``result`` with that epoch's values (its metrics and best-so-far values), without
+    ``CARRIED``, and with ``training_iteration`` set to the epoch (the step loggers plot)."""
+    carried = result.get(CARRIED)
+    base = {k: v for k, v in result.items() if k != CARRIED}
+    if "epoch" in base:
+        base["training_iteration"] = base["epoch"]
+    if not carried:
+        return [base]
+    older = {k: v for k, v in base.items() if k not in _OWN_EPOCH_ONLY}
+    out = []
+    for entry in json.loads(carried):
+        r = {**older, **entry}
+        r["training_iteration"] = entry["epoch"]
+        out.append(r)
+    out.append(base)
+    return out
+
+
+class PerEpoch:
+    """A mixin for a Tune ``LoggerCallback``: each epoch a result carries is logged as a result
+    of its own, with step = epoch, as if the trial had reported every epoch."""
+
+    def log_trial_result(self, iteration: int, trial: Any, result: dict) -> None:
+        for r in each_epoch(result):
+            super().log_trial_result(iteration, trial, r)  # type: ignore[misc]
+
+
+class EpochCSV(PerEpoch, CSVLoggerCallback):
+    """Tune's ``progress.csv``, a row per epoch."""
+
+
+class EpochJSON(PerEpoch, JsonLoggerCallback):
+    """Tune's ``result.json``, a line per epoch."""
+
+
+class EpochTBX(PerEpoch, TBXLoggerCallback):
+    """Tune's TensorBoard event files, a point per epoch."""
+
+
+def loggers() -> list[Any]:
+    """Tune's three default loggers, per epoch. Passed to Tune, they take the place of its own
+    (Tune adds a default logger only when none of its kind is there)."""
+    out: list[Any] = [EpochCSV(), EpochJSON()]
+    try:
+        out.append(EpochTBX())
+    except ImportError:  # tensorboardX missing: Tune would only warn too
+        pass
+    return out
