@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import pandas as pd
+from ray.tune import Callback
 
 from study import results
 from study.rows import now, test_rows, trials_row
@@ -37,16 +38,26 @@ def refit_values(fixed: dict[str, Any], winner: pd.Series) -> dict[str, Any]:
     return values
 
 
-def refit_cpus(spec: StudySpec) -> float:
+def refit_cpus(spec: StudySpec, wait_s: float = 3.0) -> float:
     """CPUs (and torch threads) for the refit. It trains alone once the search is over, so on the
     study's own local runtime a CPU refit takes every CPU free there rather than one trial's
     share, which left the other slots idle (BENCHMARKS §3c). On a cluster (``--address``) and on
-    a GPU it keeps a trial's: Ray's free CPUs are the cluster's, not one node's."""
+    a GPU it keeps a trial's: Ray's free CPUs are the cluster's, not one node's. The search's
+    last actors are released a moment after it ends: up to ``wait_s`` is given for the CPUs to
+    come back (without the wait, a 4-trial study's refit here found one CPU of two free)."""
     if spec.gpus_per_trial or spec.address is not None:
         return spec.cpus_per_trial
+    import time
+
     import ray
 
-    return max(float(spec.cpus_per_trial), float(int(ray.available_resources().get("CPU", 0.0))))
+    deadline = time.monotonic() + wait_s
+    total = float(int(ray.cluster_resources().get("CPU", 0.0)))
+    free = float(int(ray.available_resources().get("CPU", 0.0)))
+    while free < total and time.monotonic() < deadline:
+        time.sleep(0.05)
+        free = float(int(ray.available_resources().get("CPU", 0.0)))
+    return max(float(spec.cpus_per_trial), free)
 
 
 def refit_id(winner_id: str) -> str:
@@ -88,13 +99,84 @@ def _refit_task(values: dict[str, Any], threads: int) -> dict[str, Any]:
     return out
 
 
+class RefitWorker:
+    """The refit's worker process, started while the search's last trials run (a Ray actor): its
+    torch import and data load then overlap them, instead of following the search (1.5-2 s on
+    this machine, BENCHMARKS §3d)."""
+
+    def warm(self, values: dict[str, Any]) -> int:
+        import os
+
+        import torch  # noqa: F401 - the import is the point
+
+        from vae.config import TrainConfig
+        from vae.data import load
+
+        load(TrainConfig.from_dict(values))  # memoised in this process
+        return os.getpid()
+
+    def fit(self, values: dict[str, Any], threads: int) -> dict[str, Any]:
+        return _refit_task(values, threads)
+
+
+def warms_early(spec: StudySpec) -> bool:
+    """A warm refit worker is started for a CPU study on its own local runtime: it holds no CPU
+    while it waits (0 CPUs), and trains once the search has freed them all (``refit_cpus``)."""
+    return bool(spec.refit) and not spec.multi_objective and spec.address is None and not spec.gpus_per_trial
+
+
+class RefitWarmer(Callback):
+    """Starts the refit's worker once a slot goes idle for good: every trial has been made and
+    none waits. Its actor handle is not part of Tune's saved state; a resumed study starts its own."""
+
+    def __init__(self, spec: StudySpec, fixed: dict[str, Any]) -> None:
+        self.spec, self.fixed = spec, fixed
+        self.worker: Any = None
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._maybe_start(trials)
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._maybe_start(trials)
+
+    def _maybe_start(self, trials: list) -> None:
+        if self.worker is not None or not warms_early(self.spec) or len(trials) < self.spec.n_trials:
+            return
+        if any(t.status == "PENDING" for t in trials):
+            return
+        import ray
+
+        self.worker = ray.remote(RefitWorker).options(num_cpus=0, max_restarts=0).remote()
+        self.worker.warm.remote(self.fixed)
+
+    def take(self) -> Any:
+        """The warm worker (or None), handed over once."""
+        worker, self.worker = self.worker, None
+        return worker
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "worker": None}
+
+
 def run_refit(spec: StudySpec, study: Location, trials: pd.DataFrame, fixed: dict[str, Any],
-              printer: Callable[[str], None] = print) -> dict[str, Any] | None:
+              printer: Callable[[str], None] = print, worker: Any = None) -> dict[str, Any] | None:
     """Refit the study's winner unless it is refitted already (a resumed study); returns its row.
 
     Nothing is refitted for a multi-objective study (no single winner), with ``refit`` off, or
-    when no trial finished with a usable model.
+    when no trial finished with a usable model. ``worker``: a warm ``RefitWorker`` to train in
+    (else a Ray task starts a worker of its own); it is stopped here either way.
     """
+    try:
+        return _run_refit(spec, study, trials, fixed, printer, worker)
+    finally:
+        if worker is not None:
+            import ray
+
+            ray.kill(worker)
+
+
+def _run_refit(spec: StudySpec, study: Location, trials: pd.DataFrame, fixed: dict[str, Any],
+               printer: Callable[[str], None], worker: Any) -> dict[str, Any] | None:
     import ray
 
     if not spec.refit or spec.multi_objective:
@@ -107,13 +189,21 @@ def run_refit(spec: StudySpec, study: Location, trials: pd.DataFrame, fixed: dic
     if len(existing):
         return existing.iloc[0].to_dict()
     values = refit_values(fixed, win)
-    printer(f"refit: trial {win['trial_id']}'s configuration on training + validation images, "
-            f"{values['epochs']} epochs")
     started = now()
     cpus = refit_cpus(spec)
-    task = ray.remote(_refit_task).options(num_cpus=cpus, num_gpus=spec.gpus_per_trial,
-                                           max_retries=spec.max_failures)
-    out = ray.get(task.remote(values, int(cpus)))
+    where = "a worker warmed during the search" if worker is not None else "a new worker"
+    printer(f"refit: trial {win['trial_id']}'s configuration on training + validation images, "
+            f"{values['epochs']} epochs, {int(cpus)} CPU thread{'s' if int(cpus) != 1 else ''}, in {where}")
+    out = None
+    if worker is not None:
+        try:
+            out = ray.get(worker.fit.remote(values, int(cpus)))
+        except ray.exceptions.RayActorError:  # it died: a task of its own, as without one
+            out = None
+    if out is None:
+        task = ray.remote(_refit_task).options(num_cpus=cpus, num_gpus=spec.gpus_per_trial,
+                                               max_retries=spec.max_failures)
+        out = ray.get(task.remote(values, int(cpus)))
     done = out["status"] == "completed"
     facts, digits, checkpoint = dict(out["facts"]), [], None
     if done:

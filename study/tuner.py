@@ -119,8 +119,8 @@ def run(spec: StudySpec, *, overwrite: bool = False, printer: Printer = print,
         db.reset()
         study.ensure_dir()
         write_spec(study, spec)
-        tuner, recorder = _new_tuner(spec, study, view, db, printer, list(callbacks))
-        return _complete(spec, study, tuner, recorder, db, printer, resumed=False)
+        tuner, recorder, warmer = _new_tuner(spec, study, view, db, printer, list(callbacks))
+        return _complete(spec, study, tuner, recorder, warmer, db, printer, resumed=False)
 
 
 def resume(storage: str, name: str, *, printer: Printer = print, address: str | None = None,
@@ -147,8 +147,8 @@ def resume(storage: str, name: str, *, printer: Printer = print, address: str | 
         if db.rdb and not db.has_study(spec.name):
             raise StudyError(f"study {name!r}: its Optuna study is not in {db.display}; nothing to resume there")
         db.fetch()
-        tuner, recorder = _restored_tuner(spec, study, db, printer, list(callbacks))
-        return _complete(spec, study, tuner, recorder, db, printer, resumed=True)
+        tuner, recorder, warmer = _restored_tuner(spec, study, db, printer, list(callbacks))
+        return _complete(spec, study, tuner, recorder, warmer, db, printer, resumed=True)
 
 
 def _connect(spec: StudySpec, study: Location, *, check_data: bool) -> cluster.ClusterView:
@@ -169,12 +169,14 @@ def _connect(spec: StudySpec, study: Location, *, check_data: bool) -> cluster.C
 
 
 def _new_tuner(spec: StudySpec, study: Location, view: cluster.ClusterView, db: OptunaDB,
-               printer: Printer, extra: list[Any]) -> tuple[Any, Any]:
-    """Tune's Tuner for a new study: the trainable, the Optuna searcher, ASHA, the callbacks."""
+               printer: Printer, extra: list[Any]) -> tuple[Any, Any, Any]:
+    """Tune's Tuner for a new study: the trainable, the Optuna searcher, ASHA, the callbacks.
+    Returns the tuner, the results recorder and the refit's warmer."""
     from ray import tune
 
     from study.progress import Progress
     from study.recorder import ResultsRecorder
+    from study.refit import RefitWarmer
     from study.reports import loggers
     from study.search import make_scheduler, make_searcher, objective_metrics, sampler_notes, uses_constant_liar
 
@@ -182,6 +184,7 @@ def _new_tuner(spec: StudySpec, study: Location, view: cluster.ClusterView, db: 
     concurrent = spec.max_concurrent or cluster.default_concurrency(spec, view)
     metric = objective_metrics(spec)[0]
     recorder = ResultsRecorder(study, spec)
+    warmer = RefitWarmer(spec, fixed_params(spec))
     tuner = tune.Tuner(
         make_trainable(spec),
         param_space=fixed_params(spec),
@@ -208,7 +211,7 @@ def _new_tuner(spec: StudySpec, study: Location, view: cluster.ClusterView, db: 
             # than its last, and a trial that finished is not run again. On a bucket that costs
             # time (keeping 2 was 32% faster in BENCHMARKS §8), and is kept for that guarantee.
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-            callbacks=[recorder, Progress(spec, printer), *loggers(), *_tracker_callbacks(spec), *extra],
+            callbacks=[recorder, Progress(spec, printer), warmer, *loggers(), *_tracker_callbacks(spec), *extra],
             verbose=0,
             log_to_file=True,
         ),
@@ -223,11 +226,11 @@ def _new_tuner(spec: StudySpec, study: Location, view: cluster.ClusterView, db: 
         printer(line)
     if db.rdb:
         printer(f"optuna: {db.url} (live: optuna-dashboard {db.url}; the password from PGPASSWORD or ~/.pgpass)")
-    return tuner, recorder
+    return tuner, recorder, warmer
 
 
 def _restored_tuner(spec: StudySpec, study: Location, db: OptunaDB, printer: Printer,
-                    extra: list[Any]) -> tuple[Any, Any]:
+                    extra: list[Any]) -> tuple[Any, Any, Any]:
     """Tune's Tuner of an interrupted study, with its own searcher and callbacks reattached."""
     from study.search import unwrap_searcher
 
@@ -239,15 +242,27 @@ def _restored_tuner(spec: StudySpec, study: Location, db: OptunaDB, printer: Pri
     searcher.attach(db)
     recorder = _attach_callbacks(callbacks, study, printer)
     printer(f"resuming study {spec.name!r} in {study}")
-    return tuner, recorder
+    return tuner, recorder, _warmer(callbacks)
 
 
-def _complete(spec: StudySpec, study: Location, tuner: Any, recorder: Any, db: OptunaDB, printer: Printer, *,
-              resumed: bool) -> StudyResult:
+def _complete(spec: StudySpec, study: Location, tuner: Any, recorder: Any, warmer: Any, db: OptunaDB,
+              printer: Printer, *, resumed: bool) -> StudyResult:
     """Run the trials to the end, then the winner's refit, then one file per table."""
+    t0 = time.perf_counter()
+    try:
+        return _finish(spec, study, tuner, recorder, warmer, db, printer, resumed=resumed, t0=t0)
+    finally:
+        leftover = warmer.take() if warmer is not None else None
+        if leftover is not None:  # the study stopped before its refit
+            import ray
+
+            ray.kill(leftover)
+
+
+def _finish(spec: StudySpec, study: Location, tuner: Any, recorder: Any, warmer: Any, db: OptunaDB,
+            printer: Printer, *, resumed: bool, t0: float) -> StudyResult:
     from study.search import close_stale_trials
 
-    t0 = time.perf_counter()
     try:
         grid = tuner.fit()
     finally:
@@ -268,7 +283,7 @@ def _complete(spec: StudySpec, study: Location, tuner: Any, recorder: Any, db: O
 
             trackers.close_stale_runs(spec.log_to, spec.name)
     results.drop_orphans(study, set(df["trial_id"]))
-    refit = _refit(spec, study, df, printer)
+    refit = _refit(spec, study, df, printer, warmer.take() if warmer is not None else None)
     # A finished study is read as one file per table: fast queries, even from a bucket.
     results.compact(study)
     return StudyResult(spec.name, study, df, best_trial(df, spec), time.perf_counter() - t0,
@@ -337,15 +352,16 @@ def _tune_uri(study: Location) -> str:
     return f"{study.uri}/{TUNE_DIR}"
 
 
-def _refit(spec: StudySpec, study: Location, trials: Any, printer: Printer) -> dict[str, Any] | None:
-    """The winner's refit (study.refit). A refit that cannot run is reported, not fatal: the
-    search's results stand, and `resume` tries the refit again."""
+def _refit(spec: StudySpec, study: Location, trials: Any, printer: Printer, worker: Any) -> dict[str, Any] | None:
+    """The winner's refit (study.refit), in ``worker`` when one was warmed during the search. A
+    refit that cannot run is reported, not fatal: the search's results stand, and `resume` tries
+    the refit again."""
     import ray
 
     from study.refit import run_refit
 
     try:
-        return run_refit(spec, study, trials, fixed_params(spec), printer)
+        return run_refit(spec, study, trials, fixed_params(spec), printer, worker=worker)
     except (ray.exceptions.RayError, OSError) as exc:
         printer(f"refit not made: {str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__}; "
                 f"`vae-study resume --name {spec.name} --storage {spec.storage}` tries again")
@@ -444,6 +460,13 @@ def _attach_callbacks(callbacks: list, study: Location, printer: Printer) -> Any
         if isinstance(c, Progress):
             c.attach(printer)
     return recorder
+
+
+def _warmer(callbacks: list) -> Any:
+    """A restored study's refit warmer (None for a study saved before there was one)."""
+    from study.refit import RefitWarmer
+
+    return next((c for c in callbacks if isinstance(c, RefitWarmer)), None)
 
 
 def _trial_dirname(trial: Any) -> str:

@@ -127,6 +127,9 @@ def test_refit_retrains_the_winner_on_train_and_validation(four):
     assert config.epochs == win["best_epoch"]
     assert res.refit is not None and res.refit["trial_id"] == row["trial_id"]
     assert any(line.startswith("refit ") and "test MSE" in line for line in lines)
+    # the refit's worker was started while the search's last trials ran, and took both CPUs
+    assert any(line.startswith("refit: ") and line.endswith("2 CPU threads, in a worker warmed during the search")
+               for line in lines), [line for line in lines if line.startswith("refit")]
     assert any(line.startswith("refit refit-") for line in summary_lines(res, spec))
     # it trains alone: on the study's own runtime it takes every free CPU, on a cluster a trial's share
     import dataclasses
