@@ -8,8 +8,8 @@ refit, for N = 50, 100, 200, 400. For each N:
   (Parquet rows), Optuna (the searcher: ask, tell, intermediate values), the progress printer,
   and Tune itself (everything else in the driver process: its loop, its state, its loggers).
 
-The baseline is Tune alone in the same Ray runtime: the same trainable and resources, random
-search over the same space, Tune's default loggers, none of our callbacks.
+The baseline is Tune alone in the same Ray runtime: the same trainable, resources and checkpoints
+kept per trial, random search over the same space, Tune's default loggers, none of our callbacks.
 
     python benchmarks/bench_scale.py --json benchmarks/results/scale.json
     python benchmarks/bench_scale.py --sizes 50 100 --json /tmp/scale.json
@@ -93,7 +93,7 @@ def tune_alone(n: int, root: str, slots: int) -> dict:
                    tune_config=tune.TuneConfig(num_samples=n, max_concurrent_trials=slots, reuse_actors=True,
                                                metric="val_elbo", mode="min", search_alg=tune.search.BasicVariantGenerator(random_state=0)),
                    run_config=tune.RunConfig(name=f"alone{n}", storage_path=root, verbose=0,
-                                             checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
+                                             checkpoint_config=tune.CheckpointConfig(num_to_keep=tuner.KEEP_CHECKPOINTS)))
     c0, t0 = time.process_time(), time.perf_counter()
     grid = t.fit()
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0

@@ -52,10 +52,13 @@ def trial_error(trial: Any) -> str:
 class _TrialLog:
     """What the driver has heard of one trial: its epochs and facts about where it ran."""
 
-    def __init__(self, epochs: dict[int, dict[str, Any]], meta: dict[str, Any]) -> None:
+    def __init__(self, epochs: dict[int, dict[str, Any]], meta: dict[str, Any], final: bool = False) -> None:
         self.epochs = epochs
         self.meta = meta
-        self.reported = False  # reported to this driver (not only read back after a restart)
+        # Its trials row is in storage already: it finished before the driver that wrote it was
+        # killed, after Tune's last save of its state. Resumed, Tune restores it to a checkpoint
+        # and it reports again; nothing it reports then changes what was recorded.
+        self.final = final
         self.written = len(epochs)  # epoch rows in storage
         self.written_at = 0.0
 
@@ -103,7 +106,8 @@ class ResultsRecorder(Callback):
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         t0 = time.perf_counter()
         log = self._log(trial)
-        log.reported = True
+        if log.final:
+            return
         for r in each_epoch(result):  # the epochs the report carries, then its own
             log.epochs[int(r["epoch"])] = {k: r.get(k) for k in _EPOCH_KEYS}
         log.meta.update({k: result[k] for k in _META_KEYS if k in result})
@@ -118,7 +122,7 @@ class ResultsRecorder(Callback):
 
     def on_checkpoint(self, iteration: int, trials: list, trial: Any, checkpoint: Any, **info: Any) -> None:
         log = self.logs.get(trial.trial_id)
-        if log is not None and log.written < len(log.epochs):
+        if log is not None and not log.final and log.written < len(log.epochs):
             t0 = time.perf_counter()
             self._write_epochs(trial.trial_id, log)
             self.write_seconds += time.perf_counter() - t0
@@ -140,9 +144,7 @@ class ResultsRecorder(Callback):
         t0 = time.perf_counter()
         tid = trial.trial_id
         log = self._log(trial)
-        if not log.reported and _final_row_exists(self.study, tid):
-            # Finished before a driver crash, after Ray's last state save: the resumed trial
-            # restored its final checkpoint and trained nothing. Keep the row as it was.
+        if log.final:  # recorded before a driver crash: kept as it was
             self.logs.pop(tid, None)
             return
         epochs = [log.epochs[e] for e in sorted(log.epochs)]
@@ -187,4 +189,4 @@ def _read_back(study: Location, trial_id: str) -> _TrialLog:
     dg = results.read_trial(study, "digits", trial_id)
     if dg is not None:
         meta["digits"] = [{k: r[k] for k in _DIGIT_KEYS} for r in dg.to_pylist()]
-    return _TrialLog(epochs, meta)
+    return _TrialLog(epochs, meta, final=_final_row_exists(study, trial_id))

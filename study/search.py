@@ -90,7 +90,16 @@ class StudySearch(OptunaSearch):
         self._db.publish()
         return params
 
+    def _finished_in_optuna(self, trial_id: str) -> bool:
+        """Told already: a trial that finished before a driver crash, after Tune's last save of
+        the searcher, runs again after ``resume``; what Optuna has is kept."""
+        ot_trial = self._ot_trials.get(trial_id)
+        return ot_trial is not None and self._ot_study._storage.get_trial(ot_trial._trial_id).state.is_finished()
+
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if trial_id not in self._completed_trials and self._finished_in_optuna(trial_id):
+            self._completed_trials.add(trial_id)
+            return
         if result and not error and trial_id not in self._completed_trials and trial_id in self._ot_trials:
             self._report(trial_id, result)  # the stopping epoch
             if int(result.get("epoch", 0)) < self._max_epochs and isinstance(self.metric, str):

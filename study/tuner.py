@@ -24,6 +24,7 @@ Printer = Callable[[str], None]
 # Ray saves its experiment state at most this often (default 10+ s), and a study in a bucket
 # uploads it at most this often (default 300 s), so a killed driver loses little.
 STATE_EVERY_S = "3"
+KEEP_CHECKPOINTS = 2  # per trial: see the CheckpointConfig below
 
 
 @dataclass
@@ -206,11 +207,14 @@ def _new_tuner(spec: StudySpec, study: Location, view: cluster.ClusterView, db: 
             name=TUNE_DIR,
             **study.ray_storage(),
             failure_config=tune.FailureConfig(max_failures=spec.max_failures),
-            # Tune forces (and waits for) an upload of its experiment state at every checkpoint
-            # when it keeps one: so after a crash no trial restarts from an older checkpoint
-            # than its last, and a trial that finished is not run again. On a bucket that costs
-            # time (keeping 2 was 32% faster in BENCHMARKS §8), and is kept for that guarantee.
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            # Tune forces (and waits for) a save of its whole experiment state once a trial has
+            # made as many checkpoints as it keeps. Keeping one, that was a save per checkpoint,
+            # each the size of every trial so far: at 400 trials most of the driver's time
+            # (BENCHMARKS §3b), on a bucket 32% of a study (§8). Keeping two, a crash may send a
+            # trial back one persisted checkpoint more, or run a trial that had just finished
+            # again from its previous one; the recorder and the searcher then keep what the
+            # first run recorded (tests/test_resume.py).
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=KEEP_CHECKPOINTS),
             callbacks=[recorder, Progress(spec, printer), warmer, *loggers(), *_tracker_callbacks(spec), *extra],
             verbose=0,
             log_to_file=True,
@@ -409,12 +413,16 @@ def _restore_tuner(study: Location, trainable: Any, extra: list[Any]) -> tuple[A
 
 
 def _align_trial_counter(study: Location) -> tuple[int, int] | None:
-    """Make Tune's count of the trials it created agree with the trials it saved.
+    """Make Tune's count of the trials it created agree with the trials it saved, plus the
+    trials that finished after its last save.
 
     Tune saves the two in separate files (``experiment_state-*.json``, the trials;
     ``search_gen_state-*.json``, the count), and a study in a bucket uploads them apart. A driver
     killed in between leaves them disagreeing: restored as they are, Tune would lose a trial
     (the count is ahead) or run one too many (behind). Found by the S3 resume test, 1 kill in 6.
+    A trial made and finished after Tune's last save (its trials row is written; Tune saves its
+    state every few seconds, not at every finished trial) is not in the saved trials, but counts:
+    else the resumed study would make one trial too many (tests/test_resume.py).
     Returns (count, trials) when they disagreed, else None."""
     import json
     import tempfile
@@ -428,7 +436,8 @@ def _align_trial_counter(study: Location) -> tuple[int, int] | None:
     gens = sorted(f for f in files if f.startswith("search_gen_state-"))
     if not states or not gens:
         return None
-    trials = len(json.loads(study.read_text(f"{TUNE_DIR}/{states[-1]}")).get("trial_data", []))
+    saved = json.loads(study.read_text(f"{TUNE_DIR}/{states[-1]}")).get("trial_data", [])
+    trials = len(saved) + len(_finished_unsaved(study, saved))
     with tempfile.TemporaryDirectory(prefix="vae-tune-state-") as tmp:
         study.download(f"{TUNE_DIR}/{gens[-1]}", f"{tmp}/{gens[-1]}")
         gen = _load_newest_checkpoint(tmp, gens[-1])
@@ -441,6 +450,23 @@ def _align_trial_counter(study: Location) -> tuple[int, int] | None:
         _atomic_save(gen, tmp, gens[-1], f"tmp-{gens[-1]}")
         study.upload(f"{tmp}/{gens[-1]}", f"{TUNE_DIR}/{gens[-1]}")
     return count, trials
+
+
+def _finished_unsaved(study: Location, saved: list) -> set[str]:
+    """Trials with a trials row (finished) that are not among Tune's saved trials."""
+    import json
+
+    from study.refit import PREFIX
+
+    known = set()
+    for entry in saved:
+        state = entry[0] if isinstance(entry, (list, tuple)) and entry else entry
+        state = json.loads(state) if isinstance(state, str) else state
+        if isinstance(state, dict) and "trial_id" in state:
+            known.add(str(state["trial_id"]))
+    rows = {n.removesuffix(".parquet") for n in study.files("trials", ".parquet")
+            if not results._is_compacted(n)}
+    return {t for t in rows if not t.startswith(PREFIX)} - known
 
 
 def _errored_without_rows(tuner: Any, study: Location) -> list[str]:

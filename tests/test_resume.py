@@ -134,3 +134,10 @@ def test_tunes_trial_count_is_aligned_with_its_saved_trials(tmp_path):
     assert _align_trial_counter(Location(tmp_path)) == (5, 3)
     state = _load_newest_checkpoint(str(tune_dir), gen)
     assert state["counter"] == 3 and state["finished"] is False  # two trials still to make
+    # a trial made and finished after Tune's last save (its trials row is written) counts too;
+    # a refit's row does not
+    (tmp_path / "trials").mkdir()
+    for name in ("abc12345", "refit-abc12345"):
+        (tmp_path / "trials" / f"{name}.parquet").write_bytes(b"")
+    assert _align_trial_counter(Location(tmp_path)) == (3, 4)
+    assert _load_newest_checkpoint(str(tune_dir), gen)["counter"] == 4
