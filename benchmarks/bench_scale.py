@@ -13,6 +13,7 @@ kept per trial, random search over the same space, Tune's default loggers, none 
 
     python benchmarks/bench_scale.py --json benchmarks/results/scale.json
     python benchmarks/bench_scale.py --sizes 50 100 --json /tmp/scale.json
+    python benchmarks/bench_scale.py --sizes 400 --sampler random     # Optuna without TPE's model
 """
 from __future__ import annotations
 
@@ -63,12 +64,13 @@ def instrument() -> None:
     _timed(StudySearch, ["suggest", "on_trial_result", "on_trial_complete"], "optuna")
 
 
-def ours(n: int, root: str, slots: int) -> dict:
+def ours(n: int, root: str, slots: int, sampler: str = "tpe") -> dict:
     from study import results, tuner
     from study.spec import build_spec
 
     spec = build_spec(None, {"name": f"scale{n}", "storage": root, "trials": n, "epochs": 1, "smoke": True,
-                             "scheduler": "none", "refit": False, "num_cpus": slots, "max_concurrent": slots})
+                             "scheduler": "none", "refit": False, "num_cpus": slots, "max_concurrent": slots,
+                             "sampler": sampler})
     CPU.clear()
     c0, t0 = time.process_time(), time.perf_counter()
     res = tuner.run(spec, printer=lambda s: None)
@@ -115,6 +117,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", type=int, nargs="+", default=[50, 100, 200, 400])
     ap.add_argument("--slots", type=int, default=2)
+    ap.add_argument("--sampler", default="tpe", help="the study's sampler (tpe, the default; random shows "
+                    "Optuna's bookkeeping without TPE's model)")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args()
 
@@ -127,7 +131,7 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory(prefix="vae-scale-") as root:
         for n in args.sizes:  # interleaved, so the machine's noise hits both alike
-            a = ours(n, root, args.slots)
+            a = ours(n, root, args.slots, args.sampler)
             b = tune_alone(n, root, args.slots)
             rows.append({"ours": a, "tune_alone": b})
             print(f"N={n:4d}  ours: wall {a['wall_s']:7.1f} s, overhead {a['overhead_slot_s_per_trial']:.2f} slot-s/trial, "
@@ -137,7 +141,7 @@ def main() -> None:
                   f"slot-s/trial, driver {b['driver_cpu_ms_per_result']:.1f} ms/result", flush=True)
     ray.shutdown()
     if args.json:
-        Path(args.json).write_text(json.dumps({"slots": args.slots, "rows": rows}, indent=2))
+        Path(args.json).write_text(json.dumps({"slots": args.slots, "sampler": args.sampler, "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":

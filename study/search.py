@@ -59,6 +59,8 @@ class StudySearch(OptunaSearch):
         self._db = db
         self._max_epochs = max_epochs
         self._steps: dict[str, set[int]] = {}  # intermediate steps stored, per trial (a cache)
+        # a resumed driver: a trial may have stored steps, or be told already, by the killed one
+        self._resumed = False
         super().__init__(storage=db.storage(), **kwargs)
 
     def _report(self, trial_id: str, result: dict) -> None:
@@ -69,7 +71,8 @@ class StudySearch(OptunaSearch):
         # The steps already stored are read once per trial per driver, then kept here.
         steps = self._steps.get(trial_id)
         if steps is None:
-            steps = self._steps[trial_id] = set(self._ot_study._storage.get_trial(ot_trial._trial_id).intermediate_values)
+            stored = self._ot_study._storage.get_trial(ot_trial._trial_id).intermediate_values if self._resumed else {}
+            steps = self._steps[trial_id] = set(stored)
         for r in each_epoch(result):
             step = int(r["epoch"])
             if step not in steps and self.metric in r:
@@ -84,6 +87,7 @@ class StudySearch(OptunaSearch):
         """Use this study's storage (call after ``Tuner.restore``, before ``fit``)."""
         self._db = db
         self._steps = {}  # read again from the storage this driver resumes
+        self._resumed = True
 
     def suggest(self, trial_id: str) -> Any:
         params = super().suggest(trial_id)
@@ -94,7 +98,8 @@ class StudySearch(OptunaSearch):
         """Told already: a trial that finished before a driver crash, after Tune's last save of
         the searcher, runs again after ``resume``; what Optuna has is kept."""
         ot_trial = self._ot_trials.get(trial_id)
-        return ot_trial is not None and self._ot_study._storage.get_trial(ot_trial._trial_id).state.is_finished()
+        return (self._resumed and ot_trial is not None
+                and self._ot_study._storage.get_trial(ot_trial._trial_id).state.is_finished())
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         if trial_id not in self._completed_trials and self._finished_in_optuna(trial_id):
