@@ -312,9 +312,7 @@ def _tracker_callbacks(spec: StudySpec) -> list[Any]:
 
 def _check_data_in_background(spec: StudySpec) -> Callable[..., None]:
     """Load the study's data in a thread; the returned function waits for it and raises what
-    the load raised (a DataError names the fix), unless ``quiet``. The same thread then imports
-    what Optuna's storage will need (SQLAlchemy, Alembic: 0.6-0.9 s in a profile of the driver),
-    so that too overlaps Ray's start instead of following it."""
+    the load raised (a DataError names the fix), unless ``quiet``."""
     import threading
 
     failure: list[BaseException] = []
@@ -326,14 +324,6 @@ def _check_data_in_background(spec: StudySpec) -> Callable[..., None]:
             load_data(spec.base_config())
         except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
             failure.append(exc)
-            return
-        try:
-            import alembic.migration  # noqa: F401
-            import alembic.script  # noqa: F401
-            import optuna.storages._rdb.models  # noqa: F401
-            import sqlalchemy.orm  # noqa: F401
-        except ImportError:  # Optuna says so itself where it needs them
-            pass
 
     thread = threading.Thread(target=load, name="vae-study-data-check", daemon=True)
     thread.start()
