@@ -344,7 +344,7 @@ def run_scenario(out: Notes, work: Path) -> None:
             # the head's autoscaler, which lost its heartbeat, restarts Ray there by itself.
             # A trial that still runs (no trials row yet) must hold a checkpoint, or the kill
             # may hit only trials ASHA is about to stop, or ones that have none to continue from.
-            out["checkpointed"] = _wait(lambda: any(n >= 1 for n in _running_checkpoints().values()), 600)
+            out["checkpointed"] = _wait(lambda: any(e >= 1 for e in _running_checkpoints().values()), 600)
             out["checkpoints_at_kill"] = _running_checkpoints()
             out["killed_at"] = time.time()
             machines["worker"].kill()
@@ -409,17 +409,32 @@ def _checkpoints(prefix: str, index: int = 0) -> int:
 
 
 def _running_checkpoints() -> dict[str, int]:
-    """Trials without a trials row yet, and how many checkpoints each has in the bucket."""
-    from s3 import bucket_keys
+    """Trials without a trials row yet, and the epoch of the newest checkpoint the driver has
+    taken from each (0: none yet). A checkpoint folder in the bucket is not enough: a trial
+    uploads it before it reports it, and Tune can continue a trial only from a checkpoint it was
+    told of (a kill in between restarts the trial from the one before: seen once in CI). The
+    driver writes a trial's epoch rows when it takes a result, and checkpoints come at ASHA's
+    rungs (epochs 1, 2, 4, 8 here), so the newest taken is the last rung at or below the newest
+    epoch in the trial's rows, among the checkpoint folders in the bucket."""
+    import io
+
+    import pyarrow.parquet as pq
+
+    from s3 import bucket_keys, get_object
 
     keys = bucket_keys(f"launched/{STUDY}/")
     done = {m.group(1) for k in keys if (m := re.search(r"/trials/(\w+)\.parquet$", k))}
-    held: dict[str, set[str]] = {}
-    for k in keys:
-        m = re.search(r"/trial_(\w+)/(checkpoint_\d+)/", k)
-        if m and m.group(1) not in done:
-            held.setdefault(m.group(1), set()).add(m.group(2))
-    return {tid: len(cps) for tid, cps in held.items()}
+    running = {m.group(1) for k in keys if (m := re.search(r"/trial_(\w+)/checkpoint_\d+/", k))} - done
+    held: dict[str, int] = {}
+    for tid in running:
+        key = f"launched/{STUDY}/epochs/{tid}.parquet"
+        try:
+            epochs = pq.read_table(io.BytesIO(get_object(key))).column("epoch").to_pylist() if key in keys else []
+        except Exception:  # noqa: BLE001 - rewritten while read: next poll
+            epochs = []
+        newest = max(epochs, default=0)
+        held[tid] = 2 ** (newest.bit_length() - 1) if newest else 0  # the last rung <= newest
+    return held
 
 
 def _secret_in_bucket(secret: str) -> list[str]:

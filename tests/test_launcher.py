@@ -132,13 +132,13 @@ def test_a_lost_worker_machine_costs_its_trials_a_retry_and_nothing_else(launche
     trials = _trials(launched)
     retried = [t for t in trials if t["attempts"] > 1]
     assert retried, trials
-    # continued, not started over: a trial that held checkpoints when the machine went continues
-    # from the newest of them (ASHA checkpoints at epochs 1, 2, 4, ...: the n-th is epoch 2**(n-1))
+    # continued, not started over: a trial whose checkpoint the driver had taken when the machine
+    # went continues from it or a newer one (held: the epoch of the newest taken, per trial)
     held = launched["checkpoints_at_kill"]
     assert any(held.get(t["trial_id"], 0) for t in retried), (retried, held)
     for t in retried:
         if held.get(t["trial_id"], 0):
-            assert t["restored_from_epoch"] >= 2 ** (held[t["trial_id"]] - 1), (t, held)
+            assert t["restored_from_epoch"] >= held[t["trial_id"]], (t, held)
     logs = launched["logs"]["stdout"]
     assert "  retry    " in logs
     assert "  waiting  " in logs and "since" in logs  # not a silent wait
