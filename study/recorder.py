@@ -181,8 +181,6 @@ def _final_row_exists(study: Location, trial_id: str) -> bool:
 
 
 def _read_back(study: Location, trial_id: str) -> _TrialLog:
-    if _final_row_exists(study, trial_id):  # recorded whole already: nothing to read back
-        return _TrialLog({}, {}, final=True)
     epochs: dict[int, dict[str, Any]] = {}
     meta: dict[str, Any] = {}
     ep = results.read_trial(study, "epochs", trial_id)
@@ -191,4 +189,4 @@ def _read_back(study: Location, trial_id: str) -> _TrialLog:
     dg = results.read_trial(study, "digits", trial_id)
     if dg is not None:
         meta["digits"] = [{k: r[k] for k in _DIGIT_KEYS} for r in dg.to_pylist()]
-    return _TrialLog(epochs, meta)
+    return _TrialLog(epochs, meta, final=_final_row_exists(study, trial_id))

@@ -104,13 +104,16 @@ class RefitWorker:
     torch import and data load then overlap them, instead of following the search (1.5-2 s on
     this machine, BENCHMARKS §3d)."""
 
-    def warm(self, values: dict[str, Any]) -> None:
+    def warm(self, values: dict[str, Any]) -> int:
+        import os
+
         import torch  # noqa: F401 - the import is the point
 
         from vae.config import TrainConfig
         from vae.data import load
 
         load(TrainConfig.from_dict(values))  # memoised in this process
+        return os.getpid()
 
     def fit(self, values: dict[str, Any], threads: int) -> dict[str, Any]:
         return _refit_task(values, threads)
@@ -146,13 +149,10 @@ class RefitWarmer(Callback):
         self.worker = ray.remote(RefitWorker).options(num_cpus=0, max_restarts=0).remote()
         self.worker.warm.remote(self.fixed)
 
-    def stop(self) -> None:
-        """Stop the warm worker, used or not (the study owns it: ``tuner._complete``)."""
-        if self.worker is not None:
-            import ray
-
-            ray.kill(self.worker)
-            self.worker = None
+    def take(self) -> Any:
+        """The warm worker (or None), handed over once."""
+        worker, self.worker = self.worker, None
+        return worker
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "worker": None}
@@ -164,8 +164,19 @@ def run_refit(spec: StudySpec, study: Location, trials: pd.DataFrame, fixed: dic
 
     Nothing is refitted for a multi-objective study (no single winner), with ``refit`` off, or
     when no trial finished with a usable model. ``worker``: a warm ``RefitWorker`` to train in
-    (else a Ray task starts a worker of its own); the caller stops it.
+    (else a Ray task starts a worker of its own); it is stopped here either way.
     """
+    try:
+        return _run_refit(spec, study, trials, fixed, printer, worker)
+    finally:
+        if worker is not None:
+            import ray
+
+            ray.kill(worker)
+
+
+def _run_refit(spec: StudySpec, study: Location, trials: pd.DataFrame, fixed: dict[str, Any],
+               printer: Callable[[str], None], worker: Any) -> dict[str, Any] | None:
     import ray
 
     if not spec.refit or spec.multi_objective:

@@ -256,8 +256,11 @@ def _complete(spec: StudySpec, study: Location, tuner: Any, recorder: Any, warme
     try:
         return _finish(spec, study, tuner, recorder, warmer, db, printer, resumed=resumed, t0=t0)
     finally:
-        if warmer is not None:  # the refit's warm worker goes with the study, used or not
-            warmer.stop()
+        leftover = warmer.take() if warmer is not None else None
+        if leftover is not None:  # the study stopped before its refit
+            import ray
+
+            ray.kill(leftover)
 
 
 def _finish(spec: StudySpec, study: Location, tuner: Any, recorder: Any, warmer: Any, db: OptunaDB,
@@ -284,7 +287,7 @@ def _finish(spec: StudySpec, study: Location, tuner: Any, recorder: Any, warmer:
 
             trackers.close_stale_runs(spec.log_to, spec.name)
     results.drop_orphans(study, set(df["trial_id"]))
-    refit = _refit(spec, study, df, printer, warmer.worker if warmer is not None else None)
+    refit = _refit(spec, study, df, printer, warmer.take() if warmer is not None else None)
     # A finished study is read as one file per table: fast queries, even from a bucket.
     results.compact(study)
     return StudyResult(spec.name, study, df, best_trial(df, spec), time.perf_counter() - t0,
