@@ -92,9 +92,10 @@ class Progress(Callback):
         # The printer is the driver's; a resumed study gives its own (see attach).
         return {**self.__dict__, "printer": print}
 
-    def attach(self, printer: Printer) -> None:
+    def attach(self, printer: Printer, done: int = 0) -> None:
+        """A resumed study's printer, and how many of its trials had finished before."""
         self.printer = printer
-        self.done = 0
+        self.done = done
 
 
 def waiting_line(n: int, spec: Any, since: float, now: float) -> str:

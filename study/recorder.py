@@ -52,13 +52,9 @@ def trial_error(trial: Any) -> str:
 class _TrialLog:
     """What the driver has heard of one trial: its epochs and facts about where it ran."""
 
-    def __init__(self, epochs: dict[int, dict[str, Any]], meta: dict[str, Any], final: bool = False) -> None:
+    def __init__(self, epochs: dict[int, dict[str, Any]], meta: dict[str, Any]) -> None:
         self.epochs = epochs
         self.meta = meta
-        # Its trials row is in storage already: it finished before the driver that wrote it was
-        # killed, after Tune's last save of its state. Resumed, Tune restores it to a checkpoint
-        # and it reports again; nothing it reports then changes what was recorded.
-        self.final = final
         self.written = len(epochs)  # epoch rows in storage
         self.written_at = 0.0
 
@@ -70,6 +66,9 @@ class ResultsRecorder(Callback):
     write is a PUT, at most every ``BUCKET_EPOCHS_EVERY_S`` seconds per trial, and always before
     Ray records a new checkpoint of it: a trial resumed from epoch k re-reports the epochs after
     k, so the rows up to k must already be stored.
+
+    A trial's trials row is written last, and it is the one record that the trial is finished
+    (``study.restore``): once it is written, ``on_recorded(trial_id, row)`` tells the searcher.
 
     Args:
         study: the study's folder (local or in a bucket).
@@ -84,6 +83,7 @@ class ResultsRecorder(Callback):
         self.logs: dict[str, _TrialLog] = {}
         self.resumed = False  # a new driver of an interrupted study: the old one's rows may exist
         self.write_seconds = 0.0  # time the driver spent writing (the study benchmark reads it)
+        self.on_recorded: Callable[[str, dict[str, Any]], None] | None = None  # the driver's; not saved
 
     def attach(self, study: Location) -> None:
         """Write to this study folder (a resumed study may have been moved since it was pickled)."""
@@ -106,8 +106,6 @@ class ResultsRecorder(Callback):
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         t0 = time.perf_counter()
         log = self._log(trial)
-        if log.final:
-            return
         for r in each_epoch(result):  # the epochs the report carries, then its own
             log.epochs[int(r["epoch"])] = {k: r.get(k) for k in _EPOCH_KEYS}
         log.meta.update({k: result[k] for k in _META_KEYS if k in result})
@@ -122,7 +120,7 @@ class ResultsRecorder(Callback):
 
     def on_checkpoint(self, iteration: int, trials: list, trial: Any, checkpoint: Any, **info: Any) -> None:
         log = self.logs.get(trial.trial_id)
-        if log is not None and not log.final and log.written < len(log.epochs):
+        if log is not None and log.written < len(log.epochs):
             t0 = time.perf_counter()
             self._write_epochs(trial.trial_id, log)
             self.write_seconds += time.perf_counter() - t0
@@ -144,9 +142,6 @@ class ResultsRecorder(Callback):
         t0 = time.perf_counter()
         tid = trial.trial_id
         log = self._log(trial)
-        if log.final:  # recorded before a driver crash: kept as it was
-            self.logs.pop(tid, None)
-            return
         epochs = [log.epochs[e] for e in sorted(log.epochs)]
         values = {**trial.config, **(log.meta.get("trained_with") or {})}  # what it trained with
         row = rows.trials_row(
@@ -159,6 +154,11 @@ class ResultsRecorder(Callback):
         results.write_trial(self.study, tid, row, epochs, log.meta.get("digits", []))
         self.logs.pop(tid, None)
         self.write_seconds += time.perf_counter() - t0
+        if self.on_recorded is not None:
+            self.on_recorded(tid, row)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "on_recorded": None}
 
 
 def checkpoint_path(trial: Any, study: Location) -> str | None:
@@ -172,14 +172,6 @@ def checkpoint_path(trial: Any, study: Location) -> str | None:
     return path[len(prefix):] if path.startswith(prefix) else path
 
 
-def _final_row_exists(study: Location, trial_id: str) -> bool:
-    try:
-        row = results.read_trial(study, "trials", trial_id)
-        return row is not None and row.column("status")[0].as_py() in ("completed", "pruned", "failed")
-    except Exception:  # noqa: BLE001 - an unreadable row is rewritten
-        return False
-
-
 def _read_back(study: Location, trial_id: str) -> _TrialLog:
     epochs: dict[int, dict[str, Any]] = {}
     meta: dict[str, Any] = {}
@@ -189,4 +181,4 @@ def _read_back(study: Location, trial_id: str) -> _TrialLog:
     dg = results.read_trial(study, "digits", trial_id)
     if dg is not None:
         meta["digits"] = [{k: r[k] for k in _DIGIT_KEYS} for r in dg.to_pylist()]
-    return _TrialLog(epochs, meta, final=_final_row_exists(study, trial_id))
+    return _TrialLog(epochs, meta)

@@ -15,6 +15,7 @@ import optuna
 from ray.tune.search.optuna import OptunaSearch
 
 from study.reports import each_epoch
+from study.restore import TUNE_TRIAL, tell_from_row
 from study.spec import StudySpec
 from study.storage import OptunaDB
 
@@ -43,16 +44,21 @@ def optuna_space(spec: StudySpec) -> dict[str, Any]:
 class StudySearch(OptunaSearch):
     """Ray's OptunaSearch on the study's OptunaDB, telling Optuna what an Optuna user expects.
 
-    - A trial ASHA stopped before its last epoch is PRUNED, not COMPLETE (TPE treats the two
-      differently), and every trial has one intermediate value per epoch, the epochs a report
-      carries included: Tune does not pass a trial's stopping result to ``on_trial_result``,
-      so it is reported here.
+    - Every trial has one intermediate value per epoch, the epochs a report carries included:
+      Tune does not pass a trial's stopping result to ``on_trial_result``, so it is reported
+      when the trial ends.
+    - Optuna is told a trial's result from its trials row, once the recorder has written it
+      (``tell_recorded``): a trial ASHA stopped before its last epoch is PRUNED, not COMPLETE
+      (TPE treats the two differently). The row is the one record of a finished trial, so a
+      driver killed between the two leaves nothing a resume cannot mend (``study.restore``).
+    - Each Optuna trial names the Tune trial it was asked for (a system attribute), so a resumed
+      driver maps them from the storage, whatever Tune's older saved state says.
     - After every change a trial makes (asked, told) a snapshot is published (a bucket).
     - After a restore it reopens this study's working copy, never the old driver's files.
 
     Args:
         db: the study's OptunaDB.
-        max_epochs: a trial's full length; one that ended before it without an error was pruned.
+        max_epochs: a trial's full length.
     """
 
     def __init__(self, *, db: OptunaDB, max_epochs: int, **kwargs: Any) -> None:
@@ -61,6 +67,7 @@ class StudySearch(OptunaSearch):
         self._steps: dict[str, set[int]] = {}  # intermediate steps stored, per trial (a cache)
         # a resumed driver: a trial may have stored steps, or be told already, by the killed one
         self._resumed = False
+        self._orphans: list[int] = []  # Optuna trials a killed driver asked for that Tune never saved
         super().__init__(storage=db.storage(), **kwargs)
 
     def _report(self, trial_id: str, result: dict) -> None:
@@ -83,47 +90,57 @@ class StudySearch(OptunaSearch):
         if trial_id not in self._completed_trials:
             self._report(trial_id, result)
 
-    def attach(self, db: OptunaDB) -> None:
-        """Use this study's storage (call after ``Tuner.restore``, before ``fit``)."""
+    def attach(self, db: OptunaDB, orphans: list[int] = ()) -> None:
+        """Use this study's storage, and hand the ``orphans`` (Optuna trial ids: asked for by a
+        killed driver, never saved by Tune nor recorded) to the next trials Tune makes. Call
+        after ``Tuner.restore``, before ``fit``."""
         self._db = db
-        self._steps = {}  # read again from the storage this driver resumes
-        self._resumed = True
+        self._orphans = list(orphans)
 
     def suggest(self, trial_id: str) -> Any:
+        if trial_id not in self._ot_trials and self._orphans:
+            self._ot_trials[trial_id] = optuna.trial.Trial(self._ot_study, self._orphans.pop(0))
         params = super().suggest(trial_id)
+        if params is not None and trial_id in self._ot_trials:
+            self._ot_study._storage.set_trial_system_attr(self._ot_trials[trial_id]._trial_id, TUNE_TRIAL, trial_id)
         self._db.publish()
         return params
 
-    def _finished_in_optuna(self, trial_id: str) -> bool:
-        """Told already: a trial that finished before a driver crash, after Tune's last save of
-        the searcher, runs again after ``resume``; what Optuna has is kept."""
-        ot_trial = self._ot_trials.get(trial_id)
-        return (self._resumed and ot_trial is not None
-                and self._ot_study._storage.get_trial(ot_trial._trial_id).state.is_finished())
-
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        if trial_id not in self._completed_trials and self._finished_in_optuna(trial_id):
-            self._completed_trials.add(trial_id)
+        """Tune's word that a trial ended: its stopping epoch is reported. Optuna is told its
+        result when its row is written (:meth:`tell_recorded`)."""
+        if trial_id in self._completed_trials or trial_id not in self._ot_trials:
             return
-        if result and not error and trial_id not in self._completed_trials and trial_id in self._ot_trials:
+        if result and not error:
             self._report(trial_id, result)  # the stopping epoch
-            if int(result.get("epoch", 0)) < self._max_epochs and isinstance(self.metric, str):
-                self._ot_study.tell(self._ot_trials[trial_id], state=optuna.trial.TrialState.PRUNED)
-                self._completed_trials.add(trial_id)
-                self._db.publish()
-                return
-        super().on_trial_complete(trial_id, result=result, error=error)
+        self._completed_trials.add(trial_id)
+
+    def tell_recorded(self, trial_id: str, row: dict[str, Any]) -> None:
+        """Tell Optuna a trial's result from its trials row, just written (the recorder calls this)."""
+        ot_trial = self._ot_trials.get(trial_id)
+        if ot_trial is None:
+            return
+        objectives = [m.removeprefix("best_") for m in (self.metric if isinstance(self.metric, list) else [self.metric])]
+        tell_from_row(self._ot_study, ot_trial, row, objectives)
+        self._completed_trials.add(trial_id)
         self._db.publish()
 
     def restore(self, checkpoint_path: str) -> None:
-        db = self._db
+        """Tune's saved searcher, on this driver's storage. Which Optuna trial belongs to which
+        Tune trial, and which are finished, is read from the storage: Tune's saved state may be
+        older than the Optuna study (it is saved every few seconds)."""
+        db, orphans = self._db, self._orphans
         super().restore(checkpoint_path)
-        self._db = db
+        self._db, self._orphans, self._resumed, self._steps = db, orphans, True, {}
         storage = db.storage()
         self._storage = storage
         self._ot_study = optuna.load_study(study_name=self._study_name, storage=storage,
                                            sampler=self._sampler, pruner=optuna.pruners.NopPruner())
-        self._ot_trials = {tid: optuna.trial.Trial(self._ot_study, t._trial_id) for tid, t in self._ot_trials.items()}
+        ids = {tid: t._trial_id for tid, t in self._ot_trials.items()}
+        frozen = {t._trial_id: t for t in self._ot_study.get_trials(deepcopy=False)}
+        ids.update({t.system_attrs[TUNE_TRIAL]: t._trial_id for t in frozen.values() if TUNE_TRIAL in t.system_attrs})
+        self._ot_trials = {tid: optuna.trial.Trial(self._ot_study, i) for tid, i in ids.items()}
+        self._completed_trials = {tid for tid, i in ids.items() if i in frozen and frozen[i].state.is_finished()}
 
 
 def startup_count(spec: StudySpec) -> int:

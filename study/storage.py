@@ -451,10 +451,13 @@ RDB_DRIVERS = {"postgresql": "postgresql+psycopg", "postgres": "postgresql+psyco
 
 
 def check_rdb_url(url: str) -> str:
-    """An Optuna database URL as a study may record it: postgresql:// or mysql://, with no
-    password (libpq takes it from PGPASSWORD or ~/.pgpass). Returns it; a refusal never echoes
-    the URL, which may hold the secret."""
-    from urllib.parse import parse_qs, urlsplit
+    """An Optuna database URL as a study may record it: postgresql:// (or mysql://) in any form
+    libpq documents that carries no secret: a user with no or an empty password, a host, a
+    port, several ``host:port`` for failover, a Unix-domain socket directory (``?host=/path``,
+    or percent-encoded as the host), ``sslmode`` and other options; host and database may be
+    left to libpq's defaults. A password (libpq takes it from PGPASSWORD or ~/.pgpass) is
+    refused. Returns the URL; a refusal never echoes it, which may hold the secret."""
+    from urllib.parse import parse_qsl, urlsplit
 
     scheme = url.split("://", 1)[0].lower() if "://" in url else ""
     base = scheme.split("+", 1)[0]
@@ -462,24 +465,63 @@ def check_rdb_url(url: str) -> str:
         raise StudyError("--optuna-storage: give a postgresql://user@host:port/database (or mysql://) URL; "
                          "a study's own SQLite file is the default")
     parts = urlsplit(url)
-    try:
-        has_password = parts.password is not None
-        parts.port  # noqa: B018 - raises on a bad port
-    except ValueError:
-        raise StudyError(f"--optuna-storage {base}://…: the URL does not parse (host:port?)") from None
-    if has_password or any(k.lower() in ("password", "passfile") for k in parse_qs(parts.query)):
+    userinfo, _, hosts = parts.netloc.rpartition("@")
+    password = userinfo.partition(":")[2]
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    if password or any(k.lower() == "password" and v for k, v in query):
         raise StudyError(f"--optuna-storage {base}://…: a password in the URL is refused (it would be written "
                          "into study.json and logs); give it through PGPASSWORD or ~/.pgpass")
-    if not parts.hostname or not parts.path.strip("/"):
-        raise StudyError(f"--optuna-storage {base}://…: name the host and the database, "
-                         f"e.g. {base}://user@db.example.com:5432/studies")
+    try:
+        _host_list(hosts)
+    except ValueError:
+        raise StudyError(f"--optuna-storage {base}://…: the URL does not parse (host:port?), "
+                         f"e.g. {base}://user@db.example.com:5432/studies") from None
     return url
 
 
+def _host_list(hosts: str) -> list[tuple[str, str]]:
+    """libpq's ``host[:port][,host[:port]...]``, hosts unquoted (a socket directory may be
+    percent-encoded), IPv6 in brackets. Raises ValueError on a bad port."""
+    from urllib.parse import unquote
+
+    out = []
+    for item in hosts.split(",") if hosts else []:
+        if item.startswith("["):
+            host, _, rest = item[1:].partition("]")
+            port = rest.removeprefix(":")
+        else:
+            host, _, port = item.partition(":")
+        if port and not (port.isdigit() and 0 < int(port) < 65536):
+            raise ValueError(port)
+        out.append((unquote(host), port))
+    return out
+
+
 def _sqlalchemy_url(url: str) -> str:
-    """The URL for SQLAlchemy: postgresql:// goes through psycopg 3 (the `postgres` extra)."""
-    scheme, rest = url.split("://", 1)
-    return f"{RDB_DRIVERS.get(scheme.lower(), scheme)}://{rest}"
+    """The URL for SQLAlchemy: postgresql:// goes through psycopg 3 (the `postgres` extra).
+    SQLAlchemy reads one plain host from the URL's host part, so a socket directory, or
+    several hosts, go to the query as psycopg takes them (``?host=...&host=...``); an empty
+    password is dropped, so that libpq looks for one in PGPASSWORD and ~/.pgpass."""
+    from urllib.parse import parse_qsl, urlencode, urlsplit
+
+    def join(netloc: str, query: str) -> str:  # urlunsplit drops an empty netloc's '//'
+        return f"{scheme}://{netloc}{parts.path}" + (f"?{query}" if query else "")
+
+    parts = urlsplit(url)
+    scheme = RDB_DRIVERS.get(parts.scheme.lower(), parts.scheme)
+    userinfo, at, hosts = parts.netloc.rpartition("@")
+    user = userinfo.partition(":")[0]
+    listed = _host_list(hosts)
+    plain = len(listed) <= 1 and all(not h.startswith("/") and "%" not in hosts for h, _ in listed)
+    if scheme.startswith("mysql") or plain:
+        return join(f"{user}@{hosts}" if at else hosts, parts.query)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    if len(listed) == 1:
+        host, port = listed[0]
+        query = [("host", host), *([("port", port)] if port else []), *query]
+    else:
+        query = [("host", f"{h}:{p}" if p else h) for h, p in listed] + query
+    return join(f"{user}@" if user else "", urlencode(query, safe="/:,"))
 
 
 class OptunaDB:

@@ -113,43 +113,56 @@ def run(spec: StudySpec, *, overwrite: bool = False, printer: Printer = print,
         if db.rdb and not overwrite and db.has_study(spec.name):
             raise StudyError(f"an Optuna study {spec.name!r} is in {db.display} already: choose another name, "
                              "or pass --overwrite to replace it")
-        if overwrite:
-            study.delete_tree()
-            if db.rdb:
-                db.delete_study(spec.name)
-        db.reset()
-        study.ensure_dir()
-        write_spec(study, spec)
-        tuner, recorder, warmer = _new_tuner(spec, study, view, db, printer, list(callbacks))
-        return _complete(spec, study, tuner, recorder, warmer, db, printer, resumed=False)
+        return _start(spec, study, view, db, printer, list(callbacks), clear=overwrite)
 
 
 def resume(storage: str, name: str, *, printer: Printer = print, address: str | None = None,
            num_cpus: int | None = None, shared_storage: bool | None = None,
            callbacks: Sequence[Any] = ()) -> StudyResult:
-    """Finish an interrupted study from its Ray experiment state and its Optuna storage.
-    ``callbacks``: Ray Tune callbacks for the rest of the study, beside the ones it had.
+    """Finish an interrupted study from its Ray experiment state and its Optuna storage, wherever
+    its driver was killed (``study.restore``). A study killed before Tune saved any state (no
+    trial had started) is started from its ``study.json``. ``callbacks``: Ray Tune callbacks for
+    the rest of the study, beside the ones it had.
 
     Resuming restores Ray Tune's own pickled experiment state (``tune/``): only resume a
     study folder or bucket you trust.
     """
+    from study.restore import has_tune_state
+
     spec = read_spec(storage, name)
     changes = {k: v for k, v in {"address": address, "num_cpus": num_cpus, "shared_storage": shared_storage}.items()
                if v is not None}
     spec = StudySpec.from_dict({**spec.to_dict(), **changes}) if changes else spec
     _check_trackers(spec)
     study = study_location(storage, name)
-    _refuse_unrestorable(study, spec)
     study.check_writable()
     db = OptunaDB(study, spec.optuna_storage)
     with db.lock(spec.name), contextlib.ExitStack() as held:  # a shared database: one line before Ray starts
-        _connect(spec, study, check_data=False)
+        view = _connect(spec, study, check_data=False)
         held.enter_context(study.lock())
+        if not has_tune_state(study):
+            # Killed after study.json, before Tune's first step: no trial ran, nothing is lost.
+            printer(f"study {name!r} was stopped before any trial started; starting it from its study.json")
+            return _start(spec, study, view, db, printer, list(callbacks), clear=True)
         if db.rdb and not db.has_study(spec.name):
             raise StudyError(f"study {name!r}: its Optuna study is not in {db.display}; nothing to resume there")
         db.fetch()
         tuner, recorder, warmer = _restored_tuner(spec, study, db, printer, list(callbacks))
         return _complete(spec, study, tuner, recorder, warmer, db, printer, resumed=True)
+
+
+def _start(spec: StudySpec, study: Location, view: cluster.ClusterView, db: OptunaDB, printer: Printer,
+           callbacks: list[Any], *, clear: bool) -> StudyResult:
+    """A new study in ``study`` (``clear``: replacing whatever is there), run to completion."""
+    if clear:
+        study.delete_tree()
+        if db.rdb:
+            db.delete_study(spec.name)
+    db.reset()
+    study.ensure_dir()
+    write_spec(study, spec)
+    tuner, recorder, warmer = _new_tuner(spec, study, view, db, printer, callbacks)
+    return _complete(spec, study, tuner, recorder, warmer, db, printer, resumed=False)
 
 
 def _connect(spec: StudySpec, study: Location, *, check_data: bool) -> cluster.ClusterView:
@@ -185,12 +198,14 @@ def _new_tuner(spec: StudySpec, study: Location, view: cluster.ClusterView, db: 
     concurrent = spec.max_concurrent or cluster.default_concurrency(spec, view)
     metric = objective_metrics(spec)[0]
     recorder = ResultsRecorder(study, spec)
+    searcher = make_searcher(spec, db, concurrent)
+    recorder.on_recorded = searcher.tell_recorded  # Optuna hears of a trial once its row is written
     warmer = RefitWarmer(spec, fixed_params(spec))
     tuner = tune.Tuner(
         make_trainable(spec),
         param_space=fixed_params(spec),
         tune_config=tune.TuneConfig(
-            search_alg=make_searcher(spec, db, concurrent),
+            search_alg=searcher,
             scheduler=make_scheduler(spec),
             num_samples=spec.n_trials,
             trial_dirname_creator=_trial_dirname,
@@ -235,17 +250,25 @@ def _new_tuner(spec: StudySpec, study: Location, view: cluster.ClusterView, db: 
 
 def _restored_tuner(spec: StudySpec, study: Location, db: OptunaDB, printer: Printer,
                     extra: list[Any]) -> tuple[Any, Any, Any]:
-    """Tune's Tuner of an interrupted study, with its own searcher and callbacks reattached."""
-    from study.search import unwrap_searcher
+    """Tune's Tuner of an interrupted study, its saved state first made to agree with the trials
+    rows (``study.restore``), with its own searcher and callbacks reattached."""
+    from study.restore import reconcile, restore_tuner
+    from study.search import objective_metrics, unwrap_searcher
 
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", STATE_EVERY_S)
-    tuner, search_alg, callbacks = _restore_tuner(study, make_trainable(spec), extra)
+    objectives = [m.removeprefix("best_") for m in objective_metrics(spec)]
+    fixed = reconcile(study, db, spec.name, objectives)
+    tuner, search_alg, callbacks = restore_tuner(study, make_trainable(spec), extra)
     searcher = unwrap_searcher(search_alg)
     if searcher is None:  # guard against ray #30861: a restore must keep our Optuna searcher
         raise StudyError(f"restored study {spec.name!r} lost its Optuna searcher; cannot resume safely")
-    searcher.attach(db)
-    recorder = _attach_callbacks(callbacks, study, printer)
-    printer(f"resuming study {spec.name!r} in {study}")
+    searcher.attach(db, orphans=fixed.orphans)
+    recorder = _attach_callbacks(callbacks, study, printer, done=fixed.recorded)
+    recorder.on_recorded = searcher.tell_recorded
+    unfinished = len(fixed.unfinished)
+    printer(f"resuming study {spec.name!r} in {study}: {fixed.recorded} of {spec.n_trials} trials finished, "
+            f"{unfinished} to continue from {'their' if unfinished != 1 else 'its'} last checkpoint, "
+            f"{max(0, spec.n_trials - fixed.recorded - unfinished)} to start")
     return tuner, recorder, _warmer(callbacks)
 
 
@@ -344,18 +367,6 @@ def _refuse_existing(study: Location, spec: StudySpec, overwrite: bool) -> None:
         )
 
 
-def _refuse_unrestorable(study: Location, spec: StudySpec) -> None:
-    from ray.tune import Tuner
-
-    if not Tuner.can_restore(_tune_uri(study)):
-        raise StudyError(f"study {spec.name!r} in {spec.storage} has no Ray experiment state to resume from; "
-                         "run it again with --overwrite")
-
-
-def _tune_uri(study: Location) -> str:
-    return f"{study.uri}/{TUNE_DIR}"
-
-
 def _refit(spec: StudySpec, study: Location, trials: Any, printer: Printer, worker: Any) -> dict[str, Any] | None:
     """The winner's refit (study.refit), in ``worker`` when one was warmed during the search. A
     refit that cannot run is reported, not fatal: the search's results stand, and `resume` tries
@@ -372,109 +383,9 @@ def _refit(spec: StudySpec, study: Location, trials: Any, printer: Printer, work
         return None
 
 
-def _restore_tuner(study: Location, trainable: Any, extra: list[Any]) -> tuple[Any, Any, list]:
-    """Ray Tune's restore of the study's experiment, with the two things Tune keeps but does not
-    hand back publicly: the search algorithm and the callbacks it pickled (``extra`` joins
-    them). The one place that reads Tune's private attributes; if a Ray upgrade moves them,
-    resuming stops here, in one line, instead of going on without the study's searcher or
-    recorder."""
-    from ray import tune
-
-    _align_trial_counter(study)
-    tuner = tune.Tuner.restore(_tune_uri(study), trainable=trainable,
-                               resume_unfinished=True, resume_errored=False, restart_errored=False)
-    if _errored_without_rows(tuner, study):
-        # A trial whose worker died with the driver may be saved as errored before the driver
-        # wrote its row: it did not fail, it was cut off, so it continues from its checkpoint
-        # (Tune resumes every errored trial then; one that failed for real fails again).
-        tuner = tune.Tuner.restore(_tune_uri(study), trainable=trainable,
-                                   resume_unfinished=True, resume_errored=True, restart_errored=False)
-    try:
-        inner = tuner._local_tuner
-        run_config = inner.get_run_config()
-        if extra:
-            run_config.callbacks = [*(run_config.callbacks or []), *extra]
-        return tuner, inner._tune_config.search_alg, list(run_config.callbacks or [])
-    except AttributeError:
-        import ray
-
-        raise StudyError(f"cannot resume with Ray {ray.__version__}: its restored Tuner no longer shows "
-                         "its searcher and callbacks where this version of vae-study looks") from None
-
-
-def _align_trial_counter(study: Location) -> tuple[int, int] | None:
-    """Make Tune's count of the trials it created agree with the trials it saved, plus the
-    trials that finished after its last save.
-
-    Tune saves the two in separate files (``experiment_state-*.json``, the trials;
-    ``search_gen_state-*.json``, the count), and a study in a bucket uploads them apart. A driver
-    killed in between leaves them disagreeing: restored as they are, Tune would lose a trial
-    (the count is ahead) or run one too many (behind). Found by the S3 resume test, 1 kill in 6.
-    A trial made and finished after Tune's last save (its trials row is written; Tune saves its
-    state every few seconds, not at every finished trial) is not in the saved trials, but counts:
-    else the resumed study would make one trial too many (tests/test_resume.py).
-    Returns (count, trials) when they disagreed, else None."""
-    import json
-    import tempfile
-
-    # Tune's own reader and writer of the file (a pickle Tune made: resuming trusts Tune's
-    # state already, and no code of ours unpickles anything)
-    from ray.tune.utils.util import _atomic_save, _load_newest_checkpoint
-
-    files = study.files(TUNE_DIR)
-    states = sorted(f for f in files if f.startswith("experiment_state-") and f.endswith(".json"))
-    gens = sorted(f for f in files if f.startswith("search_gen_state-"))
-    if not states or not gens:
-        return None
-    saved = json.loads(study.read_text(f"{TUNE_DIR}/{states[-1]}")).get("trial_data", [])
-    trials = len(saved) + len(_finished_unsaved(study, saved))
-    with tempfile.TemporaryDirectory(prefix="vae-tune-state-") as tmp:
-        study.download(f"{TUNE_DIR}/{gens[-1]}", f"{tmp}/{gens[-1]}")
-        gen = _load_newest_checkpoint(tmp, gens[-1])
-        count = gen.get("counter") if isinstance(gen, dict) else None
-        if not isinstance(count, int) or count == trials:
-            return None
-        gen["counter"] = trials
-        if trials < gen.get("total_samples", trials):
-            gen["finished"] = False  # it had made them all; the ones the state lacks are still to make
-        _atomic_save(gen, tmp, gens[-1], f"tmp-{gens[-1]}")
-        study.upload(f"{tmp}/{gens[-1]}", f"{TUNE_DIR}/{gens[-1]}")
-    return count, trials
-
-
-def _finished_unsaved(study: Location, saved: list) -> set[str]:
-    """Trials with a trials row (finished) that are not among Tune's saved trials."""
-    import json
-
-    from study.refit import PREFIX
-
-    known = set()
-    for entry in saved:
-        state = entry[0] if isinstance(entry, (list, tuple)) and entry else entry
-        state = json.loads(state) if isinstance(state, str) else state
-        if isinstance(state, dict) and "trial_id" in state:
-            known.add(str(state["trial_id"]))
-    rows = {n.removesuffix(".parquet") for n in study.files("trials", ".parquet")
-            if not results._is_compacted(n)}
-    return {t for t in rows if not t.startswith(PREFIX)} - known
-
-
-def _errored_without_rows(tuner: Any, study: Location) -> list[str]:
-    """Trials Tune saved as errored that have no trials row: the old driver never recorded them."""
-    import posixpath
-
-    missing = []
-    for result in tuner.get_results():
-        if result.error is None:
-            continue
-        tid = posixpath.basename(str(result.path).rstrip("/")).removeprefix("trial_")
-        if results.read_trial(study, "trials", tid) is None:
-            missing.append(tid)
-    return missing
-
-
-def _attach_callbacks(callbacks: list, study: Location, printer: Printer) -> Any:
-    """Point a restored study's callbacks at this study folder and this printer; returns the recorder."""
+def _attach_callbacks(callbacks: list, study: Location, printer: Printer, *, done: int) -> Any:
+    """Point a restored study's callbacks at this study folder and this printer (``done``: the
+    trials finished before); returns the recorder."""
     from study.progress import Progress
     from study.recorder import ResultsRecorder
 
@@ -484,7 +395,7 @@ def _attach_callbacks(callbacks: list, study: Location, printer: Printer) -> Any
     recorder.attach(study)
     for c in callbacks:
         if isinstance(c, Progress):
-            c.attach(printer)
+            c.attach(printer, done=done)
     return recorder
 
 

@@ -38,6 +38,11 @@ class Server:
         """The URL a user gives the tool: no password in it."""
         return f"postgresql://{USER}@127.0.0.1:{self.port}/{DATABASE}"
 
+    @property
+    def socket_dir(self) -> Path:
+        """The folder of its Unix-domain socket (``.s.PGSQL.<port>``)."""
+        return self.data.parent / "sock"
+
     def _run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
         return subprocess.run([str(bin_dir() / args[0]), *args[1:]], capture_output=True, text=True,
                               user=self.run_as, group=self.run_as and pwd.getpwuid(self.run_as).pw_gid,

@@ -35,12 +35,26 @@ def test_a_password_in_the_url_is_refused_and_never_echoed(tmp_path):
         p = run_cli("run", "--name", "x", "--storage", str(tmp_path), "--smoke", "--optuna-storage", url)
         assert p.returncode == 2 and secret not in p.stderr + p.stdout, p.stderr
         assert len(p.stderr.strip().splitlines()) == 1
-    for bad, says in (("sqlite:///x.db", "postgresql://"), ("postgresql://vae@db.example.com", "database"),
-                      ("postgresql://vae@db.example.com:99999/vae", "parse")):
+    for bad, says in (("sqlite:///x.db", "postgresql://"), ("postgresql://vae@db.example.com:99999/vae", "parse"),
+                      ("postgresql://vae@db1:5432,db2:x/vae", "parse")):
         with pytest.raises(StudyError, match=says):
             check_rdb_url(bad)
     assert check_rdb_url("postgresql://vae@db.example.com:5432/vae")
     assert not (tmp_path / "x").exists()
+
+
+def test_libpq_url_forms_without_a_secret_are_accepted_with_a_password_anywhere_refused():
+    for url in ("postgresql://vae@db.example.com/vae", "postgresql://vae:@/vae?host=/run/pg&port=5433",
+                "postgresql://vae@%2Frun%2Fpg:5433/vae", "postgresql://vae@db1:5432,db2:5433/vae?target_session_attrs=any",
+                "postgresql://vae@[2001:db8::1]:5432/vae?sslmode=require", "postgresql://", "postgres:///vae",
+                "postgresql://vae@db.example.com/vae?passfile=/home/vae/.pgpass&connect_timeout=5"):
+        assert check_rdb_url(url) == url
+    secret = "hunter2-never-shown"
+    for url in (f"postgresql://vae:{secret}@/vae?host=/run/pg", f"postgresql://vae@db1,db2/vae?sslmode=require&password={secret}",
+                f"postgresql://vae:{secret}@db1:5432,db2:5433/vae"):
+        with pytest.raises(StudyError) as exc:
+            check_rdb_url(url)
+        assert secret not in str(exc.value) and "refused" in str(exc.value)
 
 
 @pytest.fixture(scope="module")
@@ -174,3 +188,37 @@ def test_a_wrong_password_is_one_line(pg, tmp_path):
     assert p.returncode == 2, p.stderr[-2000:]
     assert len(p.stderr.strip().splitlines()) == 1 and "password authentication failed" in p.stderr, p.stderr
     assert "Traceback" not in p.stderr
+
+
+def test_libpq_url_forms_reach_the_real_server_over_tcp_and_its_socket(pg, tmp_path, monkeypatch):
+    """Each form a user may paste (pgserver's own among them) opens the study's database, takes
+    its lock and holds an Optuna study, on the server the tests start: TCP, its Unix-domain
+    socket, an empty password, a dead host before the live one."""
+    import optuna
+
+    from study.storage import Location, OptunaDB
+
+    monkeypatch.setenv("PGPASSWORD", pg.password)
+    sock, port, user, db = pg.socket_dir, pg.port, postgres.USER, postgres.DATABASE
+    quoted = str(sock).replace("/", "%2F")
+    forms = {
+        "pgserver's (empty password, socket)": f"postgresql://{user}:@/{db}?host={sock}&port={port}",
+        "socket as the host": f"postgresql://{user}@{quoted}:{port}/{db}",
+        "empty password over TCP": f"postgresql://{user}:@127.0.0.1:{port}/{db}",
+        "sslmode and options": f"postgresql://{user}@127.0.0.1:{port}/{db}?sslmode=disable&connect_timeout=5",
+        "failover: a dead host first": f"postgresql://{user}@127.0.0.1:{_free_port()},127.0.0.1:{port}/{db}",
+        "postgres:// and localhost": f"postgres://{user}@localhost:{port}/{db}",
+    }
+    for i, (what, url) in enumerate(forms.items()):
+        optuna_db = OptunaDB(Location(tmp_path / f"s{i}"), check_rdb_url(url))
+        with optuna_db.lock(f"forms-{i}"):
+            study = optuna.create_study(study_name=f"forms-{i}", storage=optuna_db.storage())
+            study.tell(study.ask(), 1.0)
+        assert optuna_db.has_study(f"forms-{i}"), what
+    # the whole tool, through the CLI, on the socket form pgserver hands out
+    r = run_cli("run", "--name", "sock", "--storage", str(tmp_path), "--smoke", "--num-cpus", "1", "--no-refit",
+                "--optuna-storage", forms["pgserver's (empty password, socket)"], env={"PGPASSWORD": pg.password})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert pg.password not in r.stdout + r.stderr
+    loaded = optuna.load_study(study_name="sock", storage=f"postgresql+psycopg://{user}@/{db}?host={sock}&port={port}")
+    assert len(loaded.trials) == 2

@@ -111,33 +111,80 @@ def test_a_resumed_trial_continues_from_its_checkpoint_exactly(tmp_path):
         assert ep[col].tolist() == pytest.approx(ref_ep[col].tolist(), rel=1e-6), col
 
 
-def test_tunes_trial_count_is_aligned_with_its_saved_trials(tmp_path):
-    """A driver killed between Tune's two state uploads (the trials; the count of trials made)
-    leaves them disagreeing; resume makes the count agree with the trials (Tune's own files,
-    written and read with Tune's own helpers)."""
+def test_reconcile_makes_tunes_saved_state_and_optuna_agree_with_the_trials_rows(tmp_path):
+    """What a killed driver leaves, built by hand: Tune's saved state older than the rows and the
+    Optuna study (it saves every few seconds), a row written but not told, Optuna trials asked
+    that Tune never saved. ``reconcile`` (Tune's own files, read and written with Tune's own
+    helpers; a real SQLite Optuna study, asked through the study's searcher) mends each, and the
+    restored searcher hands the orphans to the next trials Tune makes."""
     import json
 
     from ray.tune.utils.util import _atomic_save, _load_newest_checkpoint
 
-    from study.storage import Location
-    from study.tuner import _align_trial_counter
+    from study import build_spec
+    from study.restore import TUNE_TRIAL, reconcile
+    from study.search import make_searcher
+    from study.storage import Location, OptunaDB
 
-    tune_dir = tmp_path / "tune"
+    spec = build_spec(None, {"name": "s", "storage": str(tmp_path), "trials": 8, "epochs": 4})
+    study = Location(tmp_path / "s")
+    db = OptunaDB(study)
+    searcher = make_searcher(spec, db, concurrent=3)
+    asked = {tid: searcher.suggest(tid) for tid in "abcdef"}  # each Optuna trial names its Tune trial
+    searcher._ot_study.ask()  # asked, then killed before it was named
+    state = optuna.trial.TrialState
+
+    def row(tid: str, status: str, objective: float | None) -> None:
+        results.write_trial(study, tid, {"status": status, "objective": objective, "val_elbo": objective,
+                                         "finished_at": None}, [], [])
+
+    # recorded and told (the normal case), recorded and not told (killed between the two),
+    # recorded and never saved by Tune, a refit's row (never a trial of the search)
+    row("d", "pruned", None)
+    searcher.tell_recorded("d", {"status": "pruned"})
+    row("a", "completed", 150.5)
+    row("e", "completed", 149.0)
+    row("refit-e", "refit", None)
+    searcher.save(str(tmp_path / "searcher.pkl"))
+
+    tune_dir = tmp_path / "s" / "tune"
     tune_dir.mkdir()
-    (tune_dir / "experiment_state-2026.json").write_text(json.dumps({"trial_data": [[1], [2], [3]]}))
+    entry = lambda tid, status, err=None: [json.dumps({"trial_id": tid, "status": status}),  # noqa: E731
+                                           json.dumps({"error_filename": err, "pickled_error_filename": err})]
+    saved = {"trial_data": [entry("a", "PENDING"), entry("b", "PENDING"), entry("c", "ERROR", "error.txt"),
+                            entry("d", "TERMINATED")], "runner_data": {}, "stats": {}}
+    (tune_dir / "experiment_state-2026.json").write_text(json.dumps(saved))
     gen = "search_gen_state-2026.json"
-    _atomic_save({"counter": 4, "total_samples": 5, "finished": False, "experiment": None}, str(tune_dir), gen, "t")
-    assert _align_trial_counter(Location(tmp_path)) == (4, 3)  # ahead: one trial would be lost
-    assert _load_newest_checkpoint(str(tune_dir), gen)["counter"] == 3
-    assert _align_trial_counter(Location(tmp_path)) is None  # agreeing: left alone
-    _atomic_save({"counter": 5, "total_samples": 5, "finished": True, "experiment": None}, str(tune_dir), gen, "t")
-    assert _align_trial_counter(Location(tmp_path)) == (5, 3)
-    state = _load_newest_checkpoint(str(tune_dir), gen)
-    assert state["counter"] == 3 and state["finished"] is False  # two trials still to make
-    # a trial made and finished after Tune's last save (its trials row is written) counts too;
-    # a refit's row does not
-    (tmp_path / "trials").mkdir()
-    for name in ("abc12345", "refit-abc12345"):
-        (tmp_path / "trials" / f"{name}.parquet").write_bytes(b"")
-    assert _align_trial_counter(Location(tmp_path)) == (3, 4)
-    assert _load_newest_checkpoint(str(tune_dir), gen)["counter"] == 4
+    _atomic_save({"counter": 4, "total_samples": 8, "finished": False, "experiment": None,
+                  "name:ConcurrencyLimiter": {"live_trials": {"a", "b", "c"}, "num_unfinished_live_trials": 3}},
+                 str(tune_dir), gen, "t")
+
+    fixed = reconcile(study, db, "s", ["val_elbo"])
+    assert fixed.recorded == 3 and fixed.saved == ["a", "b", "c", "d"]
+    assert fixed.finished_in_tune == ["a"] and fixed.continued == ["c"] and fixed.unfinished == ["b", "c"]
+    assert fixed.unsaved_recorded == ["e"] and fixed.counter == (4, 5) and sorted(fixed.told) == ["a", "e"]
+    trials = {json.loads(t[0])["trial_id"]: (json.loads(t[0])["status"], json.loads(t[1])["error_filename"])
+              for t in json.loads((tune_dir / "experiment_state-2026.json").read_text())["trial_data"]}
+    assert trials == {"a": ("TERMINATED", None), "b": ("PENDING", None), "c": ("PENDING", None),
+                      "d": ("TERMINATED", None)}
+    g = _load_newest_checkpoint(str(tune_dir), gen)
+    assert g["counter"] == 5 and g["finished"] is False
+    assert g["name:ConcurrencyLimiter"]["live_trials"] == {"b", "c"}
+    assert g["name:ConcurrencyLimiter"]["num_unfinished_live_trials"] == 2
+    ot = {t.system_attrs.get(TUNE_TRIAL): t for t in
+          optuna.load_study(study_name="s", storage=db.url).get_trials(deepcopy=False)}
+    assert ot["a"].state == state.COMPLETE and ot["a"].value == 150.5
+    assert ot["e"].state == state.COMPLETE and ot["d"].state == state.PRUNED
+    assert ot["b"].state == ot["c"].state == ot["f"].state == state.RUNNING
+    assert fixed.orphans == [ot["f"]._trial_id, ot[None]._trial_id]  # f: never saved by Tune; the unnamed one
+    assert reconcile(study, db, "s", ["val_elbo"]).told == []  # a second pass changes nothing more
+
+    # Tune's restore of the searcher: the map from Tune trials to Optuna trials, and which are
+    # finished, come from the storage; the next trials Tune makes take the orphans, in order.
+    searcher.attach(db, orphans=fixed.orphans)
+    searcher.restore(str(tmp_path / "searcher.pkl"))
+    assert searcher._completed_trials == {"a", "d", "e"}
+    assert searcher.suggest("g") == asked["f"]
+    searcher.suggest("h")
+    named = {t.system_attrs.get(TUNE_TRIAL) for t in optuna.load_study(study_name="s", storage=db.url).trials}
+    assert named == set("abcdegh") and len(optuna.load_study(study_name="s", storage=db.url).trials) == 7

@@ -1,0 +1,225 @@
+"""Resuming a killed study: Ray Tune's saved state and the Optuna study made to agree with what
+the study recorded, then Tune's own restore.
+
+The rule, in one place: **a trial is finished when its trials row is written.** The recorder
+writes that row last, and only then is Optuna told the trial's result
+(``StudySearch.tell_recorded``). A driver can be killed at any moment, and Tune saves its own
+state only every few seconds, in separate files (uploaded apart, for a study in a bucket). So
+before Tune restores anything, :func:`reconcile` brings its saved state and Optuna in line with
+the rows:
+
+- A saved trial with a row is finished in Tune's state (TERMINATED; ERROR if it failed): Tune
+  does not run it again, so the searcher, the recorder, the trackers and the progress lines
+  never hear of it twice.
+- A saved trial without a row is unfinished (PENDING): Tune continues it from its newest
+  checkpoint, an errored one too (its worker died with the driver; one that fails for real
+  fails again).
+- Tune's count of the trials it made is the saved trials plus the recorded trials it never
+  saved (made and finished after its last save); its concurrency limiter holds exactly the
+  unfinished ones, so no slot waits forever for a trial that is done.
+- A trial whose row was written but whose result Optuna was not told yet is told now, from the
+  row.
+- An Optuna trial asked for by the killed driver that Tune never saved and nobody recorded (an
+  *orphan*) is handed to the next trial Tune makes (``StudySearch.attach``), so that Optuna
+  holds every trial once, none left RUNNING or FAIL.
+"""
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any
+
+from study import results
+from study.errors import StudyError
+from study.storage import TUNE_DIR, Location, OptunaDB
+
+# Optuna's system attribute naming the Ray Tune trial an Optuna trial was asked for.
+TUNE_TRIAL = "vae_study_tune_trial"
+_EXPERIMENT_STATE = "experiment_state-"
+_SEARCH_STATE = "search_gen_state-"
+
+
+@dataclass
+class Reconciled:
+    """What :func:`reconcile` found and changed (the tests read it; the resume prints it)."""
+
+    recorded: int = 0  # trials with a row: finished
+    saved: list[str] = field(default_factory=list)  # trials in Tune's saved state
+    unfinished: list[str] = field(default_factory=list)  # saved, no row: Tune continues them
+    finished_in_tune: list[str] = field(default_factory=list)  # saved unfinished, but recorded: now finished
+    continued: list[str] = field(default_factory=list)  # saved errored without a row: continued
+    unsaved_recorded: list[str] = field(default_factory=list)  # recorded, never saved by Tune
+    counter: tuple[int, int] | None = None  # Tune's trial count (before, after) where it changed
+    told: list[str] = field(default_factory=list)  # Optuna told from the row
+    orphans: list[int] = field(default_factory=list)  # Optuna trial ids handed to the next trials
+
+
+def has_tune_state(study: Location) -> bool:
+    """Tune saved an experiment state (it does at its first step, before any trial starts)."""
+    return any(_is_state(f) for f in study.files(TUNE_DIR)) if study.is_dir(TUNE_DIR) else False
+
+
+def _is_state(name: str) -> bool:
+    return name.startswith(_EXPERIMENT_STATE) and name.endswith(".json")
+
+
+def recorded_trials(study: Location) -> dict[str, dict[str, Any]]:
+    """The search's trials rows (no refit rows), by trial id: the trials that are finished."""
+    df = results.search_trials(results.load(study, "trials")) if study.is_dir("trials") else None
+    if df is None or not len(df):
+        return {}
+    return {str(r["trial_id"]): r for r in df.to_dict("records")}
+
+
+def reconcile(study: Location, db: OptunaDB, name: str, objectives: list[str]) -> Reconciled:
+    """Make Tune's saved state (``tune/``) and the Optuna study agree with the trials rows. Call
+    with the study locked, after ``db.fetch()``, before ``Tuner.restore``."""
+    out = Reconciled()
+    rows = recorded_trials(study)
+    out.recorded = len(rows)
+    files = study.files(TUNE_DIR)
+    states = sorted(f for f in files if _is_state(f))
+    if not states:
+        return out
+    state_rel = f"{TUNE_DIR}/{states[-1]}"  # Tune restores the newest by name
+    state = json.loads(study.read_text(state_rel))
+    _reconcile_trials(state, rows, out)
+    if out.finished_in_tune or out.continued:
+        study.write_text(state_rel, json.dumps(state))
+    out.unsaved_recorded = sorted(set(rows) - set(out.saved))
+    gens = sorted(f for f in files if f.startswith(_SEARCH_STATE))
+    if gens:
+        out.counter = _reconcile_search_state(study, f"{TUNE_DIR}/{gens[-1]}",
+                                              len(out.saved) + len(out.unsaved_recorded), set(out.unfinished))
+    out.told, out.orphans = _reconcile_optuna(db, name, rows, objectives, known=set(out.saved))
+    if out.told:
+        db.publish()
+    return out
+
+
+def _reconcile_trials(state: dict[str, Any], rows: dict[str, dict[str, Any]], out: Reconciled) -> None:
+    """Set each saved trial's status by its row (``out`` records what was found and changed)."""
+    for entry in state.get("trial_data", []):
+        trial = json.loads(entry[0])
+        tid = str(trial["trial_id"])
+        out.saved.append(tid)
+        row = rows.get(tid)
+        status = trial.get("status")
+        if row is not None:
+            want = "ERROR" if row["status"] == "failed" else "TERMINATED"
+            if status not in ("TERMINATED", "ERROR"):
+                out.finished_in_tune.append(tid)
+                trial["status"] = want
+                entry[0] = json.dumps(trial)
+            continue
+        out.unfinished.append(tid)
+        if status == "ERROR":
+            # Saved as errored, never recorded: its worker died with the driver. It continues
+            # from its checkpoint, as Tune's own resume of an errored trial does.
+            out.continued.append(tid)
+            trial["status"] = "PENDING"
+            entry[0] = json.dumps(trial)
+            meta = json.loads(entry[1])
+            meta["error_filename"] = meta["pickled_error_filename"] = None
+            entry[1] = json.dumps(meta)
+
+
+def _reconcile_search_state(study: Location, rel: str, made: int, unfinished: set[str]) -> tuple[int, int] | None:
+    """Tune's search generator state: its count of trials made, and its concurrency limiter's
+    live trials. Read and written with Tune's own helpers (the file is a pickle Tune made:
+    resuming trusts Tune's state already, and no code of ours unpickles anything)."""
+    from ray.tune.utils.util import _atomic_save, _load_newest_checkpoint
+
+    name = rel.rsplit("/", 1)[-1]
+    with tempfile.TemporaryDirectory(prefix="vae-tune-state-") as tmp:
+        study.download(rel, f"{tmp}/{name}")
+        gen = _load_newest_checkpoint(tmp, name)
+        if not isinstance(gen, dict):
+            return None
+        changed = False
+        count = gen.get("counter")
+        if isinstance(count, int) and count != made:
+            gen["counter"] = made
+            if made < gen.get("total_samples", made):
+                gen["finished"] = False  # the trials the state lacks are still to make
+            changed = True
+        limiter = gen.get("name:ConcurrencyLimiter")
+        if isinstance(limiter, dict) and set(limiter.get("live_trials", ())) != unfinished:
+            limiter["live_trials"] = set(unfinished)
+            limiter["num_unfinished_live_trials"] = len(unfinished)
+            changed = True
+        if not changed:
+            return None
+        _atomic_save(gen, tmp, name, f"tmp-{name}")
+        study.upload(f"{tmp}/{name}", rel)
+    return (count, made) if isinstance(count, int) and count != made else None
+
+
+def tell_from_row(ot_study: Any, ot_trial: Any, row: dict[str, Any], objectives: list[str]) -> None:
+    """Tell Optuna a trial's result as its trials row records it: failed is FAIL, pruned is
+    PRUNED, completed is COMPLETE with the objective values at its best epoch (PRUNED where one
+    is missing, as Ray's OptunaSearch does)."""
+    import optuna
+
+    state = optuna.trial.TrialState
+    values = None
+    if row["status"] == "failed":
+        told = state.FAIL
+    elif row["status"] == "pruned":
+        told = state.PRUNED
+    else:
+        values = [row.get(m) for m in objectives]
+        ok = all(v is not None and not (isinstance(v, float) and math.isnan(v)) for v in values)
+        told = state.COMPLETE if ok else state.PRUNED
+        values = [float(v) for v in values] if ok else None
+    if values is not None and len(values) == 1:
+        values = values[0]
+    ot_study.tell(ot_trial, values, state=told, skip_if_finished=True)
+
+
+def _reconcile_optuna(db: OptunaDB, name: str, rows: dict[str, dict[str, Any]], objectives: list[str],
+                      known: set[str]) -> tuple[list[str], list[int]]:
+    """Tell Optuna the recorded trials it was not told; return them, and the orphans."""
+    import optuna
+
+    storage = db.storage()
+    try:
+        ot_study = optuna.load_study(study_name=name, storage=storage)
+    except KeyError:  # not created yet: nothing was asked
+        return [], []
+    told, orphans = [], []
+    for t in ot_study.get_trials(deepcopy=False):
+        tid = t.system_attrs.get(TUNE_TRIAL)
+        if t.state != optuna.trial.TrialState.RUNNING:
+            continue
+        if tid in rows:
+            tell_from_row(ot_study, t.number, rows[tid], objectives)
+            told.append(tid)
+        elif tid not in known:
+            orphans.append(t._trial_id)
+    return told, orphans
+
+
+def restore_tuner(study: Location, trainable: Any, extra: list[Any]) -> tuple[Any, Any, list]:
+    """Ray Tune's restore of the study's experiment (reconciled first), with the two things Tune
+    keeps but does not hand back publicly: the search algorithm and the callbacks it pickled
+    (``extra`` joins them). The one place that reads Tune's private attributes; if a Ray
+    upgrade moves them, resuming stops here, in one line, instead of going on without the
+    study's searcher or recorder."""
+    from ray import tune
+
+    tuner = tune.Tuner.restore(f"{study.uri}/{TUNE_DIR}", trainable=trainable,
+                               resume_unfinished=True, resume_errored=False, restart_errored=False)
+    try:
+        inner = tuner._local_tuner
+        run_config = inner.get_run_config()
+        if extra:
+            run_config.callbacks = [*(run_config.callbacks or []), *extra]
+        return tuner, inner._tune_config.search_alg, list(run_config.callbacks or [])
+    except AttributeError:
+        import ray
+
+        raise StudyError(f"cannot resume with Ray {ray.__version__}: its restored Tuner no longer shows "
+                         "its searcher and callbacks where this version of vae-study looks") from None
