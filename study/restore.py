@@ -176,7 +176,13 @@ def tell_from_row(ot_study: Any, ot_trial: Any, row: dict[str, Any], objectives:
         values = [float(v) for v in values] if ok else None
     if values is not None and len(values) == 1:
         values = values[0]
-    ot_study.tell(ot_trial, values, state=told, skip_if_finished=True)
+    try:
+        ot_study.tell(ot_trial, values, state=told, skip_if_finished=True)
+    except RuntimeError as exc:
+        # Optuna's grid sampler stops a study whose grid is done, which raises outside
+        # Optuna's own optimize(); the result is stored first (Ray's OptunaSearch ignores it too).
+        if "Study.stop" not in str(exc):
+            raise
 
 
 def _reconcile_optuna(db: OptunaDB, name: str, rows: dict[str, dict[str, Any]], objectives: list[str],
