@@ -40,7 +40,7 @@ CACHE_VERSION = 2
 class Section:
     title: str
     images: list[str] = field(default_factory=list)
-    tables: list[tuple[str, pd.DataFrame]] = field(default_factory=list)
+    tables: list[tuple] = field(default_factory=list)  # (title, table) or (title, table, a note read first)
     notes: list[str] = field(default_factory=list)
     text: str = ""
 
@@ -144,6 +144,7 @@ def _build(study: Location, out: Path, dest: Location, options: Options | None,
             sections.append(section)
         say(f"  {label:<34} {timings[label]:6.1f} s")
 
+    summary["reference_note"] = _reference_note(spec, win)
     step("Summary", lambda: _summary_section(trials, win, digits, summary, refit))
     step("Per-digit MSE and PSNR vs latent size", lambda: _digits_vs_latent(out, trials, digits, mode, win, summary))
     step("Loss curves", lambda: _loss_curves(out, epochs, win))
@@ -201,7 +202,8 @@ def _summary_section(trials: pd.DataFrame, win: pd.Series | None, digits: pd.Dat
         n = d.groupby("digit")["n_images"].first()
         s.tables.append(("Winner's per-digit test metrics", pv.assign(n_images=n).reset_index()))
     if refit is not None:
-        s.tables.append(_refit_table(win, refit, digits))
+        title, table = _refit_table(win, refit, digits)
+        s.tables.append((title, table, summary.get("reference_note")))
     return s
 
 
@@ -256,7 +258,7 @@ def _digits_vs_latent(out: Path, trials: pd.DataFrame, digits: pd.DataFrame, mod
         if not ref.empty:
             s.tables.append(("Against the reference project: its decoder row decodes z ~ q(z|x), our posterior_sample "
                              "(sample columns, like for like); our posterior_mean (the full VAE) beside them. Its "
-                             "numbers: the full 10k MNIST test set", ref))
+                             "numbers: the full 10k MNIST test set", ref, summary.get("reference_note")))
             summary["reference_comparison"] = ref.to_dict(orient="records")
             if dataset == "mnist-sample":
                 s.notes.append("this study used the 5,000-digit embedded sample (1,000 test images); the reference "
@@ -463,6 +465,29 @@ def _sampler_text(spec: dict[str, Any]) -> str:
     return sampler + ("" if liar is None or sampler != "tpe" else f", constant liar {'on' if liar else 'off'}")
 
 
+def _reference_note(spec: dict[str, Any], win: pd.Series | None) -> str | None:
+    """Why the winner's numbers are not the reference project's, for a study on MNIST."""
+    if win is None or not str(win.get("dataset", "")).startswith("mnist"):
+        return None
+    from vae.config import TrainConfig
+    from vae.data import train_images
+
+    try:
+        config = TrainConfig.from_dict({**spec.get("train", {}), "dataset": str(win["dataset"])})
+    except Exception:  # noqa: BLE001 - a study.json from elsewhere: no note rather than no report
+        return None
+    epochs = win.get("param_epochs")
+    return M.reference_note(objective=list(spec.get("objective", ["val_elbo"]))[0], train_images=train_images(config),
+                            epochs=int(epochs) if pd.notna(epochs) else int(spec.get("epochs", 15)),
+                            arch=str(win.get("param_arch") or config.arch))
+
+
+def _code_spans(text: str) -> str:
+    """Escaped text, with `backticked` commands set as code."""
+    parts = html.escape(text).split("`")
+    return "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(parts))
+
+
 def _read_spec(study: Location) -> dict[str, Any]:
     try:
         return json.loads(study.read_text(SPEC_FILE))
@@ -515,8 +540,10 @@ def _html(name: str, folder: str, sections: list[Section], summary: dict, out: P
         for img in s.images:
             data = base64.b64encode((out / img).read_bytes()).decode()
             parts.append(f"<img alt='{html.escape(img)}' src='data:image/png;base64,{data}'>")
-        for title, df in s.tables:
+        for title, df, *lead in s.tables:
             parts.append(f"<h3>{html.escape(title)}</h3>")
+            if lead and lead[0]:  # read before the numbers: what the table does not show
+                parts.append(f"<p class='note'>{_code_spans(lead[0])}</p>")
             parts.append("<div class='wide'>" + df.to_html(index=False, float_format=lambda v: f"{v:.5g}", na_rep="",
                                                            border=0) + "</div>")
     parts.append("</body></html>")

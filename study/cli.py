@@ -198,6 +198,13 @@ def summary_lines(res: Any, spec: Any) -> list[str]:
     if r and r.get("test_psnr") is not None:
         lines.append(f"refit {r['trial_id']} (the winner retrained on training + validation, {int(r['epochs_run'])} "
                      f"epochs): test MSE {r['test_mse']:.5f}, PSNR {r['test_psnr']:.2f} dB")
+    if b and str(b.get("dataset", "")).startswith("mnist") and not spec.multi_objective:
+        from analysis.metrics import reference_line
+        from vae.data import train_images
+
+        note = reference_line(objective=spec.objective[0], train_images=train_images(spec.base_config()))
+        if note:
+            lines.append(note)
     lines.append(f"results: {res.location}  (vae-study results {res.location})")
     local = res.location.local_path(OPTUNA_DB)
     if res.optuna_storage and not res.optuna_storage.startswith("sqlite:"):

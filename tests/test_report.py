@@ -22,6 +22,7 @@ def grid_study(tmp_path_factory):
     r = run_cli("run", "--name", "g", "--storage", str(storage), "--grid", "latent_dim=2,4,8", "--epochs", "2",
                 "--max-train-images", "600", "--num-cpus", "2")
     assert r.returncode == 0, r.stderr[-3000:]
+    (storage / "run.txt").write_text(r.stdout)
     return storage / "g"
 
 
@@ -144,6 +145,11 @@ def test_report_renders_in_headless_chromium(grid_study, tmp_path):
     assert m, (dom.stdout[:500], dom.stderr[-1500:])
     loaded, total = int(m.group(1)), int(m.group(2))
     assert total >= 10 and loaded == total
+    # the comparison with the reference project says, before its numbers, why it is not like for like
+    page = dom.stdout
+    note, table = page.find("Not like for like"), page.find("reference d = 15 (posterior_sample)")
+    assert 0 < note < table, (note, table)
+    assert "trained on 600 images, 80x fewer" in page and "--objective val_mse" in page
     shot = tmp_path / "shot.png"
     r = subprocess.run([*flags, "--window-size=1200,2400", f"--screenshot={shot}", index.as_uri()],
                        capture_output=True, text=True, timeout=120)
@@ -191,3 +197,21 @@ def test_winner_data_round_trips_through_the_cache_format():
                                                                           data.panel.mse["decoder_only"])
     pd.testing.assert_frame_equal(back.gap.per_digit, gap)
     assert np.array_equal(back.traversals.plan.order, plan.order) and back.gap.steps == 150
+
+
+def test_what_differs_from_the_reference_is_said_and_how_to_compare_like_for_like(grid_study):
+    from vae.config import TrainConfig
+    from vae.data import train_images
+
+    assert train_images(TrainConfig()) == 3200 and train_images(TrainConfig(dataset="mnist")) == 48000
+    assert train_images(TrainConfig(max_train_images=600)) == 600
+    note = M.reference_note(objective="val_elbo", train_images=3200, epochs=15, arch="mlp")
+    assert "validation -ELBO" in note and "3,200 images, 15x fewer" in note and M.LIKE_FOR_LIKE in note
+    assert "seed-replication" in note and "epochs" not in note.split("Ranked")[0]
+    recon = M.reference_note(objective="val_mse", train_images=3200, epochs=30, arch="mlp")
+    assert "-ELBO" not in recon and M.LIKE_FOR_LIKE not in recon and "seed-replication" in recon
+    assert M.reference_note(objective="val_mse", train_images=48000, epochs=15, arch="conv") is None
+    assert M.reference_line(objective="val_recon", train_images=3200) is None
+    # the run's own summary says it in one line (an -ELBO study on 600 images)
+    lines = [ln for ln in (grid_study.parent / "run.txt").read_text().splitlines() if ln.startswith("note: ranked")]
+    assert len(lines) == 1 and "600 images (the reference: 48,000)" in lines[0] and "--objective val_mse" in lines[0]

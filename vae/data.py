@@ -302,6 +302,22 @@ def _make_splits(
     return Data(config.dataset, train, val, test)
 
 
+# Images a dataset's training pool holds before the validation split (the sample: its 5,000
+# digits less the fixed 1,000-image test split).
+POOL_IMAGES = {"mnist-sample": 5000 - 10 * SAMPLE_TEST_PER_CLASS, "mnist": 60000, "fashion-mnist": 60000}
+
+
+def train_images(config: TrainConfig) -> int:
+    """How many images a config trains on: its dataset's pool less the validation split
+    (scikit-learn's stratified split rounds the validation share up), capped by
+    ``max_train_images``. Pure: reads no data (the report and the run summary say it)."""
+    import math
+
+    pool = POOL_IMAGES[config.dataset]
+    n = pool - math.ceil(config.val_fraction * pool)
+    return n if config.max_train_images is None else min(n, config.max_train_images)
+
+
 def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Seeded, per-class split of positions into (train, val); both shuffled, val ~ val_fraction
     (scikit-learn's StratifiedShuffleSplit).
