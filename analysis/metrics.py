@@ -80,7 +80,7 @@ def reference_line(*, objective: str, train_images: int) -> str | None:
     its PSNR is not to be read against the reference project's."""
     if objective in RECONSTRUCTION_OBJECTIVES:
         return None
-    fewer = (f" and trained on {train_images:,} images (the reference: {REFERENCE_SETUP['train_images']:,})"
+    fewer = (f", and trained on {train_images:,} images (the reference: {REFERENCE_SETUP['train_images']:,})"
              if train_images < REFERENCE_SETUP["train_images"] else "")
     return (f"note: ranked by {_OBJECTIVE_WORDS.get(objective, objective)}, not reconstruction{fewer}: its PSNR "
             "does not compare like for like with the reference project's (the report says why); "

@@ -468,6 +468,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--refit", action=argparse.BooleanOptionalAction, default=None,
                    help="retrain the winner on training + validation images for its best epoch count and "
                         "record it as its own row (default: on)")
+    g.add_argument("--keep", metavar="POLICY",
+                   help="the best weights kept of finished trials: all (default), top-K (e.g. top-10) or winner; "
+                        "a running trial keeps what its exact resume needs")
     g = p.add_argument_group("training values, fixed for every trial (a fixed value is not searched)")
     _add_config_flags(g, for_run=True)
     g = p.add_argument_group("resources")

@@ -78,8 +78,11 @@ class ResultsRecorder(Callback):
     BUCKET_EPOCHS_EVERY_S = 10.0
 
     def __init__(self, study: Location, spec: Any) -> None:
+        from study.retention import Retention
+
         self.study = study
         self.spec = spec
+        self.retention = Retention(study, spec.keep, spec.mode)  # what a finished trial keeps
         self.logs: dict[str, _TrialLog] = {}
         self.resumed = False  # a new driver of an interrupted study: the old one's rows may exist
         self.write_seconds = 0.0  # time the driver spent writing (the study benchmark reads it)
@@ -90,6 +93,11 @@ class ResultsRecorder(Callback):
         self.study = study
         self.logs = {}
         self.resumed = True
+        if "retention" not in self.__dict__:  # a study saved before there was a policy
+            from study.retention import Retention
+
+            self.retention = Retention(study, self.spec.keep, self.spec.mode)
+        self.retention.attach(study)
         self.write_seconds = 0.0
 
     def _log(self, trial: Any) -> _TrialLog:
@@ -156,6 +164,9 @@ class ResultsRecorder(Callback):
         self.write_seconds += time.perf_counter() - t0
         if self.on_recorded is not None:
             self.on_recorded(tid, row)
+        t0 = time.perf_counter()
+        self.retention.finished(tid, row)
+        self.write_seconds += time.perf_counter() - t0
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "on_recorded": None}

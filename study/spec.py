@@ -10,6 +10,7 @@ Example TOML (every key optional)::
     objective = "val_elbo"        # or ["val_recon", "val_kl"] for a rate/distortion Pareto study
     mode = "min"
     refit = true                  # retrain the winner on train+validation, recorded as its own row
+    keep = "all"                  # finished trials' weights kept: all | top-K (e.g. "top-10") | winner
 
     [data]
     dataset = "mnist-sample"      # mnist | fashion-mnist | mnist-sample
@@ -59,7 +60,7 @@ TRACKERS = ("mlflow", "wandb")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 _SECTIONS = {
     "study": {"name", "trials", "epochs", "seed", "objective", "mode", "preset", "startup_trials", "startup", "refit",
-              "log_to", "optuna_storage"},
+              "log_to", "optuna_storage", "keep"},
     "search": {"sampler", "constant_liar", "startup", "startup_trials"},
     "data": {"dataset", "data_dir", "val_fraction", "split_seed", "max_train_images", "download"},
     "train": None,  # checked against TrainConfig
@@ -103,6 +104,7 @@ class StudySpec:
     constant_liar: bool | None = None  # TPE: None = on when more than one trial runs at once
     log_to: tuple[str, ...] = ()  # experiment trackers (study.trackers): "mlflow", "wandb"
     optuna_storage: str | None = None  # a PostgreSQL/MySQL URL (no password); None: optuna.db in the study folder
+    keep: str = "all"  # what finished trials keep of their checkpoints (study.retention): all | top-K | winner
 
     @property
     def multi_objective(self) -> bool:
@@ -230,6 +232,7 @@ def build_spec(toml: dict[str, Any] | None, overrides: dict[str, Any]) -> StudyS
         "sampler_given": "sampler" in o or "sampler" in search,
         "log_to": o.get("log_to", study.get("log_to", ())),
         "optuna_storage": o.get("optuna_storage", study.get("optuna_storage")),
+        "keep": o.get("keep", study.get("keep", "all")),
     }
     if o.get("smoke"):  # tiny, unless a flag says otherwise
         values.update(trials=o.get("trials", 2), epochs=o.get("epochs", 1))
@@ -261,7 +264,7 @@ SPEC_OPTIONS = frozenset({
     "name", "storage", "trials", "epochs", "seed", "startup_trials", "mode", "preset", "grace_period",
     "reduction_factor", "cpus_per_trial", "gpus_per_trial", "max_concurrent", "max_failures", "address",
     "num_cpus", "smoke", "refit", "shared_storage", "startup", "sampler", "constant_liar", "log_to",
-    "optuna_storage",
+    "optuna_storage", "keep",
 })
 
 
@@ -334,6 +337,9 @@ def validate(v: dict[str, Any]) -> StudySpec:
         check_rdb_url(v["optuna_storage"])
     if v["startup"] not in ("sobol", "random"):
         raise StudyError(f"startup={v['startup']!r} is not allowed: choose sobol or random")
+    from study.retention import top_k
+
+    top_k(v["keep"])  # one line naming the allowed values
     if not isinstance(v["refit"], bool):
         raise StudyError(f"refit={v['refit']!r} has the wrong type: it must be true or false")
     if v["mode"] not in ("min", "max"):

@@ -64,6 +64,8 @@ def train_trial(config: dict[str, Any], runtime: dict[str, Any]) -> None:
     restored = tune.get_checkpoint()
     if restored is not None:
         with restored.as_directory() as d:
+            if not (Path(d) / "state.pt").is_file():
+                return  # its last epoch's checkpoint (saved without optimiser state): nothing left to train
             model, _, payload = ckpt_io.load(Path(d) / "state.pt", device)
         start_epoch = int(payload["epoch"]) + 1
         opt_state = payload.get("optimizer")
@@ -184,7 +186,8 @@ class _Reporter:
 
     def _save(self, folder: Path, epoch: int, state: Any) -> None:
         """model.pt: the best weights (what the report analyses); state.pt: the current weights
-        and optimiser, from which a retried or resumed trial continues."""
+        and optimiser, from which a retried or resumed trial continues. The last epoch's
+        checkpoint has no state.pt: nothing continues from it (7.7 MB of the MLP's 10.3)."""
         from vae import checkpoint as ckpt_io
 
         if state.best_state is not None:
@@ -193,9 +196,10 @@ class _Reporter:
                          best_values={k: v for k, v in self.best_values.items() if k != "test_digits"})
         else:  # resumed, and no better epoch yet: the best weights are in the restored checkpoint
             _copy_best(self.restored, folder)
-        ckpt_io.save(folder / "state.pt", state.model, self.tc, epoch=epoch,
-                     optimizer=state.optimizer.state_dict(), best_val_elbo=state.best_val_elbo,
-                     best_epoch=state.best_epoch, best_values=dict(self.best_values))
+        if epoch < self.tc.epochs:
+            ckpt_io.save(folder / "state.pt", state.model, self.tc, epoch=epoch,
+                         optimizer=state.optimizer.state_dict(), best_val_elbo=state.best_val_elbo,
+                         best_epoch=state.best_epoch, best_values=dict(self.best_values))
 
 
 def _copy_best(checkpoint: Any, dest: Path) -> None:

@@ -305,6 +305,7 @@ def _finish(spec: StudySpec, study: Location, tuner: Any, recorder: Any, warmer:
     if resumed:
         close_stale_trials(db, spec.name)
         db.publish()
+        recorder.retention.sweep(df)  # trials the killed driver finished but did not prune
         if spec.log_to:
             from study import trackers
 

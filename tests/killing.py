@@ -135,6 +135,17 @@ def check_whole(study: Any, optuna_url: str, name: str, *, trials: int, epochs: 
     for tid, finished_at in (before or {}).items():
         if tid not in rows.index or rows.loc[tid, "finished_at"] != finished_at:
             wrong.append(f"trial {tid}, recorded before the kill, was recorded again")
+    # what finished trials keep (study.retention, keep = "all"): their row's checkpoint, weights only
+    ckpts: dict[str, set[str]] = {}
+    for path in study.walk("tune"):
+        parts = path.split("/")
+        if len(parts) >= 4 and parts[1].startswith("trial_") and parts[2].startswith("checkpoint_"):
+            ckpts.setdefault(parts[1].removeprefix("trial_"), set()).add(f"{parts[2]}/{parts[3]}")
+    for tid, row in rows.iterrows():
+        have = {f for f in ckpts.get(tid, set()) if not f.split("/")[1].startswith(".")}
+        want = {row["checkpoint"].split("/", 2)[2]} if isinstance(row["checkpoint"], str) else set()
+        if have != want:
+            wrong.append(f"trial {tid} keeps {sorted(have)}, its row names {sorted(want)}")
     ot = optuna.load_study(study_name=name, storage=optuna_url).get_trials(deepcopy=False)
     states = sorted(t.state.name for t in ot)
     if len(ot) != trials or set(states) - {"COMPLETE", "PRUNED"}:

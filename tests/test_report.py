@@ -214,4 +214,4 @@ def test_what_differs_from_the_reference_is_said_and_how_to_compare_like_for_lik
     assert M.reference_line(objective="val_recon", train_images=3200) is None
     # the run's own summary says it in one line (an -ELBO study on 600 images)
     lines = [ln for ln in (grid_study.parent / "run.txt").read_text().splitlines() if ln.startswith("note: ranked")]
-    assert len(lines) == 1 and "600 images (the reference: 48,000)" in lines[0] and "--objective val_mse" in lines[0]
+    assert len(lines) == 1 and ", and trained on 600 images (the reference: 48,000)" in lines[0] and "--objective val_mse" in lines[0]

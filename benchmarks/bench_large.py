@@ -1,0 +1,136 @@
+"""Large studies as a user runs them: the CLI, many one-epoch trials, and what each trial costs
+the driver, the disk and (optionally) a bucket.
+
+For each N it runs, as a user would,
+
+    vae-study run --smoke --trials N --epochs 1 --no-refit --cpus-per-trial 1 --num-cpus 2 [--keep K]
+
+and reports, from the driver process itself (its own CPU, all threads, and its peak RSS, read by
+``resource.getrusage`` as it exits):
+
+- wall seconds, and the overhead in slot-seconds per trial: (wall x 2 - the trials' training
+  seconds) / N, start-up included;
+- the driver's CPU per trial;
+- the study folder on disk, per trial, and Tune's experiment state file;
+- with ``--bucket``, the study goes to moto's S3 server on 127.0.0.1, and every request it answers
+  is counted (PUTs, bytes uploaded).
+
+Tune alone (``bench_scale.tune_alone``: the same trainable, random search, Tune's defaults) runs in
+the same session at each N for the overhead baseline.
+
+    python benchmarks/bench_large.py --sizes 250 1000 --json benchmarks/results/large.json
+    python benchmarks/bench_large.py --sizes 100 400 --bucket --json benchmarks/results/large_bucket.json
+    python benchmarks/bench_large.py --sizes 10000 --keep winner --no-baseline
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+# The driver: the real CLI, reporting its own resource use as it exits.
+DRIVER = (
+    "import atexit, json, resource, sys\n"
+    "def _usage():\n"
+    "    u = resource.getrusage(resource.RUSAGE_SELF)\n"
+    "    sys.stderr.write('RUSAGE ' + json.dumps({'cpu_s': u.ru_utime + u.ru_stime, 'maxrss_kb': u.ru_maxrss}) + '\\n')\n"
+    "atexit.register(_usage)\n"
+    "from study.cli import main\n"
+    "sys.exit(main(sys.argv[1:]))\n"
+)
+
+
+def du(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def run_cli(n: int, storage: str, keep: str | None, env: dict) -> dict:
+    args = ["run", "--smoke", "--name", f"large{n}", "--storage", storage, "--trials", str(n), "--epochs", "1",
+            "--no-refit", "--cpus-per-trial", "1", "--num-cpus", "2", "--overwrite"]
+    if keep:
+        args += ["--keep", keep]
+    t0 = time.perf_counter()
+    p = subprocess.run([sys.executable, "-c", DRIVER, *args], cwd=REPO, capture_output=True, text=True,
+                       env={**os.environ, **env})
+    wall = time.perf_counter() - t0
+    if p.returncode != 0:
+        raise SystemExit(f"the study failed ({p.returncode}): {p.stderr[-3000:]}")
+    usage = json.loads(next(ln for ln in p.stderr.splitlines() if ln.startswith("RUSAGE "))[7:])
+    from study import results
+
+    trials = results.load(f"{storage}/large{n}")
+    train = float(trials["train_seconds"].sum())
+    return {"trials": n, "wall_s": round(wall, 1), "train_s": round(train, 1),
+            "overhead_slot_s_per_trial": round((wall * 2 - train) / n, 3),
+            "driver_cpu_ms_per_trial": round(1000 * usage["cpu_s"] / n, 1),
+            "driver_peak_rss_mb": round(usage["maxrss_kb"] / 1024, 0)}
+
+
+def disk(study: Path) -> dict:
+    states = sorted((study / "tune").glob("experiment_state-*.json"))
+    total = du(study)
+    n = len(list((study / "trials").glob("*.parquet")))
+    return {"study_mb": round(total / 1e6, 1), "tune_state_mb": round(states[-1].stat().st_size / 1e6, 2) if states else 0}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", type=int, nargs="+", default=[250, 1000])
+    ap.add_argument("--keep", help="the study's checkpoint policy (default: the tool's)")
+    ap.add_argument("--bucket", action="store_true", help="store the study in moto's S3 server, counting requests")
+    ap.add_argument("--no-baseline", action="store_true", help="skip Tune alone")
+    ap.add_argument("--json", help="write the results here")
+    args = ap.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="vae-large-") as root:
+        for n in args.sizes:
+            row: dict = {"keep": args.keep or "default"}
+            if args.bucket:
+                from s3_counting import counting_s3
+
+                with counting_s3() as (env, counts):
+                    row.update(run_cli(n, "s3://studies/large", args.keep, env))
+                    row["requests"] = dict(counts)
+                    row["requests_per_trial"] = round(counts["requests"] / n, 1)
+                    row["put_mb"] = round(counts["put_bytes"] / 1e6, 1)
+                    row["put_mb_per_trial"] = round(counts["put_bytes"] / 1e6 / n, 2)
+                    row["bucket_mb"] = round(counts["stored_bytes"]() / 1e6, 1)
+            else:
+                row.update(run_cli(n, root, args.keep, {}))
+                row.update(disk(Path(root) / f"large{n}"))
+                row["study_mb_per_trial"] = round(row["study_mb"] / n, 2)
+            if not args.no_baseline:
+                row["tune_alone"] = tune_alone(n, root)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"rows": rows}, indent=2))
+
+
+def tune_alone(n: int, root: str) -> dict:
+    import ray
+
+    from bench_scale import tune_alone as alone
+    from study import cluster
+
+    cluster.init_ray(None, 2)
+    try:
+        r = alone(n, root, 2)
+    finally:
+        ray.shutdown()
+    return {"wall_s": r["wall_s"], "overhead_slot_s_per_trial": r["overhead_slot_s_per_trial"],
+            "driver_cpu_ms_per_trial": r["driver_cpu_ms_per_result"]}
+
+
+if __name__ == "__main__":
+    main()
