@@ -36,6 +36,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
+sys.path.insert(0, str(REPO / "tests"))
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 # The driver: the real CLI, reporting its own resource use as it exits.
@@ -96,15 +97,15 @@ def main() -> None:
         for n in args.sizes:
             row: dict = {"keep": args.keep or "default"}
             if args.bucket:
-                from s3_counting import counting_s3
+                from s3 import s3_endpoint, stored_bytes
 
-                with counting_s3() as (env, counts):
+                with s3_endpoint() as (env, counts):
                     row.update(run_cli(n, "s3://studies/large", args.keep, env))
-                    row["requests"] = dict(counts)
+                    row["requests"] = dict(sorted(counts.items()))
                     row["requests_per_trial"] = round(counts["requests"] / n, 1)
                     row["put_mb"] = round(counts["put_bytes"] / 1e6, 1)
                     row["put_mb_per_trial"] = round(counts["put_bytes"] / 1e6 / n, 2)
-                    row["bucket_mb"] = round(counts["stored_bytes"]() / 1e6, 1)
+                    row["bucket_mb"] = round(stored_bytes("large/") / 1e6, 1)
             else:
                 row.update(run_cli(n, root, args.keep, {}))
                 row.update(disk(Path(root) / f"large{n}"))

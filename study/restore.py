@@ -216,7 +216,9 @@ def restore_tuner(study: Location, trainable: Any, extra: list[Any]) -> tuple[An
     study's searcher or recorder."""
     from ray import tune
 
-    tuner = tune.Tuner.restore(f"{study.uri}/{TUNE_DIR}", trainable=trainable,
+    where = study.ray_storage()
+    tuner = tune.Tuner.restore(f"{where['storage_path']}/{TUNE_DIR}", trainable=trainable,
+                               storage_filesystem=where.get("storage_filesystem"),
                                resume_unfinished=True, resume_errored=False, restart_errored=False)
     try:
         inner = tuner._local_tuner

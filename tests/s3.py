@@ -7,8 +7,12 @@ from __future__ import annotations
 
 import logging
 import os
+import random
+import re
+import threading
+from collections import Counter
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Any, Iterator
 
 BUCKET = "studies"
 SECRET = "s3cr3t-never-written-anywhere"
@@ -17,10 +21,76 @@ SECRET = "s3cr3t-never-written-anywhere"
 @contextmanager
 def s3_server(host: str = "127.0.0.1") -> Iterator[dict[str, str]]:
     """Start the endpoint on ``host``, create the bucket, and yield the environment that reaches it."""
+    with s3_endpoint(host) as (env, _):
+        yield env
+
+
+# What a study's requests are about, by the key they name (the first pattern that matches).
+KINDS = (("checkpoint", r"/tune/trial_[^/]+/checkpoint_"), ("trial logs", r"/tune/trial_"),
+         ("tune state", r"/tune/"), ("parquet", r"/(trials|epochs|digits)/"), ("optuna", r"/optuna\.db"),
+         ("other", r""))
+
+
+class _Faulty:
+    """moto's WSGI app behind a counter of every request (by method and by what it is about) and,
+    with ``faults`` > 0, a share of requests answered 503 SlowDown or 500 InternalError, or with
+    the connection dropped, before moto sees them."""
+
+    def __init__(self, app: Any, faults: float, seed: int) -> None:
+        self.app, self.faults, self.rng, self.lock = app, faults, random.Random(seed), threading.Lock()
+        self.counts: Counter = Counter()
+
+    def __call__(self, environ: dict, start_response: Any) -> Any:
+        method, path = environ["REQUEST_METHOD"], environ.get("PATH_INFO", "")
+        size = int(environ.get("HTTP_X_AMZ_DECODED_CONTENT_LENGTH") or environ.get("CONTENT_LENGTH") or 0)
+        kind = next(k for k, pattern in KINDS if re.search(pattern, path))
+        with self.lock:
+            self.counts.update({"requests": 1, method: 1, f"{method} {kind}": 1})
+            if os.environ.get("VAE_S3_COUNT_NAMES"):  # which files: a name with its trial and numbers masked
+                name = re.sub(r"[0-9a-f]{8}|\d+", "N", path.rsplit("/", 1)[-1]) or path
+                self.counts[f"name {method} {kind}: {name} {environ.get('QUERY_STRING', '').split('=')[0]}"] += 1
+            if method == "PUT":
+                self.counts["put_bytes"] += size
+            fault = self.faults and self.rng.random() < self.faults
+            how = self.rng.choice(("slowdown", "internal", "drop")) if fault else None
+        if how is None:
+            return self.app(environ, start_response)
+        with self.lock:
+            self.counts[f"fault {how}"] += 1
+        if how == "drop":
+            sock = environ.get("werkzeug.socket")
+            if sock is not None:
+                import socket
+
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+            return []
+        code, status = ("SlowDown", "503 Slow Down") if how == "slowdown" else ("InternalError", "500 Internal Server Error")
+        body = f"<?xml version='1.0' encoding='UTF-8'?><Error><Code>{code}</Code><Message>injected</Message></Error>".encode()
+        start_response(status, [("Content-Type", "application/xml"), ("Content-Length", str(len(body)))])
+        return [body]
+
+
+@contextmanager
+def s3_endpoint(host: str = "127.0.0.1", *, faults: float = 0.0, seed: int = 0) -> Iterator[tuple[dict[str, str], Counter]]:
+    """Like :func:`s3_server`, and yields the requests' counter too (``requests``, per method, per
+    method and kind, ``put_bytes``, ``fault ...``); ``faults``: the share of requests that fail."""
+    from moto.moto_server.werkzeug_app import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
     from moto.server import ThreadedMotoServer
+    from werkzeug.serving import make_server
+
+    wrapped = _Faulty(DomainDispatcherApplication(create_backend_app), faults, seed)
+
+    class Server(ThreadedMotoServer):
+        def _server_entry(self) -> None:
+            self._server = make_server(self._ip_address, self._port, wrapped, True, request_handler=MotoRequestHandler)
+            self._server_ready_event.set()
+            self._server.serve_forever()
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one log line per request otherwise
-    server = ThreadedMotoServer(ip_address=host, port=0, verbose=False)
+    server = Server(ip_address=host, port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
     env = {
@@ -35,8 +105,11 @@ def s3_server(host: str = "127.0.0.1") -> Iterator[dict[str, str]]:
     try:
         import boto3
 
+        faults, wrapped.faults = wrapped.faults, 0.0  # the bucket is made without faults
         boto3.client("s3").create_bucket(Bucket=BUCKET)
-        yield env
+        wrapped.faults = faults
+        wrapped.counts.clear()
+        yield env, wrapped.counts
     finally:
         for k, v in saved.items():
             if v is None:
@@ -64,3 +137,17 @@ def get_object(key: str) -> bytes:
     import boto3
 
     return boto3.client("s3").get_object(Bucket=BUCKET, Key=key)["Body"].read()
+
+
+def stored_bytes(prefix: str = "") -> int:
+    import boto3
+
+    s3 = boto3.client("s3")
+    total, token = 0, None
+    while True:
+        kw = {"Bucket": BUCKET, "Prefix": prefix, **({"ContinuationToken": token} if token else {})}
+        page = s3.list_objects_v2(**kw)
+        total += sum(o["Size"] for o in page.get("Contents", []))
+        if not page.get("IsTruncated"):
+            return total
+        token = page["NextContinuationToken"]

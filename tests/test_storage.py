@@ -65,7 +65,12 @@ def test_every_store_reads_writes_lists_and_locks_the_same_way(store, tmp_path):
     assert store.working_path("x.db") == (store.local_path("x.db") or store.working_path("x.db"))
     assert isinstance(store, Folder) == (store.working_path("x.db") == store.local_path("x.db"))
     # Ray is told where the experiment goes by the store, and syncs artefacts only to a bucket
-    assert store.ray_storage()["storage_path"] == store.uri
+    ray = store.ray_storage()
+    if ray.get("storage_filesystem") is None:
+        assert ray["storage_path"] == store.uri
+    else:  # a bucket: through the study's own filesystem (object_store), credentials not in it
+        assert ray["storage_path"] == store.path and ray["storage_filesystem"] is store.fs
+        assert SECRET.encode() not in pickle.dumps(ray["storage_filesystem"])
     assert ("sync_config" in store.ray_storage()) == store.over_network == store.visible_everywhere
     # one process at a time
     with store.lock():
