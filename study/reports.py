@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from ray.tune import Callback
 from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback, TBXLoggerCallback
 
 CARRIED = "carried_epochs"
@@ -92,3 +93,43 @@ def loggers() -> list[Any]:
     except ImportError:  # tensorboardX missing: Tune would only warn too
         pass
     return out
+
+
+# What Tune keeps of a finished trial's results (Trim): where it is, and its values of the metrics a
+# study ranks on, last and best (``ResultGrid``'s ``metrics`` and ``get_best_result`` read these).
+KEPT = ("trial_id", "epoch", "training_iteration", "done", "time_total_s", "timestamp", "date",
+        "val_elbo", "val_recon", "val_kl", "val_mse", "val_loss",
+        "best_val_elbo", "best_val_recon", "best_val_kl", "best_val_mse", "best_epoch")
+
+
+class Trim(Callback):
+    """Once a trial has finished, its results are in the study's tables: Tune's copy of its last
+    result (about 60 values, the carried epochs and the per-digit test metrics among them) and
+    its running statistics of every value are cut to :data:`KEPT`. Tune writes every trial's
+    copy into its experiment state every few seconds (48 KB a trial, 48 MB at 1,000 trials,
+    uploaded whole to a bucket at each sync: BENCHMARKS §3e). Put last among the callbacks, so
+    that every other one has seen the trial whole."""
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        trim(trial)
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        trim(trial)
+
+
+def trim(trial: Any) -> None:
+    meta = trial.run_metadata
+    meta.last_result = _kept(meta.last_result)
+    meta.metric_analysis = _kept(meta.metric_analysis)
+    meta.metric_n_steps = {}  # windows for running averages: no result comes any more
+    # each kept checkpoint holds the full result it was reported with (Ray's private record: if
+    # a Ray release moves it, it is left whole)
+    manager = meta.checkpoint_manager
+    for r in [*getattr(manager, "_checkpoint_results", []), getattr(manager, "_latest_checkpoint_result", None)]:
+        if r is not None and isinstance(getattr(r, "metrics", None), dict):
+            r.metrics = _kept(r.metrics)
+    meta.invalidate_cache()
+
+
+def _kept(values: dict | None) -> dict:
+    return {k: v for k, v in (values or {}).items() if k in KEPT}

@@ -223,8 +223,12 @@ def restore_tuner(study: Location, trainable: Any, extra: list[Any]) -> tuple[An
     try:
         inner = tuner._local_tuner
         run_config = inner.get_run_config()
-        if extra:
-            run_config.callbacks = [*(run_config.callbacks or []), *extra]
+        if extra:  # before the trimming of finished trials (study.reports.Trim), which comes last
+            from study.reports import Trim
+
+            callbacks = list(run_config.callbacks or [])
+            at = next((i for i, c in enumerate(callbacks) if isinstance(c, Trim)), len(callbacks))
+            run_config.callbacks = callbacks[:at] + list(extra) + callbacks[at:]
         return tuner, inner._tune_config.search_alg, list(run_config.callbacks or [])
     except AttributeError:
         import ray

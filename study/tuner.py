@@ -191,7 +191,7 @@ def _new_tuner(spec: StudySpec, study: Location, view: cluster.ClusterView, db: 
     from study.progress import Progress
     from study.recorder import ResultsRecorder
     from study.refit import RefitWarmer
-    from study.reports import loggers
+    from study.reports import Trim, loggers
     from study.search import make_scheduler, make_searcher, objective_metrics, sampler_notes, uses_constant_liar
 
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", STATE_EVERY_S)
@@ -230,7 +230,8 @@ def _new_tuner(spec: StudySpec, study: Location, view: cluster.ClusterView, db: 
             # again from its previous one; the recorder and the searcher then keep what the
             # first run recorded (tests/test_resume.py).
             checkpoint_config=tune.CheckpointConfig(num_to_keep=KEEP_CHECKPOINTS),
-            callbacks=[recorder, Progress(spec, printer), warmer, *loggers(), *_tracker_callbacks(spec), *extra],
+            callbacks=[recorder, Progress(spec, printer), warmer, *loggers(), *_tracker_callbacks(spec), *extra,
+                       Trim()],
             verbose=0,
             log_to_file=True,
         ),

@@ -66,6 +66,7 @@ class _Faulty:
                     sock.shutdown(socket.SHUT_RDWR)
                 except OSError:
                     pass
+            start_response("500 Internal Server Error", [("Content-Length", "0")])  # never reaches the client
             return []
         code, status = ("SlowDown", "503 Slow Down") if how == "slowdown" else ("InternalError", "500 Internal Server Error")
         body = f"<?xml version='1.0' encoding='UTF-8'?><Error><Code>{code}</Code><Message>injected</Message></Error>".encode()
@@ -89,7 +90,8 @@ def s3_endpoint(host: str = "127.0.0.1", *, faults: float = 0.0, seed: int = 0) 
             self._server_ready_event.set()
             self._server.serve_forever()
 
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one log line per request otherwise
+    # one log line per request otherwise, and one per dropped connection
+    logging.getLogger("werkzeug").setLevel(logging.CRITICAL if faults else logging.ERROR)
     server = Server(ip_address=host, port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
