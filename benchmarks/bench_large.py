@@ -80,7 +80,6 @@ def run_cli(n: int, storage: str, keep: str | None, env: dict) -> dict:
 def disk(study: Path) -> dict:
     states = sorted((study / "tune").glob("experiment_state-*.json"))
     total = du(study)
-    n = len(list((study / "trials").glob("*.parquet")))
     return {"study_mb": round(total / 1e6, 1), "tune_state_mb": round(states[-1].stat().st_size / 1e6, 2) if states else 0}
 
 

@@ -53,6 +53,7 @@ class Reconciled:
     unsaved_recorded: list[str] = field(default_factory=list)  # recorded, never saved by Tune
     counter: tuple[int, int] | None = None  # Tune's trial count (before, after) where it changed
     told: list[str] = field(default_factory=list)  # Optuna told from the row
+    made: list[str] = field(default_factory=list)  # Tune trials the Optuna copy lacked, made in it
     orphans: list[int] = field(default_factory=list)  # Optuna trial ids handed to the next trials
 
 
@@ -73,7 +74,7 @@ def recorded_trials(study: Location) -> dict[str, dict[str, Any]]:
     return {str(r["trial_id"]): r for r in df.to_dict("records")}
 
 
-def reconcile(study: Location, db: OptunaDB, name: str, objectives: list[str]) -> Reconciled:
+def reconcile(study: Location, db: OptunaDB, spec: Any) -> Reconciled:
     """Make Tune's saved state (``tune/``) and the Optuna study agree with the trials rows. Call
     with the study locked, after ``db.fetch()``, before ``Tuner.restore``."""
     out = Reconciled()
@@ -85,6 +86,7 @@ def reconcile(study: Location, db: OptunaDB, name: str, objectives: list[str]) -
         return out
     state_rel = f"{TUNE_DIR}/{states[-1]}"  # Tune restores the newest by name
     state = json.loads(study.read_text(state_rel))
+    configs = {str(json.loads(e[0])["trial_id"]): json.loads(e[0]).get("config", {}) for e in state.get("trial_data", [])}
     _reconcile_trials(state, rows, out)
     if out.finished_in_tune or out.continued:
         study.write_text(state_rel, json.dumps(state))
@@ -93,8 +95,8 @@ def reconcile(study: Location, db: OptunaDB, name: str, objectives: list[str]) -
     if gens:
         out.counter = _reconcile_search_state(study, f"{TUNE_DIR}/{gens[-1]}",
                                               len(out.saved) + len(out.unsaved_recorded), set(out.unfinished))
-    out.told, out.orphans = _reconcile_optuna(db, name, rows, objectives, known=set(out.saved))
-    if out.told:
+    _reconcile_optuna(study, db, spec, rows, {t: configs[t] for t in out.unfinished}, out)
+    if out.told or out.made:
         db.publish()
     return out
 
@@ -185,27 +187,112 @@ def tell_from_row(ot_study: Any, ot_trial: Any, row: dict[str, Any], objectives:
             raise
 
 
-def _reconcile_optuna(db: OptunaDB, name: str, rows: dict[str, dict[str, Any]], objectives: list[str],
-                      known: set[str]) -> tuple[list[str], list[int]]:
-    """Tell Optuna the recorded trials it was not told; return them, and the orphans."""
+def _reconcile_optuna(study: Location, db: OptunaDB, spec: Any, rows: dict[str, dict[str, Any]],
+                      unfinished: dict[str, dict[str, Any]], out: Reconciled) -> None:
+    """Bring the Optuna study in line with the rows and with Tune's unfinished trials. A study in
+    a bucket resumes from a snapshot published every 30 s, so it may lack trials asked, told or
+    even made since: each recorded trial it lacks is made from its row (parameters, intermediate
+    values from the epochs table, result), each unfinished one from Tune's saved config; a
+    start-up point still waiting there with the same parameters is taken rather than asked again."""
     import optuna
+
+    from study.search import objective_metrics, optuna_space
 
     storage = db.storage()
     try:
-        ot_study = optuna.load_study(study_name=name, storage=storage)
+        ot = optuna.load_study(study_name=spec.name, storage=storage)
     except KeyError:  # not created yet: nothing was asked
-        return [], []
-    told, orphans = [], []
-    for t in ot_study.get_trials(deepcopy=False):
-        tid = t.system_attrs.get(TUNE_TRIAL)
-        if t.state != optuna.trial.TrialState.RUNNING:
+        return
+    trials = ot.get_trials(deepcopy=False)
+    named = {t.system_attrs[TUNE_TRIAL]: t for t in trials if TUNE_TRIAL in t.system_attrs}
+    if not named and any(t.state != optuna.trial.TrialState.WAITING for t in trials):
+        return  # a study from before Optuna's trials named their Tune trials: nothing to match on
+    objectives = [m.removeprefix("best_") for m in objective_metrics(spec)]
+    space = optuna_space(spec)
+    waiting = [t for t in trials if t.state == optuna.trial.TrialState.WAITING]
+    epochs = _epochs(study, spec, set(rows) | set(unfinished))
+    running = optuna.trial.TrialState.RUNNING
+    for tid, row in rows.items():
+        if tid not in named:
+            params = {k: _value(row.get(f"param_{k}"), d) for k, d in space.items()}
+            _make(ot, tid, params, space, epochs.get(tid, {}), waiting)
+            out.made.append(tid)
+        elif named[tid].state == running:  # its epochs since the snapshot first, then its result
+            _steps(ot._storage, named[tid], epochs.get(tid, {}))
+        else:
             continue
-        if tid in rows:
-            tell_from_row(ot_study, t.number, rows[tid], objectives)
-            told.append(tid)
-        elif tid not in known:
-            orphans.append(t._trial_id)
-    return told, orphans
+        number = next(t.number for t in ot.get_trials(deepcopy=False) if t.system_attrs.get(TUNE_TRIAL) == tid)
+        tell_from_row(ot, number, row, objectives)
+        out.told.append(tid)
+    for tid, config in unfinished.items():
+        if tid not in named:
+            _make(ot, tid, {k: _value(config.get(k), d) for k, d in space.items()}, space, epochs.get(tid, {}), waiting)
+            out.made.append(tid)
+        elif named[tid].state == running:
+            _steps(ot._storage, named[tid], epochs.get(tid, {}))
+    known = set(out.saved) | set(rows)
+    out.orphans = [t._trial_id for t in ot.get_trials(deepcopy=False)
+                   if t.state == optuna.trial.TrialState.RUNNING and t.system_attrs.get(TUNE_TRIAL) not in known]
+
+
+def _value(v: Any, dist: Any) -> Any:
+    import optuna
+
+    if isinstance(dist, optuna.distributions.IntDistribution):
+        return int(v)
+    if isinstance(dist, optuna.distributions.FloatDistribution):
+        return float(v)
+    return v.item() if hasattr(v, "item") else v
+
+
+def _make(ot: Any, tid: str, params: dict[str, Any], space: dict[str, Any], steps: dict[int, float],
+          waiting: list) -> None:
+    """An Optuna trial, RUNNING, for Tune trial ``tid``: a waiting start-up point with these
+    parameters if there is one, else a new trial."""
+    import optuna
+
+    storage = ot._storage
+    match = next((w for w in waiting if w.system_attrs.get("fixed_params") == params), None)
+    if match is not None:
+        waiting.remove(match)
+        storage.set_trial_state_values(match._trial_id, optuna.trial.TrialState.RUNNING)
+        trial_id = match._trial_id
+        for k, v in params.items():
+            storage.set_trial_param(trial_id, k, space[k].to_internal_repr(v), space[k])
+    else:
+        template = optuna.trial.create_trial(state=optuna.trial.TrialState.RUNNING, params=params,
+                                             distributions=dict(space))
+        trial_id = storage.create_new_trial(ot._study_id, template_trial=template)
+    storage.set_trial_system_attr(trial_id, TUNE_TRIAL, tid)
+    for step, value in steps.items():
+        storage.set_trial_intermediate_value(trial_id, step, value)
+
+
+def _steps(storage: Any, trial: Any, steps: dict[int, float]) -> None:
+    """The intermediate values a running trial reported after the snapshot was published."""
+    for step, value in steps.items():
+        if step not in trial.intermediate_values:
+            storage.set_trial_intermediate_value(trial._trial_id, step, value)
+
+
+def _epochs(study: Location, spec: Any, trial_ids: set[str]) -> dict[str, dict[int, float]]:
+    """Optuna's intermediate values of these trials, from the epochs table: at each epoch, the
+    objective at the best -ELBO epoch so far (what the trials report as ``best_<objective>``).
+    None for a study of two objectives (Optuna keeps none)."""
+    if spec.multi_objective or not trial_ids or not study.is_dir("epochs"):
+        return {}
+    objective = spec.objective[0]
+    ep = results.load(study, "epochs")
+    out: dict[str, dict[int, float]] = {}
+    for tid, rows in ep[ep["trial_id"].isin(trial_ids)].sort_values("epoch").groupby("trial_id"):
+        best_elbo, value, steps = math.inf, None, {}
+        for r in rows.to_dict("records"):
+            if r["val_elbo"] < best_elbo:
+                best_elbo, value = r["val_elbo"], r[objective]
+            if value is not None and not (isinstance(value, float) and math.isnan(value)):
+                steps[int(r["epoch"])] = float(value)
+        out[str(tid)] = steps
+    return out
 
 
 def restore_tuner(study: Location, trainable: Any, extra: list[Any]) -> tuple[Any, Any, list]:

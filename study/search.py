@@ -3,8 +3,9 @@ the study's Optuna storage, and ASHA.
 
 SQLite cannot live on an object store. For a study in a bucket the driver works on a copy in a
 local cache folder and publishes a consistent snapshot (SQLite's backup API) to
-``STUDY/optuna.db`` whenever a trial is asked for or told its result, and at the end; ``resume``
-starts from that snapshot. On a file system the study's ``optuna.db`` is the storage itself.
+``STUDY/optuna.db`` at most every 30 s as trials are asked and told, and at the end; ``resume``
+starts from that snapshot and mends what it lacks from the trials table (``study.restore``). On a
+file system the study's ``optuna.db`` is the storage itself.
 """
 from __future__ import annotations
 
@@ -53,7 +54,8 @@ class StudySearch(OptunaSearch):
       driver killed between the two leaves nothing a resume cannot mend (``study.restore``).
     - Each Optuna trial names the Tune trial it was asked for (a system attribute), so a resumed
       driver maps them from the storage, whatever Tune's older saved state says.
-    - After every change a trial makes (asked, told) a snapshot is published (a bucket).
+    - A study in a bucket publishes a snapshot of its Optuna file at most every
+      ``OptunaDB.PUBLISH_EVERY_S`` as trials are asked and told, and at the end.
     - After a restore it reopens this study's working copy, never the old driver's files.
 
     Args:
@@ -103,7 +105,7 @@ class StudySearch(OptunaSearch):
         params = super().suggest(trial_id)
         if params is not None and trial_id in self._ot_trials:
             self._ot_study._storage.set_trial_system_attr(self._ot_trials[trial_id]._trial_id, TUNE_TRIAL, trial_id)
-        self._db.publish()
+        self._db.publish(force=False)
         return params
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
@@ -123,7 +125,7 @@ class StudySearch(OptunaSearch):
         objectives = [m.removeprefix("best_") for m in (self.metric if isinstance(self.metric, list) else [self.metric])]
         tell_from_row(self._ot_study, ot_trial, row, objectives)
         self._completed_trials.add(trial_id)
-        self._db.publish()
+        self._db.publish(force=False)
 
     def restore(self, checkpoint_path: str) -> None:
         """Tune's saved searcher, on this driver's storage. Which Optuna trial belongs to which
@@ -136,9 +138,10 @@ class StudySearch(OptunaSearch):
         self._storage = storage
         self._ot_study = optuna.load_study(study_name=self._study_name, storage=storage,
                                            sampler=self._sampler, pruner=optuna.pruners.NopPruner())
-        ids = {tid: t._trial_id for tid, t in self._ot_trials.items()}
         frozen = {t._trial_id: t for t in self._ot_study.get_trials(deepcopy=False)}
-        ids.update({t.system_attrs[TUNE_TRIAL]: t._trial_id for t in frozen.values() if TUNE_TRIAL in t.system_attrs})
+        ids = {t.system_attrs[TUNE_TRIAL]: t._trial_id for t in frozen.values() if TUNE_TRIAL in t.system_attrs}
+        if not ids:  # a study from before Optuna's trials named their Tune trials: Tune's own map
+            ids = {tid: t._trial_id for tid, t in self._ot_trials.items()}
         self._ot_trials = {tid: optuna.trial.Trial(self._ot_study, i) for tid, i in ids.items()}
         self._completed_trials = {tid for tid, i in ids.items() if i in frozen and frozen[i].state.is_finished()}
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import math
 import os
 import posixpath
 import sqlite3
@@ -694,11 +695,14 @@ class OptunaDB:
         rdb: the database URL (no password), or None for the SQLite file.
     """
 
+    PUBLISH_EVERY_S = 30.0
+
     def __init__(self, study: Location, rdb: str | None = None) -> None:
         self.study = study
         self.rdb = rdb
         self.publish_seconds = 0.0  # time spent publishing snapshots in this process
         self.publishes = 0
+        self.published_at = -math.inf
 
     @property
     def path(self) -> Path:
@@ -799,10 +803,17 @@ class OptunaDB:
         self.study.download(OPTUNA_DB, self.path)
         return True
 
-    def publish(self) -> None:
-        """Upload a consistent snapshot of the working copy, whole (nothing to do where it is local)."""
+    def publish(self, *, force: bool = True) -> None:
+        """Upload a consistent snapshot of the working copy, whole (nothing to do where it is
+        local). Unless ``force``, at most every ``PUBLISH_EVERY_S``: the snapshot is a copy
+        for optuna-dashboard and for ``resume``, which mends what it lacks from the trials
+        table (``study.restore``), so it need not follow every trial; uploaded at every event,
+        its bytes grew with the square of the trials (BENCHMARKS §8)."""
         if not self.published or not self.path.is_file():
             return
+        if not force and time.monotonic() - self.published_at < self.PUBLISH_EVERY_S:
+            return
+        self.published_at = time.monotonic()
         t0 = time.perf_counter()
         snap = self.path.with_name(f".{OPTUNA_DB}.{uuid.uuid4().hex[:8]}.snapshot")
         try:
@@ -831,7 +842,8 @@ class OptunaDB:
             yield f"sqlite:///{self.study.download(OPTUNA_DB, Path(tmp) / OPTUNA_DB)}"
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"study": self.study, "rdb": self.rdb, "publish_seconds": 0.0, "publishes": 0}
+        return {"study": self.study, "rdb": self.rdb, "publish_seconds": 0.0, "publishes": 0,
+                "published_at": -math.inf}
 
 
 def _rdb_reason(exc: BaseException) -> str:

@@ -254,11 +254,10 @@ def _restored_tuner(spec: StudySpec, study: Location, db: OptunaDB, printer: Pri
     """Tune's Tuner of an interrupted study, its saved state first made to agree with the trials
     rows (``study.restore``), with its own searcher and callbacks reattached."""
     from study.restore import reconcile, restore_tuner
-    from study.search import objective_metrics, unwrap_searcher
+    from study.search import unwrap_searcher
 
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", STATE_EVERY_S)
-    objectives = [m.removeprefix("best_") for m in objective_metrics(spec)]
-    fixed = reconcile(study, db, spec.name, objectives)
+    fixed = reconcile(study, db, spec)
     tuner, search_alg, callbacks = restore_tuner(study, make_trainable(spec), extra)
     searcher = unwrap_searcher(search_alg)
     if searcher is None:  # guard against ray #30861: a restore must keep our Optuna searcher

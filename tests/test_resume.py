@@ -159,10 +159,11 @@ def test_reconcile_makes_tunes_saved_state_and_optuna_agree_with_the_trials_rows
                   "name:ConcurrencyLimiter": {"live_trials": {"a", "b", "c"}, "num_unfinished_live_trials": 3}},
                  str(tune_dir), gen, "t")
 
-    fixed = reconcile(study, db, "s", ["val_elbo"])
+    fixed = reconcile(study, db, spec)
     assert fixed.recorded == 3 and fixed.saved == ["a", "b", "c", "d"]
     assert fixed.finished_in_tune == ["a"] and fixed.continued == ["c"] and fixed.unfinished == ["b", "c"]
     assert fixed.unsaved_recorded == ["e"] and fixed.counter == (4, 5) and sorted(fixed.told) == ["a", "e"]
+    assert fixed.made == []
     trials = {json.loads(t[0])["trial_id"]: (json.loads(t[0])["status"], json.loads(t[1])["error_filename"])
               for t in json.loads((tune_dir / "experiment_state-2026.json").read_text())["trial_data"]}
     assert trials == {"a": ("TERMINATED", None), "b": ("PENDING", None), "c": ("PENDING", None),
@@ -177,7 +178,8 @@ def test_reconcile_makes_tunes_saved_state_and_optuna_agree_with_the_trials_rows
     assert ot["e"].state == state.COMPLETE and ot["d"].state == state.PRUNED
     assert ot["b"].state == ot["c"].state == ot["f"].state == state.RUNNING
     assert fixed.orphans == [ot["f"]._trial_id, ot[None]._trial_id]  # f: never saved by Tune; the unnamed one
-    assert reconcile(study, db, "s", ["val_elbo"]).told == []  # a second pass changes nothing more
+    again = reconcile(study, db, spec)
+    assert again.told == [] and again.made == []  # a second pass changes nothing more
 
     # Tune's restore of the searcher: the map from Tune trials to Optuna trials, and which are
     # finished, come from the storage; the next trials Tune makes take the orphans, in order.
@@ -188,3 +190,57 @@ def test_reconcile_makes_tunes_saved_state_and_optuna_agree_with_the_trials_rows
     searcher.suggest("h")
     named = {t.system_attrs.get(TUNE_TRIAL) for t in optuna.load_study(study_name="s", storage=db.url).trials}
     assert named == set("abcdegh") and len(optuna.load_study(study_name="s", storage=db.url).trials) == 7
+
+
+def test_reconcile_makes_what_a_stale_optuna_snapshot_lacks_from_the_rows_and_tunes_state(tmp_path):
+    """A study in a bucket resumes from an Optuna snapshot published every 30 s: it may lack a
+    trial recorded since (made from its row: parameters, intermediate values from the epochs
+    table, result) and one Tune saved unfinished (made from Tune's config of it), and a start-up
+    point it still holds as waiting is taken rather than asked again."""
+    import json
+
+    from study import build_spec
+    from study.restore import TUNE_TRIAL, reconcile
+    from study.search import make_searcher
+    from study.storage import Location, OptunaDB
+
+    spec = build_spec(None, {"name": "s", "storage": str(tmp_path), "trials": 8, "epochs": 4, "startup_trials": 3})
+    study = Location(tmp_path / "s")
+    db = OptunaDB(study)
+    searcher = make_searcher(spec, db, concurrent=2)  # three Sobol start-up points wait in Optuna
+    ot = searcher._ot_study
+    sobol = [t.system_attrs["fixed_params"] for t in ot.get_trials() if t.state.name == "WAITING"]
+    assert len(sobol) == 3
+    # "r": recorded on a start-up point's parameters; "n": a new configuration, recorded;
+    # "u": saved unfinished by Tune, with two epochs recorded; none of them in the snapshot
+    new = {"latent_dim": 7, "beta": 0.5, "lr": 1e-3}
+    for tid, params, status, epochs in (("r", sobol[1], "completed", [(1, 200.0), (2, 190.0), (3, 195.0), (4, 185.0)]),
+                                        ("n", new, "pruned", [(1, 250.0)])):
+        best = min(v for _, v in epochs)
+        results.write_trial(study, tid, {"status": status, "objective": best, "val_elbo": best, "finished_at": None,
+                                         **{f"param_{k}": v for k, v in params.items()}},
+                            [{"epoch": e, "val_elbo": v} for e, v in epochs], [])
+    # "v": asked, and in the snapshot, before the two epochs it reported since
+    v_params = searcher.suggest("v")
+    for tid in ("u", "v"):
+        results.write_rows(study, "epochs", tid, [{"study": "s", "trial_id": tid, "epoch": e, "val_elbo": v}
+                                                  for e, v in ((1, 300.0), (2, 280.0))])
+    tune_dir = tmp_path / "s" / "tune"
+    tune_dir.mkdir()
+    meta = json.dumps({"error_filename": None, "pickled_error_filename": None})
+    entries = [[json.dumps({"trial_id": "u", "status": "PENDING", "config": {**sobol[2], "epochs": 4}}), meta],
+               [json.dumps({"trial_id": "v", "status": "PENDING", "config": {**v_params, "epochs": 4}}), meta]]
+    (tune_dir / "experiment_state-2026.json").write_text(json.dumps({"trial_data": entries, "runner_data": {}}))
+
+    fixed = reconcile(study, db, spec)
+    assert sorted(fixed.made) == ["n", "r", "u"] and sorted(fixed.told) == ["n", "r"] and fixed.orphans == []
+    got = {t.system_attrs.get(TUNE_TRIAL): t for t in optuna.load_study(study_name="s", storage=db.url).get_trials()}
+    assert got["r"].state.name == "COMPLETE" and got["r"].value == 185.0 and got["r"].params == sobol[1]
+    assert got["r"].intermediate_values == {1: 200.0, 2: 190.0, 3: 190.0, 4: 185.0}  # best -ELBO so far
+    assert got["n"].state.name == "PRUNED" and got["n"].params == new and got["n"].intermediate_values == {1: 250.0}
+    assert got["u"].state.name == "RUNNING" and got["u"].params == sobol[2] and got["v"].params == sobol[0]
+    assert got["u"].intermediate_values == {1: 300.0, 2: 280.0} == got["v"].intermediate_values
+    assert got["v"].state.name == "RUNNING" and "v" not in fixed.made
+    # "v" took the first start-up point when it was asked; "r" and "u" the next two: none is left
+    # waiting, and none was asked again
+    assert len(got) == 4 and None not in got
