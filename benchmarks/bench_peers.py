@@ -126,6 +126,9 @@ def train_job(params: dict[str, Any], epochs: int) -> list[float]:
 
 # --------------------------------------------------------------------------- the peers
 
+OURS: dict[str, Any] = {}  # --ours: options of vae-study's run beside its defaults (a variant measured)
+
+
 def run_vae_study(seed: int, log: Log, tmp: str) -> dict:
     import study
     from ray import tune
@@ -138,7 +141,7 @@ def run_vae_study(seed: int, log: Log, tmp: str) -> dict:
                 raise Budget()  # a study has no budget in trial-epochs: this run's ends here
 
     spec = study.build_spec(None, {"name": f"ours{seed}", "storage": tmp, "trials": TRIALS, "epochs": EPOCHS,
-                                   "seed": seed, "num_cpus": SLOTS, "refit": False})
+                                   "seed": seed, "num_cpus": SLOTS, "refit": False, **OURS})
     try:
         study.run(spec, callbacks=[Epochs()], printer=lambda s: None)
     except Exception:  # noqa: BLE001 - Tune hands the callback's Budget on, wrapped
@@ -401,7 +404,8 @@ def figure(runs: dict, grid: dict | None, target: float, path: Path, budget: int
         n = min(budget, max(len(c) for c in curves))
         m = np.array([[c[min(i, len(c) - 1)] for i in range(n)] for c in curves])
         x = np.arange(1, n + 1)
-        line, = ax.plot(x, np.median(m, axis=0), label=f"{LABELS[peer]} ({len(curves)} seeds)", lw=2 if peer == "vae-study" else 1.3)
+        line, = ax.plot(x, np.median(m, axis=0), label=f"{LABELS.get(peer, peer)} ({len(curves)} seeds)",
+                        lw=2 if peer.startswith("vae-study") else 1.3)
         ax.fill_between(x, m.min(axis=0), m.max(axis=0), color=line.get_color(), alpha=0.12)
     if grid:
         ax.step(grid["curve"][0], grid["curve"][1], where="post", color="k", ls=":", label="grid of §1 (16 trials)")
@@ -435,7 +439,7 @@ def report(summary: dict, grid: dict | None) -> str:
         med = "never" if t["median_to_target"] is None and per else (t["median_to_target"] or "—")
         wall = f"{t['median_wall_to_target']:.0f}" if t["median_wall_to_target"] is not None else "—"
         errs = "; ".join(f"seed {s}: {e}" for s, e in t["errors"].items())
-        lines.append(f"| {LABELS[peer]} | {reach}{' (errors: ' + errs + ')' if errs else ''} | {med} | {span} | {wall} |")
+        lines.append(f"| {LABELS.get(peer, peer)} | {reach}{' (errors: ' + errs + ')' if errs else ''} | {med} | {span} | {wall} |")
     if grid:
         lines.append(f"| grid of §1 (16 configurations x 15 epochs) | {grid['total']} in all | | | |")
     return "\n".join(lines)
@@ -450,7 +454,11 @@ def main() -> None:
     ap.add_argument("--json", help="write every run's events and the summary here (and the figure beside it)")
     ap.add_argument("--from", dest="source", help="summarize an earlier --json again, running nothing")
     ap.add_argument("--add", help="an earlier --json to extend: its runs are kept, these are added")
+    ap.add_argument("--ours", help="a variant of vae-study to measure: its options as JSON, e.g. "
+                    "'{\"reduction_factor\": 4}'; its runs are kept as 'vae-study <options>'")
     args = ap.parse_args()
+    if args.ours:
+        OURS.update(json.loads(args.ours))
     grid = load_grid(Path(args.grid))
     if args.source:
         runs = json.loads(Path(args.source).read_text())["runs"]
@@ -458,8 +466,9 @@ def main() -> None:
         runs = json.loads(Path(args.add).read_text())["runs"] if args.add else {}
         for seed in args.seeds:  # seeds outermost: the machine's noise spreads over every peer alike
             for peer in args.peers:
-                runs.setdefault(peer, {})[str(seed)] = one(peer, seed, args.budget)
-                r = runs[peer][str(seed)]
+                key = f"vae-study {args.ours}" if peer == "vae-study" and args.ours else peer
+                runs.setdefault(key, {})[str(seed)] = one(peer, seed, args.budget)
+                r = runs[key][str(seed)]
                 print(f"{peer:<12} seed {seed}: " + (f"error: {r['error']}" if "error" in r else
                       f"{len(r['events'])} trial-epochs in {r['seconds']:.0f} s, best {min(v for *_, v in r['events']):.2f}"),
                       flush=True)

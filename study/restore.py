@@ -18,7 +18,8 @@ the rows:
   saved (made and finished after its last save); its concurrency limiter holds exactly the
   unfinished ones, so no slot waits forever for a trial that is done.
 - A trial whose row was written but whose result Optuna was not told yet is told now, from the
-  row.
+  row. A study in a bucket resumes from an Optuna snapshot published every 30 s: a trial it lacks
+  is made in it, a recorded one from its row and its epochs, an unfinished one from Tune's config.
 - An Optuna trial asked for by the killed driver that Tune never saved and nobody recorded (an
   *orphan*) is handed to the next trial Tune makes (``StudySearch.attach``), so that Optuna
   holds every trial once, none left RUNNING or FAIL.
@@ -86,8 +87,7 @@ def reconcile(study: Location, db: OptunaDB, spec: Any) -> Reconciled:
         return out
     state_rel = f"{TUNE_DIR}/{states[-1]}"  # Tune restores the newest by name
     state = json.loads(study.read_text(state_rel))
-    configs = {str(json.loads(e[0])["trial_id"]): json.loads(e[0]).get("config", {}) for e in state.get("trial_data", [])}
-    _reconcile_trials(state, rows, out)
+    configs = _reconcile_trials(state, rows, out)
     if out.finished_in_tune or out.continued:
         study.write_text(state_rel, json.dumps(state))
     out.unsaved_recorded = sorted(set(rows) - set(out.saved))
@@ -95,14 +95,16 @@ def reconcile(study: Location, db: OptunaDB, spec: Any) -> Reconciled:
     if gens:
         out.counter = _reconcile_search_state(study, f"{TUNE_DIR}/{gens[-1]}",
                                               len(out.saved) + len(out.unsaved_recorded), set(out.unfinished))
-    _reconcile_optuna(study, db, spec, rows, {t: configs[t] for t in out.unfinished}, out)
+    _reconcile_optuna(study, db, spec, rows, configs, out)
     if out.told or out.made:
         db.publish()
     return out
 
 
-def _reconcile_trials(state: dict[str, Any], rows: dict[str, dict[str, Any]], out: Reconciled) -> None:
-    """Set each saved trial's status by its row (``out`` records what was found and changed)."""
+def _reconcile_trials(state: dict[str, Any], rows: dict[str, dict[str, Any]], out: Reconciled) -> dict[str, dict]:
+    """Set each saved trial's status by its row (``out`` records what was found and changed);
+    returns the unfinished trials' configs."""
+    configs = {}
     for entry in state.get("trial_data", []):
         trial = json.loads(entry[0])
         tid = str(trial["trial_id"])
@@ -117,6 +119,7 @@ def _reconcile_trials(state: dict[str, Any], rows: dict[str, dict[str, Any]], ou
                 entry[0] = json.dumps(trial)
             continue
         out.unfinished.append(tid)
+        configs[tid] = trial.get("config", {})
         if status == "ERROR":
             # Saved as errored, never recorded: its worker died with the driver. It continues
             # from its checkpoint, as Tune's own resume of an errored trial does.
@@ -126,6 +129,7 @@ def _reconcile_trials(state: dict[str, Any], rows: dict[str, dict[str, Any]], ou
             meta = json.loads(entry[1])
             meta["error_filename"] = meta["pickled_error_filename"] = None
             entry[1] = json.dumps(meta)
+    return configs
 
 
 def _reconcile_search_state(study: Location, rel: str, made: int, unfinished: set[str]) -> tuple[int, int] | None:
