@@ -62,6 +62,7 @@ class Store(Protocol):
     def write_bytes(self, rel: str, data: bytes) -> None: ...
     def exists(self, rel: str = "") -> bool: ...
     def files(self, rel: str = "", suffix: str = "") -> list[str]: ...
+    def files_modified(self, rel: str = "", suffix: str = "") -> dict[str, Any]: ...
     def folders(self, rel: str = "") -> list[str]: ...
     def delete(self, rel: str) -> None: ...
     def local_path(self, rel: str = "") -> Path | None: ...
@@ -197,6 +198,13 @@ class Location:
 
         return sorted(i.base_name for i in self._list(rel, recursive=False)
                       if i.type == pafs.FileType.File and i.base_name.endswith(suffix))
+
+    def files_modified(self, rel: str = "", suffix: str = "") -> dict[str, Any]:
+        """Like :meth:`files`, with each file's modification time (from the same listing)."""
+        import pyarrow.fs as pafs
+
+        return {i.base_name: i.mtime for i in self._list(rel, recursive=False)
+                if i.type == pafs.FileType.File and i.base_name.endswith(suffix)}
 
     def folders(self, rel: str = "") -> list[str]:
         """Names of the folders directly in folder ``rel``, sorted."""
@@ -406,6 +414,9 @@ class Folder(Location):
         return Path(self.path).parent / f".{self.name}.lock"
 
 
+_BUCKET_FS: dict[tuple, Any] = {}
+
+
 class Bucket(Location):
     """A prefix in an object store (``s3://``, ``gs://``), through ``pyarrow.fs``: every node
     with credentials sees it; every read, write and listing is a request."""
@@ -419,13 +430,18 @@ class Bucket(Location):
         return f"{self.scheme}://{self.path}"
 
     def _open_fs(self) -> Any:
-        import pyarrow.fs as pafs
+        # One per bucket per process: opening one asks the bucket's region (a request), and it
+        # remembers what it sent (object_store)
+        key = (self.scheme, self.path.split("/", 1)[0], os.environ.get("AWS_ENDPOINT_URL"))
+        if key not in _BUCKET_FS:
+            import pyarrow.fs as pafs
 
-        try:
-            fs, _ = pafs.FileSystem.from_uri(self.uri)
-        except Exception as exc:  # pyarrow raises ArrowInvalid / OSError with one line
-            raise StudyError(f"cannot open storage {self.uri}: {_first_line(exc)}") from None
-        return object_store(fs)
+            try:
+                fs, _ = pafs.FileSystem.from_uri(self.uri)
+            except Exception as exc:  # pyarrow raises ArrowInvalid / OSError with one line
+                raise StudyError(f"cannot open storage {self.uri}: {_first_line(exc)}") from None
+            _BUCKET_FS[key] = object_store(fs)
+        return _BUCKET_FS[key]
 
     def _write_whole(self, target: str, data: bytes) -> None:
         with self.fs.open_output_stream(target) as f:  # one PUT
@@ -461,8 +477,11 @@ def object_store(fs: Any) -> Any:
 
     - ``allow_delayed_open``: a small file is one PutObject, not a multipart upload (create, part,
       complete: three requests);
-    - every request retried ``S3_ATTEMPTS`` times with the SDK's standard backoff (pyarrow's
-      default, 3, let 15% of failing requests stop trials);
+    - every request retried ``S3_ATTEMPTS`` times with the SDK's exponential backoff (pyarrow's
+      default, 3, let 15% of failing requests stop trials). The SDK's default strategy, not its
+      "standard" one: that one also spends a retry quota per client (5 per retry, 1 back per
+      success), which a long-lived filesystem runs dry when a quarter of requests fail, and then
+      it retries nothing;
     - no directory markers: Ray creates every parent folder of every file it uploads, one PUT
       each, and a prefix is a folder on S3 as soon as an object is under it.
 
@@ -484,7 +503,7 @@ def _s3(options: dict[str, Any]) -> Any:
     # background_writes off: a write is sent from the thread that closes the file (_Upload), never
     # queued to pyarrow's IO threads, which pyarrow's own copy_files (Ray's uploads) may all hold
     return pafs.S3FileSystem(**{**options, "allow_delayed_open": True, "background_writes": False,
-                                "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=S3_ATTEMPTS)})
+                                "retry_strategy": pafs.AwsDefaultS3RetryStrategy(max_attempts=S3_ATTEMPTS)})
 
 
 try:

@@ -108,6 +108,11 @@ def s3_endpoint(host: str = "127.0.0.1", *, faults: float = 0.0, seed: int = 0) 
         import boto3
 
         faults, wrapped.faults = wrapped.faults, 0.0  # the bucket is made without faults
+        # moto's backends live in this process, not in the server: empty them, or a second
+        # endpoint in the same test session shows the first one's objects
+        import urllib.request
+
+        urllib.request.urlopen(urllib.request.Request(f"{env['AWS_ENDPOINT_URL']}/moto-api/reset", method="POST"), timeout=30).read()
         boto3.client("s3").create_bucket(Bucket=BUCKET)
         wrapped.faults = faults
         wrapped.counts.clear()
