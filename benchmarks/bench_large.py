@@ -20,7 +20,8 @@ the same session at each N for the overhead baseline.
 
     python benchmarks/bench_large.py --sizes 250 1000 --json benchmarks/results/large.json
     python benchmarks/bench_large.py --sizes 100 400 --bucket --json benchmarks/results/large_bucket.json
-    python benchmarks/bench_large.py --sizes 10000 --keep winner --no-baseline
+    python benchmarks/bench_large.py --sizes 10000 --keep winner --no-baseline --profile benchmarks/results/profile
+    python benchmarks/profile_summary.py benchmarks/results/profile/driver_10000.txt   # where the driver's time goes
 """
 from __future__ import annotations
 
@@ -55,14 +56,18 @@ def du(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def run_cli(n: int, storage: str, keep: str | None, env: dict) -> dict:
+def run_cli(n: int, storage: str, keep: str | None, env: dict, profile: str | None = None) -> dict:
     args = ["run", "--smoke", "--name", f"large{n}", "--storage", storage, "--trials", str(n), "--epochs", "1",
             "--no-refit", "--cpus-per-trial", "1", "--num-cpus", "2", "--overwrite"]
     if keep:
         args += ["--keep", keep]
+    cmd = [sys.executable, "-c", DRIVER, *args]
+    if profile:  # py-spy samples the driver alone (every thread, 20 Hz), as collapsed stacks
+        Path(profile).mkdir(parents=True, exist_ok=True)
+        cmd = [str(Path(sys.executable).with_name("py-spy")), "record", "--rate", "20", "--threads", "--nonblocking",
+               "--format", "raw", "-o", str(Path(profile) / f"driver_{n}.txt"), "--", *cmd]
     t0 = time.perf_counter()
-    p = subprocess.run([sys.executable, "-c", DRIVER, *args], cwd=REPO, capture_output=True, text=True,
-                       env={**os.environ, **env})
+    p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env={**os.environ, **env})
     wall = time.perf_counter() - t0
     if p.returncode != 0:
         raise SystemExit(f"the study failed ({p.returncode}): {p.stderr[-3000:]}")
@@ -90,6 +95,7 @@ def main() -> None:
     ap.add_argument("--bucket", action="store_true", help="store the study in moto's S3 server, counting requests")
     ap.add_argument("--no-baseline", action="store_true", help="skip Tune alone")
     ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--profile", metavar="DIR", help="py-spy the driver (20 Hz, collapsed stacks in DIR/driver_N.txt)")
     args = ap.parse_args()
     rows = []
     with tempfile.TemporaryDirectory(prefix="vae-large-") as root:
@@ -106,7 +112,7 @@ def main() -> None:
                     row["put_mb_per_trial"] = round(counts["put_bytes"] / 1e6 / n, 2)
                     row["bucket_mb"] = round(stored_bytes("large/") / 1e6, 1)
             else:
-                row.update(run_cli(n, root, args.keep, {}))
+                row.update(run_cli(n, root, args.keep, {}, args.profile))
                 row.update(disk(Path(root) / f"large{n}"))
                 row["study_mb_per_trial"] = round(row["study_mb"] / n, 2)
             if not args.no_baseline:

@@ -1,0 +1,72 @@
+"""Where a driver's time goes, from py-spy's collapsed stacks (``bench_large.py --profile``).
+
+    python benchmarks/profile_summary.py benchmarks/results/profile/driver_1000.txt [--top 25]
+
+Prints the share of samples by thread and, across all threads, by the frames that own them: for
+each sample, the first frame (from the leaf up) in a package of interest names its owner, so a
+sample inside SQLite under Optuna's ``ask`` counts as Optuna's. Idle samples (py-spy's
+``--nonblocking`` records a thread in a blocking call too) are counted apart."""
+from __future__ import annotations
+
+import argparse
+import re
+from collections import Counter
+
+# The owner of a sample: the first of these found walking from the leaf up (module path fragments).
+OWNERS = (
+    ("study: recorder (Parquet rows, retention)", ("study/reports.py", "study/results.py", "study/retention.py")),
+    ("study: searcher (Optuna ask/tell/report)", ("study/search.py",)),
+    ("study: restore / reconcile", ("study/restore.py",)),
+    ("study: other", ("study/",)),
+    ("optuna", ("optuna/",)),
+    ("sqlalchemy / sqlite", ("sqlalchemy/", "sqlite3")),
+    ("pyarrow / pandas", ("pyarrow/", "pandas/")),
+    ("tensorboard / tensorboardX loggers", ("tensorboardX/", "tensorboard/", "tune/logger/")),
+    ("ray tune: experiment state, sync", ("tune/execution/experiment_state", "train/_internal/storage", "tune/impl/tuner_internal")),
+    ("ray tune: controller", ("tune/",)),
+    ("ray core", ("ray/",)),
+    ("imports (start-up)", ("<frozen importlib",)),
+)
+IDLE = re.compile(r"\((threading|selectors|queue|socket)\.py|wait \(|select \(|poll \(|_wait_for_tstate_lock|epoll")
+
+
+def owner(stack: str) -> str:
+    frames = stack.split(";")
+    for frame in reversed(frames):
+        for name, parts in OWNERS:
+            if any(p in frame for p in parts):
+                return name
+    return "other"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("file")
+    ap.add_argument("--top", type=int, default=20)
+    args = ap.parse_args()
+    by_owner, by_thread, idle, total = Counter(), Counter(), 0, 0
+    for line in open(args.file):
+        stack, _, n = line.rstrip("\n").rpartition(" ")
+        if not n.isdigit():
+            continue
+        count = int(n)
+        total += count
+        leaf = stack.rsplit(";", 1)[-1]
+        if IDLE.search(leaf):
+            idle += count
+            continue
+        thread = stack.split(";", 1)[0]
+        by_thread[re.sub(r"\(\d+\)|\d+", "N", thread)] += count
+        by_owner[owner(stack)] += count
+    busy = total - idle
+    print(f"{total} samples, {busy} busy ({100 * busy / max(total, 1):.1f}%), {idle} idle")
+    print("\nbusy samples by owner:")
+    for name, n in by_owner.most_common(args.top):
+        print(f"  {100 * n / max(busy, 1):5.1f}%  {name}")
+    print("\nbusy samples by thread:")
+    for name, n in by_thread.most_common(8):
+        print(f"  {100 * n / max(busy, 1):5.1f}%  {name[:100]}")
+
+
+if __name__ == "__main__":
+    main()
