@@ -27,6 +27,15 @@ OWNERS = (
     ("ray core", ("ray/",)),
     ("imports (start-up)", ("<frozen importlib",)),
 )
+# Inclusive shares: a sample counts for each of these that has a frame anywhere in its stack.
+INCLUSIVE = (
+    ("Optuna, its SQLite included (ask, report, tell, attributes)", ("optuna/",)),
+    ("the results recorder (study.reports: rows, retention)", ("study/reports.py",)),
+    ("Tune's loggers (CSV, JSON, TensorBoard)", ("tune/logger/", "tensorboardX/")),
+    ("Tune saving its experiment state", ("experiment_state",)),
+    ("imports (start-up)", ("<frozen importlib",)),
+    ("the table read back and compacted at the end", ("load (study/results.py", "compact (study/results.py")),
+)
 IDLE = re.compile(r"\((threading|selectors|queue|socket)\.py|wait \(|select \(|poll \(|_wait_for_tstate_lock|epoll")
 
 
@@ -44,7 +53,7 @@ def main() -> None:
     ap.add_argument("file")
     ap.add_argument("--top", type=int, default=20)
     args = ap.parse_args()
-    by_owner, by_thread, idle, total = Counter(), Counter(), 0, 0
+    by_owner, by_thread, inclusive, idle, total = Counter(), Counter(), Counter(), 0, 0
     for line in open(args.file):
         stack, _, n = line.rstrip("\n").rpartition(" ")
         if not n.isdigit():
@@ -58,11 +67,17 @@ def main() -> None:
         thread = stack.split(";", 1)[0]
         by_thread[re.sub(r"\(\d+\)|\d+", "N", thread)] += count
         by_owner[owner(stack)] += count
+        for name, parts in INCLUSIVE:
+            if any(p in stack for p in parts):
+                inclusive[name] += count
     busy = total - idle
     print(f"{total} samples, {busy} busy ({100 * busy / max(total, 1):.1f}%), {idle} idle")
     print("\nbusy samples by owner:")
     for name, n in by_owner.most_common(args.top):
         print(f"  {100 * n / max(busy, 1):5.1f}%  {name}")
+    print("\nbusy samples with a frame of (inclusive: they overlap):")
+    for name, _ in INCLUSIVE:
+        print(f"  {100 * inclusive[name] / max(busy, 1):5.1f}%  {name}")
     print("\nbusy samples by thread:")
     for name, n in by_thread.most_common(8):
         print(f"  {100 * n / max(busy, 1):5.1f}%  {name[:100]}")
