@@ -76,9 +76,11 @@ def run_cli(n: int, storage: str, keep: str | None, env: dict, profile: str | No
 
     trials = results.load(f"{storage}/large{n}")
     train = float(trials["train_seconds"].sum())
-    return {"trials": n, "wall_s": round(wall, 1), "train_s": round(train, 1),
-            "overhead_slot_s_per_trial": round((wall * 2 - train) / n, 3),
-            "driver_cpu_ms_per_trial": round(1000 * usage["cpu_s"] / n, 1),
+    # per trial finished: a study stopped early (Ctrl-C; py-spy's exit status is its own) has fewer
+    done = int(trials["status"].isin(["completed", "pruned"]).sum())
+    return {"trials": n, "finished": done, "wall_s": round(wall, 1), "train_s": round(train, 1),
+            "overhead_slot_s_per_trial": round((wall * 2 - train) / done, 3),
+            "driver_cpu_ms_per_trial": round(1000 * usage["cpu_s"] / done, 1),
             "driver_peak_rss_mb": round(usage["maxrss_kb"] / 1024, 0)}
 
 
@@ -114,7 +116,7 @@ def main() -> None:
             else:
                 row.update(run_cli(n, root, args.keep, {}, args.profile))
                 row.update(disk(Path(root) / f"large{n}"))
-                row["study_mb_per_trial"] = round(row["study_mb"] / n, 2)
+                row["study_mb_per_trial"] = round(row["study_mb"] / row["finished"], 2)
             if not args.no_baseline:
                 row["tune_alone"] = tune_alone(n, root)
             rows.append(row)

@@ -1,6 +1,6 @@
 """Where a driver's time goes, from py-spy's collapsed stacks (``bench_large.py --profile``).
 
-    python benchmarks/profile_summary.py benchmarks/results/profile/driver_1000.txt [--top 25]
+    python benchmarks/profile_summary.py benchmarks/results/profile/driver_1000.txt.gz [--top 25]
 
 Prints the share of samples by thread and, across all threads, by the frames that own them: for
 each sample, the first frame (from the leaf up) in a package of interest names its owner, so a
@@ -54,7 +54,10 @@ def main() -> None:
     ap.add_argument("--top", type=int, default=20)
     args = ap.parse_args()
     by_owner, by_thread, inclusive, idle, total = Counter(), Counter(), Counter(), 0, 0
-    for line in open(args.file):
+    import gzip
+
+    opener = gzip.open if args.file.endswith(".gz") else open
+    for line in opener(args.file, "rt"):
         stack, _, n = line.rstrip("\n").rpartition(" ")
         if not n.isdigit():
             continue
