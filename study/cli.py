@@ -266,7 +266,12 @@ def cmd_results(args: argparse.Namespace) -> int:
     columns = [c.strip() for c in args.columns.split(",") if c.strip()] if args.columns else None
     if columns is None and args.format == "table":
         columns = [c for c in _DEFAULT_COLUMNS[args.table] if c in df.columns] or None
-    df = results.query(df, where=args.where, sort=args.sort, desc=args.desc, top=args.top, columns=columns)
+    if args.top is not None and args.sort is None and args.table == "trials" and "objective" in df.columns:
+        # --top alone means the best trials, by each study's objective and direction
+        df = results.best_first(results.query(df, where=args.where), results.study_modes(args.path))
+        df = results.query(df, top=args.top, columns=columns)
+    else:
+        df = results.query(df, where=args.where, sort=args.sort, desc=args.desc, top=args.top, columns=columns)
     if args.format == "csv":
         df.to_csv(sys.stdout, index=False)
     elif args.format == "json":
@@ -492,9 +497,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", help="a study folder or URI, or a storage root holding several")
     p.add_argument("--table", choices=("trials", "epochs", "digits"), default="trials")
     p.add_argument("--where", help="SQL condition, e.g. \"status = 'completed' AND val_elbo < 150\"")
-    p.add_argument("--sort", metavar="COL")
+    p.add_argument("--sort", metavar="COL", help="sort by this column (ascending; --desc for descending)")
     p.add_argument("--desc", action="store_true")
-    p.add_argument("--top", type=int, metavar="K")
+    p.add_argument("--top", type=int, metavar="K", help="the first K rows; without --sort, of the trials table: "
+                   "the best K by each study's own objective")
     p.add_argument("--columns", metavar="A,B,...")
     p.add_argument("--format", choices=("table", "csv", "json"), default="table")
 

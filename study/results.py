@@ -346,6 +346,28 @@ def rank(trials: pd.DataFrame, mode: str = "min") -> pd.DataFrame:
     return ok.sort_values(["objective", "val_elbo", "trial_id"], ascending=[mode == "min", True, True], kind="stable")
 
 
+def best_first(trials: pd.DataFrame, modes: dict[str, str]) -> pd.DataFrame:
+    """Rows best first by the objective of each row's study (``modes``: study name -> "min" or
+    "max"; "min" when unknown); rows without a finite objective (failed, running) last."""
+    sign = trials["study"].map(lambda s: -1.0 if modes.get(s) == "max" else 1.0).astype(float)
+    key = pd.to_numeric(trials["objective"], errors="coerce") * sign
+    key = key.where(np.isfinite(key)).reset_index(drop=True)
+    return trials.iloc[key.sort_values(na_position="last", kind="stable").index]
+
+
+def study_modes(path: StudyPath) -> dict[str, str]:
+    """Each study's direction ("min" or "max") under ``path``, from its study.json."""
+    import json
+
+    modes = {}
+    for study in find_studies(Location(path)):
+        try:
+            modes[study.name] = json.loads(study.read_bytes("study.json")).get("mode", "min")
+        except Exception:  # noqa: BLE001 - a study without a readable spec ranks as "min"
+            modes[study.name] = "min"
+    return modes
+
+
 def winner(trials: pd.DataFrame, mode: str = "min") -> pd.Series | None:
     """The study's winner: the best usable trial by the study objective (validation only)."""
     ranked = rank(trials, mode)

@@ -39,6 +39,24 @@ def test_results_csv_sort_top_columns(study_dir):
     assert desc.dropna().is_monotonic_decreasing and desc.iloc[:-1].notna().all()  # the refit (no val) last
 
 
+def test_results_top_alone_is_the_best_trials_by_the_objective(study_dir):
+    import pyarrow.parquet as pq
+
+    from study import results
+
+    r = run_cli("results", str(study_dir), "--top", "2", "--columns", "trial_id,objective", "--format", "csv")
+    assert r.returncode == 0, r.stderr
+    got = pd.read_csv(io.StringIO(r.stdout))
+    rows = pq.read_table(str(study_dir / "trials")).to_pandas()  # every file of the table, as pyarrow reads it
+    best = rows[rows["objective"].notna()].sort_values("objective")["trial_id"].head(2).tolist()
+    assert got["trial_id"].tolist() == best
+    # a study that maximises ranks the other way; rows without an objective go last either way
+    df = pd.DataFrame({"study": ["a", "a", "a", "b", "b"], "trial_id": list("pqrst"),
+                       "objective": [2.0, None, 1.0, 5.0, 7.0]})
+    order = results.best_first(df, {"a": "min", "b": "max"})["trial_id"].tolist()
+    assert order == ["t", "s", "r", "p", "q"]
+
+
 def test_results_where_and_json(study_dir):
     r = run_cli("results", str(study_dir), "--table", "digits", "--where",
                 "recon_mode = 'posterior_mean' AND digit < 3", "--format", "json")
