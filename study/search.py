@@ -101,7 +101,15 @@ class StudySearch(OptunaSearch):
 
     def suggest(self, trial_id: str) -> Any:
         if trial_id not in self._ot_trials and self._orphans:
-            self._ot_trials[trial_id] = optuna.trial.Trial(self._ot_study, self._orphans.pop(0))
+            orphan = optuna.trial.Trial(self._ot_study, self._orphans.pop(0))
+            if not callable(self._space):
+                # Optuna's ask stores a trial, then its parameters one by one: the killed driver
+                # may have died in between. Draw the missing ones now (a start-up point's fixed
+                # values stay fixed), or Tune's trial would train on defaults Optuna never saw.
+                for name, dist in self._space.items():
+                    if name not in orphan.params:
+                        orphan._suggest(name, dist)
+            self._ot_trials[trial_id] = orphan
         params = super().suggest(trial_id)
         if params is not None and trial_id in self._ot_trials:
             self._ot_study._storage.set_trial_system_attr(self._ot_trials[trial_id]._trial_id, TUNE_TRIAL, trial_id)
