@@ -194,13 +194,10 @@ class Location:
 
     def files(self, rel: str = "", suffix: str = "") -> list[str]:
         """Names of the files directly in folder ``rel`` that end in ``suffix``, sorted."""
-        import pyarrow.fs as pafs
-
-        return sorted(i.base_name for i in self._list(rel, recursive=False)
-                      if i.type == pafs.FileType.File and i.base_name.endswith(suffix))
+        return sorted(self.files_modified(rel, suffix))
 
     def files_modified(self, rel: str = "", suffix: str = "") -> dict[str, Any]:
-        """Like :meth:`files`, with each file's modification time (from the same listing)."""
+        """The files of :meth:`files`, each with its modification time (from the same listing)."""
         import pyarrow.fs as pafs
 
         return {i.base_name: i.mtime for i in self._list(rel, recursive=False)
