@@ -57,10 +57,17 @@ def callbacks(log_to: Sequence[str], study_name: str) -> list[Any]:
     return out
 
 
-def close_stale_runs(log_to: Sequence[str], study_name: str) -> int:
-    """After a resumed study ends: MLflow runs still RUNNING were opened by the killed driver
-    (a resumed trial logs to a new run), so mark them KILLED, as Optuna's stale trials are
-    marked FAIL. Returns how many; a tracker that cannot be reached costs nothing."""
+def close_stale_runs(log_to: Sequence[str], study_name: str, trials: Any = None,
+                     epochs: Callable[[], Any] | None = None) -> int:
+    """After a resumed study ends, close the MLflow runs the killed driver left RUNNING.
+
+    A trial whose row the killed driver wrote is finished (it is not run again), but the driver
+    may have died between writing the row and closing the trial's run: that run gets the epochs
+    it misses from the study's ``epochs`` table and ends FINISHED (FAILED for a failed trial).
+    Any other open run belonged to a trial that a resumed trial continued in a new run: it ends
+    KILLED, as Optuna's stale trials end FAIL. ``trials`` is the study's trials table (a
+    DataFrame), ``epochs`` reads its epochs table (only when a run needs it). Returns how many runs were closed; a tracker that cannot be reached costs
+    nothing."""
     if "mlflow" not in log_to:
         return 0
     try:
@@ -71,11 +78,40 @@ def close_stale_runs(log_to: Sequence[str], study_name: str) -> int:
         if experiment is None:
             return 0
         stale = client.search_runs([experiment.experiment_id], filter_string="attributes.status = 'RUNNING'")
+        recorded = {} if trials is None or not len(trials) else dict(zip(trials["trial_id"], trials["status"]))
+        table = None
         for run in stale:
-            client.set_terminated(run.info.run_id, status="KILLED")
+            tid = run.data.tags.get("trial_name", "").rsplit("_", 1)[-1]
+            if tid in recorded:
+                if table is None and epochs is not None:
+                    table = epochs()
+                _backfill(client, run.info.run_id, table, tid)
+                client.set_terminated(run.info.run_id, status="FAILED" if recorded[tid] == "failed" else "FINISHED")
+            else:
+                client.set_terminated(run.info.run_id, status="KILLED")
         return len(stale)
     except Exception:  # noqa: BLE001 - the study is done; the tracker is extra
         return 0
+
+
+def _backfill(client: Any, run_id: str, epochs: Any, trial_id: str) -> None:
+    """Log to a run the epochs of ``trial_id`` after the last one it holds, step = epoch."""
+    import numbers
+    import time
+
+    from mlflow.entities import Metric
+
+    if epochs is None or not len(epochs):
+        return
+    logged = max((int(m.value) for m in client.get_metric_history(run_id, "epoch")), default=0)
+    mine = epochs[(epochs["trial_id"] == trial_id) & (epochs["epoch"] > logged)].sort_values("epoch")
+    now = int(time.time() * 1000)
+    metrics = [Metric(key, float(value), now, int(row["epoch"]))
+               for _, row in mine.iterrows() for key, value in row.items()
+               if key not in ("study", "trial_id") and isinstance(value, numbers.Real)
+               and not isinstance(value, bool) and value == value]
+    for i in range(0, len(metrics), 1000):  # MLflow takes at most 1,000 metrics a batch
+        client.log_batch(run_id, metrics=metrics[i:i + 1000])
 
 
 class MLflowCallback(PerEpoch, MLflowLoggerCallback):

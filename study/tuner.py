@@ -309,7 +309,7 @@ def _finish(spec: StudySpec, study: Location, tuner: Any, recorder: Any, warmer:
         if spec.log_to:
             from study import trackers
 
-            trackers.close_stale_runs(spec.log_to, spec.name)
+            trackers.close_stale_runs(spec.log_to, spec.name, df, lambda: results.load(study, "epochs"))
     results.drop_orphans(study, set(df["trial_id"]))
     refit = _refit(spec, study, df, printer, warmer.take() if warmer is not None else None)
     # A finished study is read as one file per table: fast queries, even from a bucket.

@@ -186,3 +186,39 @@ def test_a_killed_and_resumed_study_keeps_logging_and_leaves_no_run_open(tmp_pat
         assert any(r.data.metrics.get("epoch") == 6 for r in mine), \
             (tid, [(r.info.status, r.data.metrics.get("epoch")) for r in mine])
     assert len(list((tmp_path / "wb" / "wandb").glob("offline-run-*"))) >= 5
+
+
+def test_a_run_the_killed_driver_left_open_ends_finished_with_its_epochs_when_its_trial_was_recorded(
+        tmp_path, monkeypatch):
+    """The killed driver wrote a trial's row (the trial is finished and never runs again) but died
+    before closing its MLflow run, after logging 4 of its 6 epochs: the resume's end gives that
+    run its last two epochs from the epochs table and closes it FINISHED. A run whose trial has
+    no row (a resumed trial continued it in a new run) ends KILLED."""
+    import mlflow
+    import pandas as pd
+
+    from study import trackers
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = mlflow.MlflowClient()
+    exp = client.create_experiment("k")
+    runs = {}
+    for tid in ("aaaa0001", "aaaa0002"):
+        run = client.create_run(exp, tags={"trial_name": f"train_{tid}"})
+        for epoch in range(1, 5):
+            client.log_metric(run.info.run_id, "epoch", epoch, step=epoch)
+            client.log_metric(run.info.run_id, "val_elbo", 200.0 - epoch, step=epoch)
+        runs[tid] = run.info.run_id
+    trials = pd.DataFrame({"trial_id": ["aaaa0001"], "status": ["completed"]})
+    epochs = pd.DataFrame({"study": "k", "trial_id": "aaaa0001", "epoch": range(1, 7),
+                           "val_elbo": [200.0 - e for e in range(1, 7)], "seconds": 0.5})
+
+    assert trackers.close_stale_runs(["mlflow"], "k", trials, lambda: epochs) == 2
+
+    done = client.get_run(runs["aaaa0001"])
+    assert done.info.status == "FINISHED"
+    history = sorted(client.get_metric_history(runs["aaaa0001"], "val_elbo"), key=lambda m: m.step)
+    assert [(m.step, m.value) for m in history] == [(e, 200.0 - e) for e in range(1, 7)]
+    assert done.data.metrics["epoch"] == 6
+    assert client.get_run(runs["aaaa0002"]).info.status == "KILLED"
+    assert len(client.get_metric_history(runs["aaaa0002"], "val_elbo")) == 4
