@@ -135,6 +135,19 @@ class StudySearch(OptunaSearch):
         self._completed_trials.add(trial_id)
         self._db.publish(force=False)
 
+    def save(self, checkpoint_path: str) -> None:
+        """Tune's periodic save of the searcher, without what :meth:`restore` reads back from the
+        storage: Ray's OptunaSearch pickles the Optuna study, whose storage cache holds every
+        trial, so each save cost time and bytes linear in the study (6% of the driver's time at
+        7,400 trials). Kept: the sampler (its random state), the space, the trials Tune knows as
+        Optuna trial ids, the completed set."""
+        import pickle
+
+        state = {k: v for k, v in self.__dict__.items() if k not in ("_ot_study", "_storage", "_db", "_steps")}
+        state["_ot_trials"] = {tid: t._trial_id for tid, t in self._ot_trials.items()}
+        with open(checkpoint_path, "wb") as f:
+            pickle.dump(state, f)
+
     def restore(self, checkpoint_path: str) -> None:
         """Tune's saved searcher, on this driver's storage. Which Optuna trial belongs to which
         Tune trial, and which are finished, is read from the storage: Tune's saved state may be
@@ -149,7 +162,7 @@ class StudySearch(OptunaSearch):
         frozen = {t._trial_id: t for t in self._ot_study.get_trials(deepcopy=False)}
         ids = {t.system_attrs[TUNE_TRIAL]: t._trial_id for t in frozen.values() if TUNE_TRIAL in t.system_attrs}
         if not ids:  # a study from before Optuna's trials named their Tune trials: Tune's own map
-            ids = {tid: t._trial_id for tid, t in self._ot_trials.items()}
+            ids = {tid: t if isinstance(t, int) else t._trial_id for tid, t in self._ot_trials.items()}
         self._ot_trials = {tid: optuna.trial.Trial(self._ot_study, i) for tid, i in ids.items()}
         self._completed_trials = {tid for tid, i in ids.items() if i in frozen and frozen[i].state.is_finished()}
 
@@ -201,14 +214,68 @@ def uses_constant_liar(spec: StudySpec, concurrent: int) -> bool:
     return spec.sampler == "tpe" and (spec.constant_liar if spec.constant_liar is not None else concurrent > 1)
 
 
+TPE_HISTORY = 1000  # the most finished trials TPE fits its model on (``TPEHistorySampler``)
+TPE_BEST = 100  # of which the best completed ones always count
+
+
+class TPEHistorySampler(optuna.samplers.TPESampler):
+    """Optuna's TPE, fitting on at most ``TPE_HISTORY`` finished trials: the ``TPE_BEST`` best
+    completed ones and the most recent others, plus the running ones (the constant liar).
+
+    TPE fits on every finished trial at every ask, so an ask costs time linear in the study
+    (8 ms at 1,000 trials, 62 ms at 10,000 here) and a study quadratic time in its trials.
+    Up to ``TPE_HISTORY`` trials nothing changes. Beyond, the good group TPE models (the best
+    ``min(ceil(0.1 n), 25)`` trials: completed ones rank before pruned ones) is the same as on
+    the whole study, and the rest is its most recent trials, those TPE's own weights favour.
+    A study of several objectives fits on all its trials.
+    """
+
+    def _sample(self, study: Any, trial: Any, search_space: dict[str, Any]) -> dict[str, Any]:
+        return super()._sample(_History(study, TPE_HISTORY, TPE_BEST), trial, search_space)
+
+
+class _History:
+    """A study as TPE reads it, holding at most ``size`` finished trials (``TPEHistorySampler``)."""
+
+    def __init__(self, study: Any, size: int, best: int) -> None:
+        self._study, self._size, self._best = study, size, best
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._study, name)
+
+    def _get_trials(self, *args: Any, **kwargs: Any) -> list[Any]:
+        trials = self._study._get_trials(*args, **kwargs)
+        if len(self._study.directions) > 1:  # several objectives: TPE's good group is a Pareto front
+            return trials
+        return recent_and_best(trials, self._study.direction, self._size, self._best)
+
+
+def recent_and_best(trials: list[Any], direction: Any, size: int, best: int) -> list[Any]:
+    """Of ``trials`` (in trial order), all the running ones and at most ``size`` finished ones:
+    the ``best`` best completed ones and the most recent others, in trial order."""
+    finished = [t for t in trials if t.state != optuna.trial.TrialState.RUNNING]
+    if len(finished) <= size:
+        return trials
+    import heapq
+
+    done = [t for t in finished if t.state == optuna.trial.TrialState.COMPLETE]
+    sign = 1.0 if direction == optuna.study.StudyDirection.MINIMIZE else -1.0
+    keep = {t.number for t in heapq.nsmallest(best, done, key=lambda t: sign * t.value)}
+    for t in reversed(finished):
+        if len(keep) >= size:
+            break
+        keep.add(t.number)
+    return [t for t in trials if t.state == optuna.trial.TrialState.RUNNING or t.number in keep]
+
+
 def make_sampler(spec: StudySpec, concurrent: int = 1) -> Any:
     """The study's Optuna sampler, seeded."""
     s, seed = spec.sampler, spec.seed
     if s == "grid":
         return optuna.samplers.GridSampler({k: list(v) for k, v in spec.grid.items()}, seed=seed)
     if s == "tpe":
-        return optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=startup_count(spec),
-                                          constant_liar=uses_constant_liar(spec, concurrent))
+        return TPEHistorySampler(seed=seed, multivariate=True, n_startup_trials=startup_count(spec),
+                                 constant_liar=uses_constant_liar(spec, concurrent))
     if s == "gp":
         return optuna.samplers.GPSampler(seed=seed, n_startup_trials=startup_count(spec))
     if s == "random":

@@ -281,3 +281,63 @@ def test_a_new_parameter_is_one_field_and_one_registry_entry(tmp_path):
     got = json.loads(p.stdout.strip().splitlines()[-1])
     assert got == {"run_flag": True, "train_flag": True, "searched": True, "fixed": 0.25,
                    "fixed_not_searched": True, "column": "double", "refit": 0.3}, got
+
+
+def _random_study(n: int, seed: int = 0):
+    """A study of ``n`` finished trials over the default space, 60% of them pruned, and 2 running."""
+    import numpy as np
+    import optuna
+
+    from study.search import optuna_space
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    dists = optuna_space(build_spec(None, BASE))
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
+    rng = np.random.default_rng(seed)
+    for i in range(n + 2):
+        params = {k: d.to_external_repr(d.low + (d.high - d.low) * rng.random()) if hasattr(d, "low")
+                  else d.choices[0] for k, d in dists.items()}
+        params = {k: int(round(v)) if isinstance(dists[k], optuna.distributions.IntDistribution) else v
+                  for k, v in params.items()}
+        state = (optuna.trial.TrialState.RUNNING if i >= n else
+                 optuna.trial.TrialState.PRUNED if rng.random() < 0.6 else optuna.trial.TrialState.COMPLETE)
+        study.add_trial(optuna.trial.create_trial(
+            params=params, distributions=dists, state=state,
+            value=float(rng.normal(130, 5)) if state == optuna.trial.TrialState.COMPLETE else None,
+            intermediate_values={1: float(rng.normal(140, 5))}))
+    return study, dists
+
+
+def test_tpe_fits_on_a_bounded_history_that_keeps_its_good_group():
+    """TPE's ask costs time linear in the study; the study's TPE fits on at most TPE_HISTORY
+    finished trials. Up to that it is Optuna's TPE, draw for draw; beyond it, TPE's good group
+    (the trials it models as good) is the one it would find in the whole study, and the rest are
+    the most recent trials."""
+    import optuna
+    from optuna.samplers._tpe.sampler import _split_trials
+
+    from study.search import TPE_BEST, TPE_HISTORY, TPEHistorySampler, recent_and_best
+
+    study, dists = _random_study(120)
+    draws = []
+    for cls in (optuna.samplers.TPESampler, TPEHistorySampler):
+        study.sampler = cls(seed=3, multivariate=True, n_startup_trials=10, constant_liar=True)
+        draws.append([study.sampler.sample_relative(study, study.trials[-1], dists) for _ in range(4)])
+    assert draws[0] == draws[1] and draws[0][0]
+
+    big, dists = _random_study(TPE_HISTORY + 800, seed=1)
+    every = big._get_trials(deepcopy=False)
+    kept = recent_and_best(every, big.direction, TPE_HISTORY, TPE_BEST)
+    running = [t for t in every if t.state == optuna.trial.TrialState.RUNNING]
+    assert len(kept) == TPE_HISTORY + len(running) and running == kept[-len(running):]
+    assert [t.number for t in kept] == sorted(t.number for t in kept)
+    numbers = {t.number for t in kept}
+    completed = sorted((t for t in every if t.state == optuna.trial.TrialState.COMPLETE), key=lambda t: t.value)
+    assert {t.number for t in completed[:TPE_BEST]} <= numbers
+    assert every[-300].number in numbers and every[0].number not in numbers or every[0] in completed[:TPE_BEST]
+    for n_below in (10, 25):
+        assert [t.number for t in _split_trials(big, every, n_below)[0]] == \
+               [t.number for t in _split_trials(big, kept, n_below)[0]]
+    big.sampler = TPEHistorySampler(seed=3, multivariate=True, n_startup_trials=10, constant_liar=True)
+    drawn = big.sampler.sample_relative(big, big.trials[-1], dists)
+    assert set(drawn) == set(dists) and all(dists[k]._contains(dists[k].to_internal_repr(v)) for k, v in drawn.items())
