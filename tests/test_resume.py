@@ -146,6 +146,14 @@ def test_reconcile_makes_tunes_saved_state_and_optuna_agree_with_the_trials_rows
     row("e", "completed", 149.0)
     row("refit-e", "refit", None)
     searcher.save(str(tmp_path / "searcher.pkl"))
+    # what Tune saves every few seconds: not the Optuna study and its cache of every trial (the
+    # restore reads those from the storage), but which Optuna trial each Tune trial is
+    import pickle
+
+    saved_searcher = pickle.loads((tmp_path / "searcher.pkl").read_bytes())
+    assert "_ot_study" not in saved_searcher and "_storage" not in saved_searcher
+    assert saved_searcher["_ot_trials"] == {tid: t._trial_id for tid, t in searcher._ot_trials.items()}
+    assert set(saved_searcher["_ot_trials"]) == set("abcdef")
 
     tune_dir = tmp_path / "s" / "tune"
     tune_dir.mkdir()
