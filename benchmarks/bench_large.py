@@ -81,7 +81,19 @@ def run_cli(n: int, storage: str, keep: str | None, env: dict, profile: str | No
     return {"trials": n, "finished": done, "wall_s": round(wall, 1), "train_s": round(train, 1),
             "overhead_slot_s_per_trial": round((wall * 2 - train) / done, 3),
             "driver_cpu_ms_per_trial": round(1000 * usage["cpu_s"] / done, 1),
-            "driver_peak_rss_mb": round(usage["maxrss_kb"] / 1024, 0)}
+            "driver_peak_rss_mb": round(usage["maxrss_kb"] / 1024, 0),
+            "trials_per_s_over_the_last_200": rates(trials)}
+
+
+def rates(trials, window: int = 200) -> dict[int, float]:
+    """How fast the study finished trials as it grew: at each k-th finished trial (500, 1,000,
+    then every 1,000, and the last), trials finished per second over the ``window`` before it,
+    from the rows' ``finished_at``."""
+    done = trials[trials["status"].isin(["completed", "pruned"])]["finished_at"].sort_values()
+    stamps = [t.timestamp() for t in done]
+    marks = sorted({k for k in (500, *range(1000, len(stamps) + 1, 1000)) if window < k <= len(stamps)}
+                   | ({len(stamps)} if len(stamps) > window else set()))
+    return {k: round(window / max(stamps[k - 1] - stamps[k - 1 - window], 1e-9), 2) for k in marks}
 
 
 def disk(study: Path) -> dict:
