@@ -13,6 +13,7 @@ Printer = Callable[[str], None]
 TABLE_EVERY_S = 15.0
 WAIT_NOTICE_S = 30.0  # the first notice of trials waiting for resources; then at 2x, 4x, ... that
 WAIT_NOTICE_MAX_S = 600.0
+PENDING_EVERY_S = 1.0  # how often the trials are looked at for ones waiting
 
 
 def params_text(config: dict[str, Any], keys: list[str]) -> str:
@@ -35,6 +36,7 @@ class Progress(Callback):
         self.done = 0
         self.waiting_since: float | None = None  # wall time since which some trial has waited for resources
         self.next_wait_notice = WAIT_NOTICE_S
+        self.pending_seen_at = 0.0
 
     def _value(self, r: dict[str, Any]) -> str:
         v = r.get(self.metric)
@@ -42,12 +44,17 @@ class Progress(Callback):
 
     def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
         """A trial that cannot be placed is said, not waited on in silence: how many wait, for
-        what, since when, and (autoscaler v2) which launches are pending or failed and why."""
+        what, since when, and (autoscaler v2) which launches are pending or failed and why.
+        Looked at once a second: Tune ends many steps a second, and the list holds every trial
+        of the study."""
+        now = time.time()
+        if now - getattr(self, "pending_seen_at", 0.0) < PENDING_EVERY_S:
+            return
+        self.pending_seen_at = now
         pending = [t for t in trials if t.status == "PENDING"]
         if not pending:
             self.waiting_since, self.next_wait_notice = None, WAIT_NOTICE_S
             return
-        now = time.time()
         if self.waiting_since is None:
             self.waiting_since = now
         waited = now - self.waiting_since
