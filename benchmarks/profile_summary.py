@@ -4,7 +4,9 @@
 
 Prints the share of samples by thread and, across all threads, by the frames that own them: for
 each sample, the first frame (from the leaf up) in a package of interest names its owner, so a
-sample inside SQLite under Optuna's ``ask`` counts as Optuna's. Idle samples (py-spy's
+sample inside SQLite under Optuna's ``ask`` counts as Optuna's; then, for the busy samples of the
+main thread (Tune's loop), the innermost function of this project, Ray Tune or Optuna in each, the
+ones that take most. Idle samples (py-spy's
 ``--nonblocking`` records a thread in a blocking call too) are counted apart."""
 from __future__ import annotations
 
@@ -36,6 +38,8 @@ INCLUSIVE = (
     ("imports (start-up)", ("<frozen importlib",)),
     ("the table read back and compacted at the end", ("load (study/results.py", "compact (study/results.py")),
 )
+# The main thread's functions: the innermost frame from one of these (the code a change could reach).
+OWN_CODE = ("(study/", "ray/tune/", "optuna/")
 IDLE = re.compile(r"\((threading|selectors|queue|socket)\.py|wait \(|select \(|poll \(|_wait_for_tstate_lock|epoll")
 
 
@@ -54,6 +58,7 @@ def main() -> None:
     ap.add_argument("--top", type=int, default=20)
     args = ap.parse_args()
     by_owner, by_thread, inclusive, idle, total = Counter(), Counter(), Counter(), 0, 0
+    functions, main_busy = Counter(), 0
     import gzip
 
     opener = gzip.open if args.file.endswith(".gz") else open
@@ -73,6 +78,10 @@ def main() -> None:
         for name, parts in INCLUSIVE:
             if any(p in stack for p in parts):
                 inclusive[name] += count
+        if "MainThread" in thread:
+            main_busy += count
+            own = [f for f in stack.split(";") if any(p in f for p in OWN_CODE)]
+            functions[own[-1].split(" (")[0] if own else "other"] += count
     busy = total - idle
     print(f"{total} samples, {busy} busy ({100 * busy / max(total, 1):.1f}%), {idle} idle")
     print("\nbusy samples by owner:")
@@ -84,6 +93,9 @@ def main() -> None:
     print("\nbusy samples by thread:")
     for name, n in by_thread.most_common(8):
         print(f"  {100 * n / max(busy, 1):5.1f}%  {name[:100]}")
+    print("\nthe main thread's busy samples by function (the innermost of study/, Ray Tune, Optuna):")
+    for name, n in functions.most_common(args.top):
+        print(f"  {100 * n / max(main_busy, 1):5.1f}%  {name}")
 
 
 if __name__ == "__main__":
