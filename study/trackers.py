@@ -66,8 +66,8 @@ def close_stale_runs(log_to: Sequence[str], study_name: str, trials: Any = None,
     it misses from the study's ``epochs`` table and ends FINISHED (FAILED for a failed trial).
     Any other open run belonged to a trial that a resumed trial continued in a new run: it ends
     KILLED, as Optuna's stale trials end FAIL. ``trials`` is the study's trials table (a
-    DataFrame), ``epochs`` reads its epochs table (only when a run needs it). Returns how many runs were closed; a tracker that cannot be reached costs
-    nothing."""
+    DataFrame), ``epochs`` reads its epochs table (only when a run needs it). Returns how many
+    runs were closed; a tracker that cannot be reached costs nothing."""
     if "mlflow" not in log_to:
         return 0
     try:
