@@ -13,6 +13,7 @@ import math
 from typing import Any
 
 import optuna
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from study.reports import each_epoch
@@ -330,16 +331,55 @@ def make_searcher(spec: StudySpec, db: OptunaDB, concurrent: int = 1) -> StudySe
 
 
 def make_scheduler(spec: StudySpec) -> Any:
+    """ASHA on the study's epochs, or first-in-first-out (no early stopping); either looks for the
+    next trial to run among the unfinished ones only (``LiveScan``)."""
     if spec.scheduler == "none" or spec.multi_objective:
-        return None
-    from ray.tune.schedulers import ASHAScheduler
-
-    return ASHAScheduler(
+        return StudyFIFO()
+    return StudyASHA(
         time_attr="epoch",  # a trial reports at the rungs, not every epoch (study.reports)
         max_t=spec.epochs,
         grace_period=min(spec.grace_period, spec.epochs),
         reduction_factor=spec.reduction_factor,
     )
+
+
+class LiveScan:
+    """Tune's FIFO choice of the next trial, without its scan of every trial at every step.
+
+    ``FIFOScheduler.choose_trial_to_run`` walks the whole trial list for a PENDING trial, and again
+    for a PAUSED one, at each step of Tune's loop: 12.6% of a 10,000-trial study's driver. Within
+    one driver a TERMINATED or ERROR trial never runs again, so the walk starts after the leading
+    run of them (kept per process, never pickled: a resumed driver may turn an ERROR trial back
+    to PENDING)."""
+
+    def choose_trial_to_run(self, tune_controller: Any) -> Any:
+        from ray.tune.experiment import Trial
+
+        trials = tune_controller.get_trials()
+        start = self.__dict__.get("_live_from", 0)
+        if start > len(trials):
+            start = 0
+        while start < len(trials) and trials[start].status in (Trial.TERMINATED, Trial.ERROR):
+            start += 1
+        self._live_from = start
+        for wanted in (Trial.PENDING, Trial.PAUSED):
+            for i in range(start, len(trials)):
+                if trials[i].status == wanted:
+                    return trials[i]
+        return None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state.pop("_live_from", None)
+        return state
+
+
+class StudyASHA(LiveScan, ASHAScheduler):
+    """Tune's ASHA, choosing the next trial as ``LiveScan`` does."""
+
+
+class StudyFIFO(LiveScan, FIFOScheduler):
+    """Tune's first-in-first-out scheduler, choosing the next trial as ``LiveScan`` does."""
 
 
 def asha_rungs(spec: StudySpec) -> list[int]:

@@ -41,7 +41,7 @@ def test_grid_expands_to_a_plain_grid():
 def test_seed_replication_preset():
     spec = build_spec(None, {**BASE, "preset": "seed-replication"})
     assert spec.grid == {"latent_dim": [5, 10, 15, 20]} and spec.n_trials == 4
-    assert spec.epochs == 15 and spec.scheduler == "none" and make_scheduler(spec) is None
+    assert spec.epochs == 15 and spec.scheduler == "none" and type(make_scheduler(spec)).__name__ == "StudyFIFO"
     base = spec.base_config()
     assert base.arch == "conv" and base.batch_size == 32 and base.lr == 1e-3
     from study.spec import trial_values
@@ -341,3 +341,40 @@ def test_tpe_fits_on_a_bounded_history_that_keeps_its_good_group():
     big.sampler = TPEHistorySampler(seed=3, multivariate=True, n_startup_trials=10, constant_liar=True)
     drawn = big.sampler.sample_relative(big, big.trials[-1], dists)
     assert set(drawn) == set(dists) and all(dists[k]._contains(dists[k].to_internal_repr(v)) for k, v in drawn.items())
+
+
+def test_the_scheduler_chooses_as_fifo_does_looking_only_past_the_finished_trials():
+    """Tune's trials (stubs: no Ray), in the order Tune keeps them: the study's schedulers pick the
+    trial FIFO picks (the first PENDING, else the first PAUSED), start after the leading finished
+    ones, and forget that start when pickled (a resumed driver may make an ERROR trial PENDING)."""
+    import pickle
+
+    from ray.tune.experiment import Trial
+    from ray.tune.schedulers import FIFOScheduler
+
+    spec = build_spec(None, BASE)
+    trials = [Trial("t", stub=True, trial_id=f"t{i}") for i in range(8)]
+
+    class Controller:  # what choose_trial_to_run reads of Tune's controller
+        def get_trials(self):
+            return trials
+
+    def statuses(*s):
+        for t, st in zip(trials, s):
+            t.status = st
+
+    T, E, R, P, Pa = Trial.TERMINATED, Trial.ERROR, Trial.RUNNING, Trial.PENDING, Trial.PAUSED
+    fifo = FIFOScheduler()
+    for scheduler in (make_scheduler(spec), make_scheduler(build_spec(None, {**BASE, "grid": {"latent_dim": [2, 4]}}))):
+        # a study as it goes: a trial only moves on (PENDING, RUNNING, PAUSED, then TERMINATED or ERROR)
+        for case in [(R, R, P, P, P, P, P, P), (T, R, R, P, P, P, P, P), (T, E, R, R, P, P, P, P),
+                     (T, E, T, R, Pa, R, P, P), (T, E, T, T, Pa, R, R, R), (T, E, T, T, R, T, R, R)]:
+            statuses(*case)
+            assert scheduler.choose_trial_to_run(Controller()) is fifo.choose_trial_to_run(Controller()), case
+        statuses(T, T, T, T, T, R, P, R)
+        assert scheduler.choose_trial_to_run(Controller()) is trials[6] and scheduler._live_from == 5
+        restored = pickle.loads(pickle.dumps(scheduler))
+        assert "_live_from" not in restored.__dict__
+        statuses(T, E, T, T, T, R, R, R)
+        trials[1].status = P  # a resumed driver restarts an errored trial
+        assert restored.choose_trial_to_run(Controller()) is trials[1]
