@@ -361,19 +361,18 @@ def _optuna(out: Path, folder: Location, spec: dict) -> Section:
     with OptunaDB(folder, spec.get("optuna_storage")).read_copy() as db:
         if db is None:
             s = Section("Study plots (Optuna)")
-            s.notes.append("left out: no optuna.db in the study folder")
+            s.notes.append("left out: no Optuna study (optuna.log) in the study folder")
             return s
         return _optuna_plots(out, db, spec.get("name", folder.name), spec)
 
 
-def _optuna_plots(out: Path, db: str, name: str, spec: dict) -> Section:
+def _optuna_plots(out: Path, db: Any, name: str, spec: dict) -> Section:
     import optuna
     from optuna.visualization import matplotlib as ovm
 
     s = Section("Study plots (Optuna)")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    storage = optuna.storages.RDBStorage(db)
-    study = optuna.load_study(study_name=name, storage=storage)
+    study = optuna.load_study(study_name=name, storage=db)
     done = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -140,7 +140,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     """Run a study: Ray Tune trials, proposed by Optuna (TPE), stopped early by ASHA.
 
     A TOML config gives everything; flags override it. Results land in
-    STORAGE/NAME/{trials,epochs,digits}/*.parquet, the Optuna study in STORAGE/NAME/optuna.db.
+    STORAGE/NAME/{trials,epochs,digits}/*.parquet, the Optuna study in STORAGE/NAME/optuna.log (its journal).
     STORAGE is a folder or a bucket (s3://bucket/prefix, gs://bucket/prefix); on a cluster whose
     nodes do not share a disk, use a bucket. Exit code 1 if no trial finished.
 
@@ -173,8 +173,6 @@ def _finish(res: Any, spec: Any) -> int:
 
 def summary_lines(res: Any, spec: Any) -> list[str]:
     """The end of a study, as `run` and `resume` print it: counts, the winner, its refit, where things are."""
-    from study.storage import OPTUNA_DB
-
     df = res.trials
     counts = df["status"].value_counts().to_dict() if len(df) else {}
     lines = [
@@ -206,13 +204,14 @@ def summary_lines(res: Any, spec: Any) -> list[str]:
         if note:
             lines.append(note)
     lines.append(f"results: {res.location}  (vae-study results {res.location})")
-    local = res.location.local_path(OPTUNA_DB)
-    if res.optuna_storage and not res.optuna_storage.startswith("sqlite:"):
-        lines.append(f"optuna:  {res.optuna_storage}  (study name {res.name!r}; optuna-dashboard takes this URL)")
-    elif local is None:
-        lines.append(f"optuna:  {res.location.uri}/{OPTUNA_DB}, a snapshot (study name {res.name!r})")
+    where = res.optuna_storage or ""
+    if "://" in where and not where.startswith("sqlite:"):
+        lines.append(f"optuna:  {where}  (study name {res.name!r}; optuna-dashboard takes this URL)")
+    elif res.location.local_path() is None:
+        lines.append(f"optuna:  {res.location.uri}/{where.rsplit('/', 1)[-1]}, a snapshot "
+                     f"(study name {res.name!r})")
     else:
-        lines.append(f"optuna:  sqlite:///{local}  (study name {res.name!r})")
+        lines.append(f"optuna:  {where}  (study name {res.name!r}; optuna-dashboard {where})")
     return lines
 
 
@@ -466,7 +465,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--optuna-storage", metavar="URL",
                    help="a PostgreSQL (or MySQL) database for the Optuna study, shared by every driver: "
                         "postgresql://user@host:5432/db, the password in PGPASSWORD or ~/.pgpass "
-                        "(default: optuna.db in the study folder)")
+                        "(default: optuna.log, a journal file, in the study folder)")
     g.add_argument("--log-to", action="append", choices=TRACKERS,
                    help="log every trial to MLflow or W&B (repeatable), set up from the environment: "
                         "MLFLOW_TRACKING_URI; WANDB_API_KEY or WANDB_MODE=offline")

@@ -1,11 +1,11 @@
 """The search: an Optuna sampler (TPE by default, or random, QMC, CMA-ES, GP, NSGA-II, a grid) on
 the study's Optuna storage, and ASHA.
 
-SQLite cannot live on an object store. For a study in a bucket the driver works on a copy in a
-local cache folder and publishes a consistent snapshot (SQLite's backup API) to
-``STUDY/optuna.db`` at most every 30 s as trials are asked and told, and at the end; ``resume``
-starts from that snapshot and mends what it lacks from the trials table (``study.restore``). On a
-file system the study's ``optuna.db`` is the storage itself.
+The Optuna study is Optuna's journal file, ``STUDY/optuna.log`` (``study.storage.OptunaDB``).
+No file is appended to in an object store. For a study in a bucket the driver works on a copy in
+a local cache folder and publishes a snapshot of it at most every 30 s as trials are asked and
+told, and at the end; ``resume`` starts from that snapshot and mends what it lacks from the
+trials table (``study.restore``). On a file system the study's file is the storage itself.
 """
 from __future__ import annotations
 

@@ -103,7 +103,7 @@ class StudySpec:
     sampler: str = "tpe"  # Optuna's sampler (study.search.SAMPLERS); a multi-objective study's default is nsgaii
     constant_liar: bool | None = None  # TPE: None = on when more than one trial runs at once
     log_to: tuple[str, ...] = ()  # experiment trackers (study.trackers): "mlflow", "wandb"
-    optuna_storage: str | None = None  # a PostgreSQL/MySQL URL (no password); None: optuna.db in the study folder
+    optuna_storage: str | None = None  # a PostgreSQL/MySQL URL (no password); None: optuna.log in the study folder
     keep: str = "all"  # what finished trials keep of their checkpoints (study.retention): all | top-K | winner
 
     @property

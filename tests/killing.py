@@ -22,6 +22,7 @@ import optuna
 from conftest import REPO
 from study import results
 from study.restore import TUNE_TRIAL
+from study.storage import open_optuna
 
 
 @dataclass(frozen=True)
@@ -146,7 +147,7 @@ def check_whole(study: Any, optuna_url: str, name: str, *, trials: int, epochs: 
         want = {row["checkpoint"].split("/", 2)[2]} if isinstance(row["checkpoint"], str) else set()
         if have != want:
             wrong.append(f"trial {tid} keeps {sorted(have)}, its row names {sorted(want)}")
-    ot = optuna.load_study(study_name=name, storage=optuna_url).get_trials(deepcopy=False)
+    ot = optuna.load_study(study_name=name, storage=open_optuna(optuna_url)).get_trials(deepcopy=False)
     states = sorted(t.state.name for t in ot)
     if len(ot) != trials or set(states) - {"COMPLETE", "PRUNED"}:
         wrong.append(f"Optuna holds {len(ot)} trials for {trials}: {states}")

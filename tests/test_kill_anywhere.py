@@ -56,7 +56,7 @@ def _kill_and_resume(storage: str, name: str, moment: Moment, optuna_url: Callab
 
 
 def _local_optuna(study: Location) -> str:
-    return f"sqlite:///{study.local_path('optuna.db')}"
+    return str(study.local_path("optuna.log"))
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -64,7 +64,7 @@ def test_a_study_killed_at_any_moment_resumes_whole(tmp_path, seed):
     storage = str(tmp_path / "studies")
     whole = run_until(["run", "--name", "whole", "--storage", storage, *STUDY], None, {})
     assert whole.returncode == 0, "\n".join(whole.lines[-30:])
-    assert check_whole(Location(f"{storage}/whole"), f"sqlite:///{storage}/whole/optuna.db", "whole",
+    assert check_whole(Location(f"{storage}/whole"), f"{storage}/whole/optuna.log", "whole",
                        trials=N, epochs=EPOCHS) == []
     t0 = time.monotonic()
     run_until(["run", "--name", "timed", "--storage", storage, *STUDY], None, {})
@@ -95,7 +95,7 @@ def test_a_killed_resume_is_resumed_again(tmp_path):
     assert any(line.startswith("resuming study 'r'") for line in second.lines), second.lines[:5]
     third = run_until(["resume", "--name", "r", "--storage", storage, "--num-cpus", "2"], None, {})
     assert third.returncode == 0, "\n".join(third.lines[-30:])
-    assert check_whole(study, f"sqlite:///{storage}/r/optuna.db", "r", trials=N, epochs=EPOCHS, before=before) == []
+    assert check_whole(study, f"{storage}/r/optuna.log", "r", trials=N, epochs=EPOCHS, before=before) == []
 
 
 def test_a_study_in_a_bucket_killed_at_any_moment_resumes_whole_from_an_empty_cache(tmp_path):
@@ -112,11 +112,11 @@ def test_a_study_in_a_bucket_killed_at_any_moment_resumes_whole_from_an_empty_ca
         report, problems = [], {}
         for i, moment in enumerate(moments):
             name = f"b{i}"
-            snapshot = tmp_path / f"{name}.db"
+            snapshot = tmp_path / f"{name}.log"
 
             def published(study: Location) -> str:
-                snapshot.write_bytes(study.read_bytes("optuna.db"))
-                return f"sqlite:///{snapshot}"
+                snapshot.write_bytes(study.read_bytes("optuna.log"))
+                return str(snapshot)
 
             what, wrong = _kill_and_resume(storage, name, moment, published,
                                            {"VAE_STUDY_CACHE": str(tmp_path / f"c-{name}-run")},

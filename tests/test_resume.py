@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 
 from conftest import REPO, run_cli
 from study import results
+from study.storage import open_optuna
 
 N = 6
 
@@ -49,7 +50,7 @@ def test_resume_after_sigkill(tmp_path):
     counts = ep.groupby("trial_id")["epoch"].agg(["count", "nunique", "max"])
     assert (counts["count"] == 4).all() and (counts["nunique"] == 4).all() and (counts["max"] == 4).all()
     # Optuna agrees: N finished trials, nothing left RUNNING, no extra completed ones
-    study = optuna.load_study(study_name="k", storage=f"sqlite:///{storage / 'k' / 'optuna.db'}")
+    study = optuna.load_study(study_name="k", storage=open_optuna(str(storage / "k" / "optuna.log")))
     states = [t.state for t in study.get_trials()]
     assert states.count(optuna.trial.TrialState.COMPLETE) == N
     assert optuna.trial.TrialState.RUNNING not in states
@@ -181,7 +182,7 @@ def test_reconcile_makes_tunes_saved_state_and_optuna_agree_with_the_trials_rows
     assert g["name:ConcurrencyLimiter"]["live_trials"] == {"b", "c"}
     assert g["name:ConcurrencyLimiter"]["num_unfinished_live_trials"] == 2
     ot = {t.system_attrs.get(TUNE_TRIAL): t for t in
-          optuna.load_study(study_name="s", storage=db.url).get_trials(deepcopy=False)}
+          optuna.load_study(study_name="s", storage=open_optuna(db.url)).get_trials(deepcopy=False)}
     assert ot["a"].state == state.COMPLETE and ot["a"].value == 150.5
     assert ot["e"].state == state.COMPLETE and ot["d"].state == state.PRUNED
     assert ot["b"].state == ot["c"].state == ot["f"].state == state.RUNNING
@@ -198,7 +199,7 @@ def test_reconcile_makes_tunes_saved_state_and_optuna_agree_with_the_trials_rows
     # the unnamed orphan was killed before Optuna stored any of its parameters: they are drawn now
     h = searcher.suggest("h")
     assert set(h) == set(asked["a"]) == {"latent_dim", "beta", "lr"}
-    trials = optuna.load_study(study_name="s", storage=db.url).trials
+    trials = optuna.load_study(study_name="s", storage=open_optuna(db.url)).trials
     assert {t.system_attrs.get(TUNE_TRIAL) for t in trials} == set("abcdegh") and len(trials) == 7
     assert next(t for t in trials if t.system_attrs.get(TUNE_TRIAL) == "h").params == h
 
@@ -245,7 +246,7 @@ def test_reconcile_makes_what_a_stale_optuna_snapshot_lacks_from_the_rows_and_tu
 
     fixed = reconcile(study, db, spec)
     assert sorted(fixed.made) == ["n", "r", "u"] and sorted(fixed.told) == ["n", "r"] and fixed.orphans == []
-    got = {t.system_attrs.get(TUNE_TRIAL): t for t in optuna.load_study(study_name="s", storage=db.url).get_trials()}
+    got = {t.system_attrs.get(TUNE_TRIAL): t for t in optuna.load_study(study_name="s", storage=open_optuna(db.url)).get_trials()}
     assert got["r"].state.name == "COMPLETE" and got["r"].value == 185.0 and got["r"].params == sobol[1]
     assert got["r"].intermediate_values == {1: 200.0, 2: 190.0, 3: 190.0, 4: 185.0}  # best -ELBO so far
     assert got["n"].state.name == "PRUNED" and got["n"].params == new and got["n"].intermediate_values == {1: 250.0}

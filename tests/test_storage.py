@@ -18,7 +18,7 @@ from conftest import REPO, run_cli
 from s3 import BUCKET, SECRET, bucket_keys, get_object, s3_server
 from study import results
 from study.errors import StudyError
-from study.storage import Location
+from study.storage import Location, open_optuna
 
 ROOT = f"s3://{BUCKET}/root"
 
@@ -107,7 +107,7 @@ def test_everything_a_study_keeps_is_in_the_bucket(s3_study):
     # (pyarrow leaves an empty "folder/" marker object where it deleted a folder's last object)
     keys = [k for k in bucket_keys("root/s/") if not k.endswith("/")]
     rel = [k.removeprefix("root/s/") for k in keys]
-    assert "study.json" in rel and "optuna.db" in rel
+    assert "study.json" in rel and "optuna.log" in rel
     # a finished study is compacted: a reader reads one object per table (the trials' own files
     # stay in a bucket, older than it: see test_compact_on_a_bucket)
     for table in results.TABLES:
@@ -137,13 +137,14 @@ def test_everything_a_study_keeps_is_in_the_bucket(s3_study):
     arrow = results.read_arrow(f"{ROOT}/s", "epochs")
     n = duckdb.sql("SELECT count(*) FROM arrow").fetchall()[0][0]
     assert n == int(trials["epochs_run"].sum())
-    # the Optuna snapshot is a consistent SQLite file that Optuna opens
+    # the Optuna snapshot is a whole journal that Optuna opens
     import optuna
 
-    snap = REPO / ".pytest-optuna-snapshot.db"
+    snap = REPO / ".pytest-optuna-snapshot.log"
     try:
-        snap.write_bytes(get_object("root/s/optuna.db"))
-        study = optuna.load_study(study_name="s", storage=f"sqlite:///{snap}")
+        snap.write_bytes(get_object("root/s/optuna.log"))
+        assert snap.read_bytes().endswith(b"\n")
+        study = optuna.load_study(study_name="s", storage=open_optuna(str(snap)))
         assert len(study.get_trials()) == 4
         assert optuna.trial.TrialState.RUNNING not in {t.state for t in study.get_trials()}
     finally:
@@ -183,7 +184,7 @@ def test_report_from_another_machine_lands_in_the_bucket(s3_study, tmp_path):
     assert summary["winner"]["trial_id"] == results.winner(results.load(f"{ROOT}/s"))["trial_id"]
     assert not [n for n in summary["notes"] if "skipped" in n]
     html = get_object("root/s/report/index.html").decode()
-    assert html.count("data:image/png;base64,") >= 5 and "left out: no optuna.db" not in html
+    assert html.count("data:image/png;base64,") >= 5 and "left out: no Optuna study" not in html
 
 
 def test_compact_on_a_bucket(s3_study):
@@ -249,9 +250,9 @@ def test_sigkill_of_the_driver_then_resume_from_the_bucket_on_another_machine(s3
     assert (counts["count"] == 4).all() and (counts["nunique"] == 4).all()
     import optuna
 
-    snap = tmp_path / "snapshot.db"
-    snap.write_bytes(get_object("root/k/optuna.db"))
-    states = [t.state for t in optuna.load_study(study_name="k", storage=f"sqlite:///{snap}").get_trials()]
+    snap = tmp_path / "snapshot.log"
+    snap.write_bytes(get_object("root/k/optuna.log"))
+    states = [t.state for t in optuna.load_study(study_name="k", storage=open_optuna(str(snap))).get_trials()]
     assert states.count(optuna.trial.TrialState.COMPLETE) == N
     assert optuna.trial.TrialState.RUNNING not in states
 

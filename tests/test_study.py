@@ -12,7 +12,7 @@ import pytest
 from study import results
 from study.errors import StudyError
 from study.spec import build_spec
-from study.storage import OPTUNA_DB
+from study.storage import OPTUNA_LOG, open_optuna
 from study.cli import summary_lines
 from study.tuner import run
 
@@ -85,7 +85,7 @@ def test_trials_table_records_params_results_and_provenance(four):
 
 def test_optuna_storage_holds_the_same_trials(four):
     spec, res, _ = four
-    study = optuna.load_study(study_name=spec.name, storage=f"sqlite:///{res.folder / OPTUNA_DB}")
+    study = optuna.load_study(study_name=spec.name, storage=open_optuna(str(res.folder / OPTUNA_LOG)))
     trials = study.get_trials()
     assert len(trials) == 4
     assert all(t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED) for t in trials)
@@ -158,7 +158,7 @@ def test_failing_trial_is_recorded_and_study_goes_on(ray_local, tmp_path):
     assert len(df) == 2
     assert df.loc[9.0, "status"] == "failed" and "non-finite" in df.loc[9.0, "error"]
     assert df.loc[0.001, "status"] == "completed" and df.loc[0.001, "epochs_run"] == 2
-    study = optuna.load_study(study_name="nan", storage=f"sqlite:///{res.folder / OPTUNA_DB}")
+    study = optuna.load_study(study_name="nan", storage=open_optuna(str(res.folder / OPTUNA_LOG)))
     states = sorted(t.state.name for t in study.get_trials())
     assert states == ["COMPLETE", "FAIL"]
 
@@ -177,7 +177,7 @@ def test_asha_prunes_weak_trials(ray_local, tmp_path):
     assert len(epochs) == df["epochs_run"].sum()
     # Optuna tells the same story, read back through its own API as optuna-dashboard does:
     # ASHA's stopped trials are PRUNED, and every trial has a value for every epoch it ran.
-    study = optuna.load_study(study_name="asha", storage=f"sqlite:///{res.folder / OPTUNA_DB}")
+    study = optuna.load_study(study_name="asha", storage=open_optuna(str(res.folder / OPTUNA_LOG)))
     by_params = {(t.params["latent_dim"], round(t.params["lr"], 12)): t for t in study.trials}
     assert len(study.trials) == 6
     for _, row in df.iterrows():
@@ -236,7 +236,7 @@ def test_reports_carry_the_epochs_between_decisions(ray_local, tmp_path):
     assert count.results < len(count.epochs)  # 5 epochs of 300 images take well under the 5 s between reports
     epochs = results.load(res.folder, "epochs")
     assert len(epochs) == 10 and epochs.groupby("trial_id")["val_elbo"].nunique().tolist() == [5, 5]
-    study = optuna.load_study(study_name="carry", storage=f"sqlite:///{res.folder / OPTUNA_DB}")
+    study = optuna.load_study(study_name="carry", storage=open_optuna(str(res.folder / OPTUNA_LOG)))
     assert [sorted(t.intermediate_values) for t in study.trials] == [[1, 2, 3, 4, 5]] * 2
     for tid in df["trial_id"]:
         ep = epochs[epochs.trial_id == tid].sort_values("epoch")
@@ -260,7 +260,7 @@ def test_rate_distortion_pareto_study(ray_local, tmp_path):
     assert spec.multi_objective and spec.scheduler == "none"
     res = run(spec, printer=lambda s: None)
     assert len(res.trials) == 3 and (res.trials["status"] == "completed").all()
-    study = optuna.load_study(study_name="rd", storage=f"sqlite:///{res.folder / OPTUNA_DB}")
+    study = optuna.load_study(study_name="rd", storage=open_optuna(str(res.folder / OPTUNA_LOG)))
     assert len(study.directions) == 2 and len(study.best_trials) >= 1
     for t in study.trials:  # Optuna got (recon, KL) at each trial's best -ELBO epoch
         df = res.trials
@@ -308,6 +308,48 @@ def test_every_sampler_runs_a_seeded_study_that_reruns_exactly(ray_local, tmp_pa
     assert recorded["constant_liar"] is (False if sampler == "tpe" else None)
     assert any(f"sampler {sampler}" in ln for ln in lines)
     assert len(first) == 5 and first["param_latent_dim"].nunique() > 1  # it searched
-    stored = optuna.load_study(study_name="a", storage=f"sqlite:///{tmp_path / 'a' / OPTUNA_DB}")
+    stored = optuna.load_study(study_name="a", storage=open_optuna(str(tmp_path / "a" / OPTUNA_LOG)))
     assert len(stored.trials) == 5
     pd.testing.assert_frame_equal(first, once("b"), rtol=1e-9, atol=0)
+
+
+def test_optuna_dashboard_opens_the_journal_the_summary_names(four):
+    """The summary's line for optuna-dashboard works as printed: the dashboard reads the study's
+    journal file and shows its trials."""
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    from study.cli import summary_lines
+
+    spec, res, _ = four
+    path = str(res.folder / OPTUNA_LOG)
+    line = next(ln for ln in summary_lines(res, spec) if ln.startswith("optuna:"))
+    assert f"optuna-dashboard {path}" in line, line
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    exe = os.path.join(os.path.dirname(sys.executable), "optuna-dashboard")
+    dash = subprocess.Popen([exe, path, "--port", str(port), "--host", "127.0.0.1", "--quiet"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    shown = None
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline and dash.poll() is None and shown is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=5) as r:
+                    listing = json.loads(r.read())
+                sid = next(s["study_id"] for s in listing["study_summaries"] if s["study_name"] == "four")
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies/{sid}", timeout=5) as r:
+                    shown = json.loads(r.read())
+            except OSError:
+                time.sleep(0.3)
+    finally:
+        dash.terminate()
+        err = dash.communicate(timeout=30)[1].decode(errors="replace")
+    assert shown is not None, err[-2000:]
+    assert len(shown["trials"]) == 4
