@@ -99,7 +99,9 @@ def rates(trials, window: int = 200) -> dict[int, float]:
 def disk(study: Path) -> dict:
     states = sorted((study / "tune").glob("experiment_state-*.json"))
     total = du(study)
-    return {"study_mb": round(total / 1e6, 1), "tune_state_mb": round(states[-1].stat().st_size / 1e6, 2) if states else 0}
+    optuna_file = next((study / f for f in ("optuna.log", "optuna.db") if (study / f).is_file()), None)
+    return {"study_mb": round(total / 1e6, 1), "tune_state_mb": round(states[-1].stat().st_size / 1e6, 2) if states else 0,
+            "optuna_file_mb": round(optuna_file.stat().st_size / 1e6, 2) if optuna_file else 0}
 
 
 def main() -> None:

@@ -31,7 +31,7 @@ OWNERS = (
 )
 # Inclusive shares: a sample counts for each of these that has a frame anywhere in its stack.
 INCLUSIVE = (
-    ("Optuna, its SQLite included (ask, report, tell, attributes)", ("optuna/",)),
+    ("Optuna and its storage (ask, report, tell, attributes)", ("optuna/",)),
     ("the results recorder (study.reports: rows, retention)", ("study/reports.py",)),
     ("Tune's loggers (CSV, JSON, TensorBoard)", ("tune/logger/", "tensorboardX/")),
     ("Tune saving its experiment state", ("experiment_state",)),
