@@ -27,7 +27,7 @@ def s3_server(host: str = "127.0.0.1") -> Iterator[dict[str, str]]:
 
 # What a study's requests are about, by the key they name (the first pattern that matches).
 KINDS = (("checkpoint", r"/tune/trial_[^/]+/checkpoint_"), ("trial logs", r"/tune/trial_"),
-         ("tune state", r"/tune/"), ("parquet", r"/(trials|epochs|digits)/"), ("optuna", r"/optuna\.db"),
+         ("tune state", r"/tune/"), ("parquet", r"/(trials|epochs|digits)/"), ("optuna", r"/optuna\.(db|log)"),
          ("other", r""))
 
 
