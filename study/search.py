@@ -350,7 +350,8 @@ class LiveScan:
     for a PAUSED one, at each step of Tune's loop: 12.6% of a 10,000-trial study's driver. Within
     one driver a TERMINATED or ERROR trial never runs again, so the walk starts after the leading
     run of them (kept per process, never pickled: a resumed driver may turn an ERROR trial back
-    to PENDING)."""
+    to PENDING). A trial Tune retries goes from RUNNING to PENDING within one call, moved to the
+    end of the list; only trials past the start move, so those before it stay finished."""
 
     def choose_trial_to_run(self, tune_controller: Any) -> Any:
         from ray.tune.experiment import Trial

@@ -709,8 +709,8 @@ class OptunaDB:
     is in a bucket; or a PostgreSQL/MySQL database every driver reaches (``--optuna-storage``),
     used directly. A study made before the journal keeps its SQLite file (``optuna.db``).
 
-    The journal is appended to, one line per change, never rewritten: per trial it costs the
-    driver a tenth of SQLite's CPU (BENCHMARKS §3e). One driver writes it (the study's lock);
+    The journal is appended to, one line per change, never rewritten: measured alone, 0.6 ms of
+    CPU per trial against SQLite's 18 (BENCHMARKS §3e). One driver writes it (the study's lock);
     optuna-dashboard opens the file as it is, under Optuna's own file lock.
 
     Args:
