@@ -21,6 +21,7 @@ A study lives in ``<storage>/<name>/``::
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import math
 import os
@@ -911,6 +912,7 @@ def journal_storage(path: str | os.PathLike) -> Any:
     return optuna.storages.JournalStorage(_journal_backend()(str(path)))
 
 
+@functools.lru_cache(maxsize=1)
 def _journal_backend() -> type:
     """Optuna's ``JournalFileBackend``, less its fsync after every append (8 per trial: 8.5% of a
     1,000-trial driver's main thread, BENCHMARKS §3e). A study survives its driver's kill, whose
