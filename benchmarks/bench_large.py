@@ -31,6 +31,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -67,8 +68,15 @@ def run_cli(n: int, storage: str, keep: str | None, env: dict, profile: str | No
         cmd = [str(Path(sys.executable).with_name("py-spy")), "record", "--rate", "20", "--threads", "--nonblocking",
                "--format", "raw", "-o", str(Path(profile) / f"driver_{n}.txt"), "--", *cmd]
     t0 = time.perf_counter()
-    p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env={**os.environ, **env})
-    wall = time.perf_counter() - t0
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=err, text=True, env={**os.environ, **env})
+        rss = RssSampler(proc.pid, wrapped=bool(profile))
+        rss.start()
+        proc.wait()
+        wall = time.perf_counter() - t0
+        rss.stop()
+        out.seek(0), err.seek(0)
+        p = subprocess.CompletedProcess(cmd, proc.returncode, out.read(), err.read())
     if p.returncode != 0:
         raise SystemExit(f"the study failed ({p.returncode}): {p.stderr[-3000:]}")
     usage = json.loads(next(ln for ln in p.stderr.splitlines() if ln.startswith("RUSAGE "))[7:])
@@ -82,7 +90,47 @@ def run_cli(n: int, storage: str, keep: str | None, env: dict, profile: str | No
             "overhead_slot_s_per_trial": round((wall * 2 - train) / done, 3),
             "driver_cpu_ms_per_trial": round(1000 * usage["cpu_s"] / done, 1),
             "driver_peak_rss_mb": round(usage["maxrss_kb"] / 1024, 0),
+            "driver_rss_mb_over_time": rss.series(),
             "trials_per_s_over_the_last_200": rates(trials)}
+
+
+class RssSampler(threading.Thread):
+    """The driver's resident memory every second (the Python child of py-spy when ``wrapped``),
+    to tell memory held through the study from a peak at its end."""
+
+    def __init__(self, pid: int, wrapped: bool) -> None:
+        super().__init__(daemon=True)
+        self.pid, self.wrapped, self.t0 = pid, wrapped, time.perf_counter()
+        self.samples: list[tuple[float, float]] = []
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        import psutil
+
+        while not self.done.wait(1.0):
+            try:
+                proc = psutil.Process(self.pid)
+                if self.wrapped:
+                    kids = proc.children()
+                    if not kids:
+                        continue
+                    proc = kids[0]
+                self.samples.append((time.perf_counter() - self.t0, proc.memory_info().rss / 2**20))
+            except psutil.Error:
+                pass
+
+    def stop(self) -> None:
+        self.done.set()
+        self.join()
+
+    def series(self, points: int = 20) -> list[list[float]]:
+        """[seconds, MB] at up to ``points`` evenly spaced samples, the last and the largest."""
+        s = self.samples
+        if not s:
+            return []
+        picks = {round(i * (len(s) - 1) / max(points - 1, 1)) for i in range(points)}
+        picks.add(max(range(len(s)), key=lambda i: s[i][1]))
+        return [[round(s[i][0], 1), round(s[i][1], 0)] for i in sorted(picks)]
 
 
 def rates(trials, window: int = 200) -> dict[int, float]:
@@ -111,10 +159,12 @@ def main() -> None:
     ap.add_argument("--bucket", action="store_true", help="store the study in moto's S3 server, counting requests")
     ap.add_argument("--no-baseline", action="store_true", help="skip Tune alone")
     ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--root", help="write the studies here and leave them (default: a temporary folder)")
     ap.add_argument("--profile", metavar="DIR", help="py-spy the driver (20 Hz, collapsed stacks in DIR/driver_N.txt)")
     args = ap.parse_args()
     rows = []
-    with tempfile.TemporaryDirectory(prefix="vae-large-") as root:
+    with tempfile.TemporaryDirectory(prefix="vae-large-") as tmp:
+        root = args.root or tmp
         for n in args.sizes:
             row: dict = {"keep": args.keep or "default"}
             if args.bucket:

@@ -205,20 +205,37 @@ def read_arrow(path: StudyPath, table: str, *, on_skip: Any = None) -> pa.Table 
     """The union of a table's files under ``path`` as one Arrow table (None when there are none)."""
     for _ in range(5):
         files = table_files(path, table)
-        got = _read_all(files)
-        # A file listed but gone when read was merged by ``compact`` meanwhile: list again.
-        if not any(isinstance(g, FileNotFoundError) for g in got):
+        # A trial's own file wins over its rows in a compacted file (a trial rewritten after
+        # compaction, or the moment between writing the compacted file and removing the originals).
+        own: dict[Location, list[str]] = {}
+        for study, rel in files:
+            if not _is_compacted(rel):
+                own.setdefault(study, []).append(rel.rsplit("/", 1)[1].removesuffix(".parquet"))
+        # Read in batches, each merged into one table as it is read: a one-row table read from
+        # its own file holds some 60 KB (a buffer per column), 0.6 GB over 10,000 trials.
+        parts, gone = [], False
+        for i in range(0, len(files), READ_BATCH):
+            batch = files[i:i + READ_BATCH]
+            got = _read_all(batch)
+            # A file listed but gone when read was merged by ``compact`` meanwhile: list again.
+            if any(isinstance(g, FileNotFoundError) for g in got):
+                gone = True
+                break
+            part = _union(batch, got, on_skip, own)
+            if part is not None:
+                parts.append(part.combine_chunks() if len(batch) > 1 else part)
+        if not gone:
             break
-    return _union(files, got, on_skip)
+    if not parts:
+        return None
+    return parts[0] if len(parts) == 1 else pa.concat_tables(parts, promote_options="permissive")
 
 
-def _union(files: list[tuple[Location, str]], got: list[pa.Table | BaseException], on_skip: Any) -> pa.Table | None:
-    # A trial's own file wins over its rows in a compacted file (a trial rewritten after
-    # compaction, or the moment between writing the compacted file and removing the originals).
-    own: dict[Location, list[str]] = {}
-    for study, rel in files:
-        if not _is_compacted(rel):
-            own.setdefault(study, []).append(rel.rsplit("/", 1)[1].removesuffix(".parquet"))
+READ_BATCH = 256  # files read before they are merged into one table (``read_arrow``)
+
+
+def _union(files: list[tuple[Location, str]], got: list[pa.Table | BaseException], on_skip: Any,
+           own: dict[Location, list[str]]) -> pa.Table | None:
     tables = []
     for (study, rel), one in zip(files, got):
         if isinstance(one, BaseException):  # corrupt or foreign file: report it, keep the rest
@@ -245,10 +262,11 @@ def _read_one(study: Location, rel: str) -> pa.Table | BaseException:
         if local is not None:
             # One open file: read_table(path) opens it again for the pages, and a writer's
             # os.replace in between pairs the old footer with the new file's pages.
-            # (ParquetFile reads one file at half read_table's cost, which sets up a dataset.)
+            # (ParquetFile reads one file at half read_table's cost, which sets up a dataset; one
+            # thread, since a file of a few rows is not worth handing out column by column.)
             with open(local, "rb") as f:
-                return pq.ParquetFile(pa.BufferReader(f.read())).read()
-        return pq.ParquetFile(pa.BufferReader(study.read_bytes(rel))).read()
+                return pq.ParquetFile(pa.BufferReader(f.read())).read(use_threads=False)
+        return pq.ParquetFile(pa.BufferReader(study.read_bytes(rel))).read(use_threads=False)
     except Exception as exc:  # noqa: BLE001 - reported by the caller
         return exc
 
