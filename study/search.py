@@ -253,22 +253,33 @@ class _History:
 
 def recent_and_best(trials: list[Any], direction: Any, size: int, best: int) -> list[Any]:
     """Of ``trials`` (in trial order), all the running ones and at most ``size`` finished ones:
-    the ``best`` best completed ones and the most recent others, in trial order."""
+    the ``best`` best completed ones and the most recent others, in trial order.
+
+    One pass over the trials, by position, reading each trial's state and stored values once
+    (its ``value`` and ``number`` properties check and copy: half of this at 10,000 trials)."""
     if len(trials) <= size:  # the common case, at every ask: no pass over the trials
-        return trials
-    finished = [t for t in trials if t.state != optuna.trial.TrialState.RUNNING]
-    if len(finished) <= size:
         return trials
     import heapq
 
-    done = [t for t in finished if t.state == optuna.trial.TrialState.COMPLETE]
+    running, complete = optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.COMPLETE
     sign = 1.0 if direction == optuna.study.StudyDirection.MINIMIZE else -1.0
-    keep = {t.number for t in heapq.nsmallest(best, done, key=lambda t: sign * t.value)}
-    for t in reversed(finished):
+    finished: list[int] = []  # positions of the finished trials, in trial order
+    scored: list[tuple[float, int]] = []  # (signed value, position) of the completed ones
+    for i, t in enumerate(trials):
+        state = t.state
+        if state == running:
+            continue
+        finished.append(i)
+        if state == complete:
+            scored.append((sign * t.values[0], i))
+    if len(finished) <= size:
+        return trials
+    keep = {i for _, i in heapq.nsmallest(best, scored)}  # ties: the earlier trial
+    for i in reversed(finished):
         if len(keep) >= size:
             break
-        keep.add(t.number)
-    return [t for t in trials if t.state == optuna.trial.TrialState.RUNNING or t.number in keep]
+        keep.add(i)
+    return [t for i, t in enumerate(trials) if i in keep or t.state == running]
 
 
 def make_sampler(spec: StudySpec, concurrent: int = 1) -> Any:
