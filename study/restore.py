@@ -307,10 +307,13 @@ def restore_tuner(study: Location, trainable: Any, extra: list[Any]) -> tuple[An
     study's searcher or recorder."""
     from ray import tune
 
+    from study.reports import lazy_results
+
     where = study.ray_storage()
-    tuner = tune.Tuner.restore(f"{where['storage_path']}/{TUNE_DIR}", trainable=trainable,
-                               storage_filesystem=where.get("storage_filesystem"),
-                               resume_unfinished=True, resume_errored=False, restart_errored=False)
+    with lazy_results():  # Tune's restore reads every trial's result.json otherwise
+        tuner = tune.Tuner.restore(f"{where['storage_path']}/{TUNE_DIR}", trainable=trainable,
+                                   storage_filesystem=where.get("storage_filesystem"),
+                                   resume_unfinished=True, resume_errored=False, restart_errored=False)
     try:
         inner = tuner._local_tuner
         run_config = inner.get_run_config()

@@ -296,8 +296,11 @@ def _finish(spec: StudySpec, study: Location, tuner: Any, recorder: Any, warmer:
             printer: Printer, *, resumed: bool, t0: float) -> StudyResult:
     from study.search import close_stale_trials
 
+    from study.reports import lazy_results
+
     try:
-        grid = tuner.fit()
+        with lazy_results():
+            grid = tuner.fit()
     finally:
         db.publish()
     df = results.load(study, "trials")

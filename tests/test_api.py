@@ -32,4 +32,8 @@ def test_the_readme_python_api_example_runs_as_written(tmp_path):
     trial_ids = set(re.findall(r"\b([0-9a-f]{8})\b", out.split("callback saw")[0]))
     best = re.search(r"Tune's best: ([0-9a-f]{8}) ([\d.]+)", out)
     assert best and best.group(1) in trial_ids, out
+    logged = int(re.search(r"(\d+) epochs in its result.json", out).group(1))
+    row = next(r for r in map(str.split, out.splitlines())
+               if r[1:3] in ([best.group(1), "completed"], [best.group(1), "pruned"]))
+    assert logged == int(row[-2])  # its epochs_run: the trial's DataFrame, read from Tune's result.json
     assert (tmp_path / "studies" / "api-demo" / "study.json").is_file()

@@ -60,6 +60,33 @@ def test_four_trials_land_in_parquet_read_by_pyarrow_duckdb_polars(four):
     assert pl.read_parquet(folder / "trials" / "*.parquet").height == 5
 
 
+def test_tunes_result_grid_reads_a_trials_frame_only_when_asked(four):
+    """Tune's ResultGrid reads every trial's result.json into a DataFrame as it is made (0.7 GB
+    at 10,000 trials); the study's reads one when it is asked for, and gives what Tune gives."""
+    import pandas as pd
+    from ray.tune import ResultGrid
+    from ray.tune.analysis import ExperimentAnalysis
+
+    _, res, _ = four
+    grid = res.result_grid
+    assert isinstance(grid, ResultGrid) and len(grid) == 4
+    frames = grid._experiment_analysis._trial_dataframes
+    assert len(frames) == 4 and not frames._read  # nothing read yet
+    best = grid.get_best_result()
+    assert best.metrics["trial_id"] in set(res.trials["trial_id"]) and len(frames._read) == 1
+    # what Tune's own, eager, analysis reads of the same trial
+    eager = ExperimentAnalysis(grid.experiment_path, default_metric="best_val_elbo", default_mode="min")
+    pd.testing.assert_frame_equal(best.metrics_dataframe, eager.trial_dataframes[best.metrics["trial_id"]])
+    assert len(best.metrics_dataframe) == 1  # one epoch, one row
+    assert sorted(r.metrics["trial_id"] for r in grid) == sorted(r.metrics["trial_id"] for r in ResultGrid(eager))
+    assert grid[-1].path == grid[3].path and len(grid[1:3]) == 2 and len(frames._read) == 4
+    with pytest.raises(IndexError):
+        grid[4]
+    from ray.tune.impl import tuner_internal
+
+    assert tuner_internal.ResultGrid is ResultGrid  # put back after the run
+
+
 def test_trials_table_records_params_results_and_provenance(four):
     _, res, _ = four
     df = results.load(res.folder)
