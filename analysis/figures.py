@@ -62,10 +62,17 @@ def plot_loss_curves(epochs: pd.DataFrame, winner_id: str, *, fig: Figure | None
     panels = [("-ELBO (nats/image)", train_elbo, w["val_elbo"], "val_elbo"),
               ("reconstruction (nats/image)", w["train_recon"], w["val_recon"], "val_recon"),
               ("KL (nats/image)", w["train_kl"], w["val_kl"], "val_kl")]
+    others = others.sort_values(["trial_id", "epoch"])
+    cuts = np.flatnonzero(others["trial_id"].to_numpy()[1:] != others["trial_id"].to_numpy()[:-1]) + 1
+    x = np.split(others["epoch"].to_numpy(float), cuts) if len(others) else []
     for ax, (title, tr, va, col) in zip(axes, panels):
-        for _, g in others.groupby("trial_id"):
-            g = g.sort_values("epoch")
-            ax.plot(g["epoch"], g[col], color="0.6", alpha=0.35, lw=0.8)
+        if len(others):  # one artist for every other trial: a line each took 17 s at 10,000 trials
+            from matplotlib.collections import LineCollection
+
+            ys = np.split(others[col].to_numpy(float), cuts)
+            ax.add_collection(LineCollection([np.column_stack(xy) for xy in zip(x, ys)], colors="0.6", alpha=0.35,
+                                             linewidths=0.8))
+            ax.autoscale_view()
         ax.plot(w["epoch"], tr, marker="o", ms=3, label="train (winner)", color="C0")
         ax.plot(w["epoch"], va, marker="s", ms=3, label="validation (winner)", color="C3")
         ax.set_title(title)

@@ -14,6 +14,11 @@ kept per trial, random search over the same space, Tune's default loggers, none 
     python benchmarks/bench_scale.py --json benchmarks/results/scale.json
     python benchmarks/bench_scale.py --sizes 50 100 --json /tmp/scale.json
     python benchmarks/bench_scale.py --sizes 400 --sampler random     # Optuna without TPE's model
+    python benchmarks/bench_scale.py --slots 16 --nodes 4 --sizes 1000  # Ray's multi-node Cluster on this machine
+
+With ``--nodes K`` the trials run on K Ray nodes of ``--slots / K`` CPUs each
+(``ray.cluster_utils.Cluster`` on 127.0.0.1: a raylet and an object store per node), with a head
+node of no CPUs that holds the driver, as on a cluster.
 """
 from __future__ import annotations
 
@@ -123,15 +128,29 @@ def main() -> None:
     ap.add_argument("--slots", type=int, default=2)
     ap.add_argument("--sampler", default="tpe", help="the study's sampler (tpe, the default; random shows "
                     "Optuna's bookkeeping without TPE's model)")
+    ap.add_argument("--nodes", type=int, default=0, help="run the trials on this many Ray nodes of this machine "
+                    "(ray.cluster_utils.Cluster), --slots CPUs among them")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args()
+    if args.nodes and args.slots % args.nodes:
+        ap.error("--slots must split evenly over --nodes")
 
     import ray
 
     from study import cluster
 
     instrument()
-    cluster.init_ray(None, args.slots)
+    fake = None
+    if args.nodes:
+        from ray.cluster_utils import Cluster
+
+        fake = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+        for _ in range(args.nodes):
+            fake.add_node(num_cpus=args.slots // args.nodes)
+        fake.wait_for_nodes()
+        ray.init(address=fake.address, log_to_driver=False, logging_level="ERROR")
+    else:
+        cluster.init_ray(None, args.slots)
     rows = []
     with tempfile.TemporaryDirectory(prefix="vae-scale-") as root:
         for n in args.sizes:  # interleaved, so the machine's noise hits both alike
@@ -144,8 +163,11 @@ def main() -> None:
             print(f"        Tune alone: wall {b['wall_s']:7.1f} s, overhead {b['overhead_slot_s_per_trial']:.2f} "
                   f"slot-s/trial, driver {b['driver_cpu_ms_per_result']:.1f} ms/result", flush=True)
     ray.shutdown()
+    if fake is not None:
+        fake.shutdown()
     if args.json:
-        Path(args.json).write_text(json.dumps({"slots": args.slots, "sampler": args.sampler, "rows": rows}, indent=2))
+        Path(args.json).write_text(json.dumps({"slots": args.slots, "nodes": args.nodes or 1, "sampler": args.sampler,
+                                               "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":
