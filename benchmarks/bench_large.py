@@ -115,7 +115,9 @@ class RssSampler(threading.Thread):
                     if not kids:
                         continue
                     proc = kids[0]
-                self.samples.append((time.perf_counter() - self.t0, proc.memory_info().rss / 2**20))
+                rss = proc.memory_info().rss
+                if rss:  # 0 once it has exited
+                    self.samples.append((time.perf_counter() - self.t0, rss / 2**20))
             except psutil.Error:
                 pass
 
