@@ -203,7 +203,7 @@ def load(path: StudyPath, table: str = "trials", *, on_skip: Any = None) -> pd.D
 
 def read_arrow(path: StudyPath, table: str, *, on_skip: Any = None) -> pa.Table | None:
     """The union of a table's files under ``path`` as one Arrow table (None when there are none)."""
-    for _ in range(5):
+    for attempt in range(5):
         files = table_files(path, table)
         # A trial's own file wins over its rows in a compacted file (a trial rewritten after
         # compaction, or the moment between writing the compacted file and removing the originals).
@@ -217,8 +217,9 @@ def read_arrow(path: StudyPath, table: str, *, on_skip: Any = None) -> pa.Table 
         for i in range(0, len(files), READ_BATCH):
             batch = files[i:i + READ_BATCH]
             got = _read_all(batch)
-            # A file listed but gone when read was merged by ``compact`` meanwhile: list again.
-            if any(isinstance(g, FileNotFoundError) for g in got):
+            # A file listed but gone when read was merged by ``compact`` meanwhile: list again
+            # (the last time, it is reported and skipped as an unreadable file is).
+            if attempt < 4 and any(isinstance(g, FileNotFoundError) for g in got):
                 gone = True
                 break
             part = _union(batch, got, on_skip, own)

@@ -294,9 +294,8 @@ def _complete(spec: StudySpec, study: Location, tuner: Any, recorder: Any, warme
 
 def _finish(spec: StudySpec, study: Location, tuner: Any, recorder: Any, warmer: Any, db: OptunaDB,
             printer: Printer, *, resumed: bool, t0: float) -> StudyResult:
-    from study.search import close_stale_trials
-
     from study.reports import lazy_results
+    from study.search import close_stale_trials
 
     try:
         with lazy_results():
