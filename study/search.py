@@ -282,6 +282,32 @@ def recent_and_best(trials: list[Any], direction: Any, size: int, best: int) -> 
     return [t for i, t in enumerate(trials) if i in keep or t.state == running]
 
 
+class NSGAIISampler(optuna.samplers.NSGAIISampler):
+    """Optuna's NSGA-II, picklable again: Tune pickles the study's searcher, its sampler with it,
+    when the study starts and at each save, and Optuna 5.1's genetic samplers hold a thread lock
+    (``_thread_lock``), which no pickle takes. The lock is left out and made anew when loaded."""
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        if "_thread_lock" in state:
+            state["_thread_lock"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        if "_thread_lock" in state:
+            import threading
+
+            self._thread_lock = threading.Lock()
+
+
+# Optuna names what its genetic samplers keep in a study after the class (``NSGAIISampler:...``):
+# the subclass keeps Optuna's names, so a study resumed across versions reads its generations.
+for _key in ("_GENERATION_KEY", "_PARENT_CACHE_KEY_PREFIX"):
+    if _key in vars(optuna.samplers.NSGAIISampler):
+        setattr(NSGAIISampler, _key, vars(optuna.samplers.NSGAIISampler)[_key])
+
+
 def make_sampler(spec: StudySpec, concurrent: int = 1) -> Any:
     """The study's Optuna sampler, seeded."""
     s, seed = spec.sampler, spec.seed
@@ -304,7 +330,7 @@ def make_sampler(spec: StudySpec, concurrent: int = 1) -> Any:
     if s == "cmaes":
         return optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)
     if s == "nsgaii":
-        return optuna.samplers.NSGAIISampler(seed=seed, population_size=max(4, min(50, spec.n_trials // 4)))
+        return NSGAIISampler(seed=seed, population_size=max(4, min(50, spec.n_trials // 4)))
     raise ValueError(f"unknown sampler {s!r}")
 
 

@@ -378,3 +378,29 @@ def test_the_scheduler_chooses_as_fifo_does_looking_only_past_the_finished_trial
         statuses(T, E, T, T, T, R, R, R)
         trials[1].status = P  # a resumed driver restarts an errored trial
         assert restored.choose_trial_to_run(Controller()) is trials[1]
+
+
+@pytest.mark.parametrize("sampler", [*__import__("study.spec", fromlist=["SAMPLERS"]).SAMPLERS, "grid"])
+def test_every_sampler_pickles_as_tune_pickles_the_searcher(sampler):
+    """Tune pickles the study's searcher, its sampler with it, as the study starts and at each
+    save (Optuna 5.1's NSGA-II holds a thread lock, which broke that): each sampler makes the
+    round trip, and draws as it did before it."""
+    import pickle
+
+    import optuna
+
+    from study.search import make_sampler, optuna_space
+
+    options = {**BASE, "sampler": sampler, "trials": 8}
+    if sampler == "grid":
+        options = {**BASE, "grid": {"latent_dim": [2, 4]}, "trials": 2}
+    spec = build_spec(None, options)
+    s = make_sampler(spec, concurrent=2)
+    copy = pickle.loads(pickle.dumps(s))
+    assert type(copy) is type(s)
+    draws = []
+    for one in (s, copy):
+        study = optuna.create_study(sampler=one)
+        space = optuna_space(spec)
+        draws.append([study.ask(space).params for _ in range(3)])
+    assert draws[0] == draws[1]
