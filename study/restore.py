@@ -14,6 +14,13 @@ the rows:
 - A saved trial without a row is unfinished (PENDING): Tune continues it from its newest
   checkpoint, an errored one too (its worker died with the driver; one that fails for real
   fails again).
+- The checkpoints of an unfinished trial are made to match what Tune's saved state names
+  (:func:`_mend_checkpoints`). Tune deletes a trial's oldest checkpoint the instant a newer one
+  registers, and saves the state that names the newer one only later: a driver killed between
+  the two leaves a state whose newest checkpoint is gone, and Tune would fail the trial for good.
+  That checkpoint is remade from the oldest newer one that can be continued (every checkpoint
+  Tune registered had its epochs recorded first), and the checkpoints newer than the one the
+  state names are deleted, since the trial writes them again.
 - Tune's count of the trials it made is the saved trials plus the recorded trials it never
   saved (made and finished after its last save); its concurrency limiter holds exactly the
   unfinished ones, so no slot waits forever for a trial that is done.
@@ -50,6 +57,7 @@ class Reconciled:
     saved: list[str] = field(default_factory=list)  # trials in Tune's saved state
     unfinished: list[str] = field(default_factory=list)  # saved, no row: Tune continues them
     finished_in_tune: list[str] = field(default_factory=list)  # saved unfinished, but recorded: now finished
+    remade: list[str] = field(default_factory=list)  # unfinished, its saved newest checkpoint remade
     continued: list[str] = field(default_factory=list)  # saved errored without a row: continued
     unsaved_recorded: list[str] = field(default_factory=list)  # recorded, never saved by Tune
     counter: tuple[int, int] | None = None  # Tune's trial count (before, after) where it changed
@@ -88,6 +96,10 @@ def reconcile(study: Location, db: OptunaDB, spec: Any) -> Reconciled:
     state_rel = f"{TUNE_DIR}/{states[-1]}"  # Tune restores the newest by name
     state = json.loads(study.read_text(state_rel))
     configs = _reconcile_trials(state, rows, out)
+    for entry in state.get("trial_data", []):
+        tid = str(json.loads(entry[0])["trial_id"])
+        if tid in configs:
+            _mend_checkpoints(study, tid, entry[1], out)
     if out.finished_in_tune or out.continued:
         study.write_text(state_rel, json.dumps(state))
     out.unsaved_recorded = sorted(set(rows) - set(out.saved))
@@ -130,6 +142,54 @@ def _reconcile_trials(state: dict[str, Any], rows: dict[str, dict[str, Any]], ou
             meta["error_filename"] = meta["pickled_error_filename"] = None
             entry[1] = json.dumps(meta)
     return configs
+
+
+# A checkpoint Tune deleted that its saved state names but will not restore from: Tune deletes
+# it again when newer ones register, and a path that is gone stops that (ray.train's
+# _delete_fs_path), so a marker stands in for it.
+_STAND_IN = ".deleted-by-tune"
+
+
+def _mend_checkpoints(study: Location, tid: str, run_metadata: str, out: Reconciled) -> None:
+    """Make an unfinished trial's checkpoint folders what Tune's saved state names (see the
+    module's docstring). ``run_metadata``: the trial's entry in the saved state, read with Tune's
+    own decoder."""
+    if '"checkpoint_manager"' not in run_metadata:
+        return
+    from ray.tune.trainable.metadata import _TrainingRunMetadata
+
+    manager = _TrainingRunMetadata.from_json_state(run_metadata).checkpoint_manager
+    latest = manager.latest_checkpoint_result if manager is not None else None
+    if latest is None or latest.checkpoint is None:
+        return  # Tune starts it from scratch
+    newest = _base(latest.checkpoint.path)
+    named = {_base(r.checkpoint.path) for r in manager.best_checkpoint_results if r.checkpoint is not None}
+    folder = f"{TUNE_DIR}/trial_{tid}"
+    have: dict[str, set[str]] = {}
+    for path in study.walk(folder):
+        parts = path.split("/")
+        if len(parts) == 4 and parts[2].startswith("checkpoint_"):
+            have.setdefault(parts[2], set()).add(parts[3])
+    newer = sorted(n for n in have if n > newest)
+    if "state.pt" not in have.get(newest, set()):
+        # Gone, or remade only in part by a resume killed as it remade it. (A trial's last
+        # checkpoint has no state.pt, but nothing comes after it.)
+        source = next((n for n in newer if "state.pt" in have[n]), None)
+        if source is not None:
+            for name in ("model.pt", "state.pt"):  # state.pt last: it makes the checkpoint one to continue
+                if name in have[source]:
+                    study.write_bytes(f"{folder}/{newest}/{name}", study.read_bytes(f"{folder}/{source}/{name}"))
+            have[newest] = have[source] & {"model.pt", "state.pt"}
+            out.remade.append(tid)
+    for name in sorted(named - set(have) - {newest}):
+        study.write_text(f"{folder}/{name}/{_STAND_IN}", "deleted by Ray Tune after its state was saved; "
+                         "this stands in for it until Tune deletes it again\n")
+    for name in newer:  # unknown to the saved state: the trial writes them again
+        study.delete_tree(f"{folder}/{name}")
+
+
+def _base(path: str) -> str:
+    return str(path).rstrip("/").rsplit("/", 1)[-1]
 
 
 def _reconcile_search_state(study: Location, rel: str, made: int, unfinished: set[str]) -> tuple[int, int] | None:

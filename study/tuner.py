@@ -275,6 +275,9 @@ def _restored_tuner(spec: StudySpec, study: Location, db: OptunaDB, printer: Pri
     printer(f"resuming study {spec.name!r} in {study}: {fixed.recorded} of {spec.n_trials} trials finished, "
             f"{unfinished} to continue from {'their' if unfinished != 1 else 'its'} last checkpoint, "
             f"{max(0, spec.n_trials - fixed.recorded - unfinished)} to start")
+    for tid in fixed.remade:
+        printer(f"  trial {tid}: the checkpoint Tune's saved state names was deleted before the kill "
+                "(Tune deletes old checkpoints before it saves its state); remade from the next one")
     return tuner, recorder, _warmer(callbacks)
 
 

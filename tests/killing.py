@@ -7,6 +7,7 @@ resumed study must hold, whatever the moment was.
 """
 from __future__ import annotations
 
+import glob
 import os
 import re
 import signal
@@ -30,6 +31,7 @@ class Moment:
     name: str
     line: str | None = None  # a regex: kill the instant the driver prints a matching line
     after_s: float | None = None  # or this long after the driver started
+    gone: str | None = None  # or the instant a path matching this glob, once seen, is gone
 
 
 # The moments a study's output shows, each the instant after something happened.
@@ -81,9 +83,17 @@ def run_until(args: list[str], moment: Moment | None, env: dict[str, str], timeo
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
     deadline = t0 + timeout
+    seen: set[str] = set()
     while proc.poll() is None and time.monotonic() < deadline:
         if moment is not None and moment.after_s is not None and time.monotonic() - t0 >= moment.after_s:
             kill(None)
+        if moment is not None and moment.gone is not None and out.at_s is None:
+            now = set(glob.glob(moment.gone))
+            if seen - now:  # polled tightly: the window after a deletion is milliseconds wide
+                kill(f"gone: {', '.join(sorted(seen - now))}")
+            seen = now
+            time.sleep(0.0002)
+            continue
         time.sleep(0.005)
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGKILL)
@@ -116,7 +126,9 @@ def check_whole(study: Any, optuna_url: str, name: str, *, trials: int, epochs: 
     if len(df) != trials or not df["trial_id"].is_unique:
         wrong.append(f"{len(df)} trials rows for {trials} trials ({sorted(df['trial_id'])})")
     if not df["status"].isin(["completed", "pruned"]).all():
-        wrong.append(f"statuses {df['status'].value_counts().to_dict()}")
+        failed = df[~df["status"].isin(["completed", "pruned"])]
+        why = "; ".join(f"{r.trial_id} {r.status}: {r.error}" for r in failed.itertuples())
+        wrong.append(f"statuses {df['status'].value_counts().to_dict()} ({why})")
     refits = everything[everything["status"] == results.REFIT]
     win = results.winner(df)
     if len(refits) != 1:

@@ -82,6 +82,39 @@ def test_a_study_killed_at_any_moment_resumes_whole(tmp_path, seed):
     assert not problems, problems
 
 
+def test_a_study_killed_the_instant_tune_deletes_a_checkpoint_its_saved_state_names_resumes_whole(tmp_path):
+    """Tune deletes a trial's oldest checkpoint the instant a newer one registers, and saves the
+    state that names the newer one later. With Tune's periodic save turned down, its saves come
+    every second checkpoint of a trial, so a trial's third checkpoint deletes the one the saved
+    state names: the driver is killed the instant that happens. Before the resume remade it,
+    every such kill failed the trial for good ("Could not recover from checkpoint")."""
+    storage = str(tmp_path / "studies")
+    trials, epochs = 4, 10  # checkpoints at ASHA's rungs 1, 3, 9 and the last epoch
+    study_args = ["--trials", str(trials), "--epochs", str(epochs), "--num-cpus", "2",
+                  "--max-train-images", "400", "--grace-period", "1", "--seed", "0"]
+    report, problems, remade = [], {}, 0
+    for i in range(3):  # until a kill lands in the window (the first does, in every run seen)
+        name = f"d{i}"
+        moment = Moment("a checkpoint_000001 deleted", gone=f"{storage}/{name}/tune/trial_*/checkpoint_000001")
+        killed = run_until(["run", "--name", name, "--storage", storage, *study_args], moment,
+                           {"TUNE_GLOBAL_CHECKPOINT_S": "1000"})
+        assert killed.at_s is not None, "\n".join(killed.lines[-20:])
+        study = Location(f"{storage}/{name}")
+        before = recorded(study)
+        r = run_until(["resume", "--name", name, "--storage", storage, "--num-cpus", "2"], None, {})
+        assert r.returncode == 0, "\n".join(r.lines[-30:])
+        remade += any("remade from" in line for line in r.lines)
+        wrong = check_whole(study, f"{storage}/{name}/optuna.log", name, trials=trials, epochs=epochs, before=before)
+        report.append(f"killed at {killed.at_s:.2f} s on {killed.line!r}, {len(before)} rows: {'; '.join(wrong) or 'whole'}")
+        if wrong:
+            problems[name] = wrong
+        if remade:
+            break
+    print("\n".join(report))
+    assert not problems, problems
+    assert remade, "no kill landed between Tune's deletion and its save:\n" + "\n".join(report)
+
+
 def test_a_killed_resume_is_resumed_again(tmp_path):
     """A `resume` is a driver like any other: kill it mid-way, and resume again."""
     storage = str(tmp_path / "studies")
