@@ -256,3 +256,61 @@ def test_reconcile_makes_what_a_stale_optuna_snapshot_lacks_from_the_rows_and_tu
     # "v" took the first start-up point when it was asked; "r" and "u" the next two: none is left
     # waiting, and none was asked again
     assert len(got) == 4 and None not in got
+
+
+@pytest.mark.parametrize("where", ["folder", "bucket"])
+def test_reconcile_remakes_the_checkpoint_tunes_saved_state_names_where_tune_deleted_it(tmp_path, where):
+    """What a kill leaves between Tune's deletion of a trial's oldest checkpoint (the instant a
+    newer one registers) and its next save of the state: the state names checkpoints 0 and 1;
+    0 and 1 are gone, 2 and 3 were registered since, and 4 was being written. The resume remakes
+    1 (the newest named) from 2 (the oldest newer one with optimiser state), stands a marker in
+    for 0 (Tune deletes it again, and fails on a path that is gone), and deletes 2 to 4 (the
+    trial writes them again). A resume killed as it remade 1 (its state.pt not yet written) is
+    mended by the next. The real kill: tests/test_kill_anywhere.py."""
+    import contextlib
+
+    from ray import tune
+    from ray.train._internal.checkpoint_manager import _CheckpointManager, _TrainingResult
+    from ray.tune.trainable.metadata import _TrainingRunMetadata
+
+    from s3 import BUCKET, s3_server
+    from study.restore import _STAND_IN, Reconciled, _mend_checkpoints
+    from study.storage import Location
+
+    with (s3_server() if where == "bucket" else contextlib.nullcontext()):
+        study = Location(f"s3://{BUCKET}/mend" if where == "bucket" else str(tmp_path / "s"))
+        folder = "tune/trial_t"
+        meta = _TrainingRunMetadata()
+        meta.checkpoint_manager = _CheckpointManager(tune.CheckpointConfig(num_to_keep=2))
+        for i in (0, 1):
+            path = f"{study.path}/{folder}/checkpoint_00000{i}"
+            meta.checkpoint_manager.register_checkpoint(
+                _TrainingResult(checkpoint=tune.Checkpoint(path, study.fs), metrics={"epoch": 2 * i + 1}))
+        saved = meta.get_json_state()
+        for i in (2, 3):
+            for name in ("model.pt", "state.pt"):
+                study.write_bytes(f"{folder}/checkpoint_00000{i}/{name}", f"{name} {i}".encode())
+        study.write_bytes(f"{folder}/checkpoint_000004/model.pt", b"model.pt 4")  # cut short by the kill
+        study.write_bytes(f"{folder}/result.json", b"{}")
+
+        def files() -> dict[str, bytes]:
+            return {p.removeprefix(f"{folder}/"): study.read_bytes(p) for p in study.walk(folder)}
+
+        out = Reconciled()
+        _mend_checkpoints(study, "t", saved, out)
+        assert out.remade == ["t"]
+        assert files() == {"checkpoint_000001/model.pt": b"model.pt 2", "checkpoint_000001/state.pt": b"state.pt 2",
+                           f"checkpoint_000000/{_STAND_IN}": files()[f"checkpoint_000000/{_STAND_IN}"],
+                           "result.json": b"{}"}
+        again = Reconciled()
+        _mend_checkpoints(study, "t", saved, again)  # nothing more to do
+        assert again.remade == [] and len(files()) == 4
+
+        # a resume killed as it remade checkpoint 1: its state.pt not yet written, 2 still there
+        study.delete(f"{folder}/checkpoint_000001/state.pt")
+        for name in ("model.pt", "state.pt"):
+            study.write_bytes(f"{folder}/checkpoint_000002/{name}", f"{name} 2".encode())
+        third = Reconciled()
+        _mend_checkpoints(study, "t", saved, third)
+        assert third.remade == ["t"] and files()["checkpoint_000001/state.pt"] == b"state.pt 2"
+        assert not any(p.startswith("checkpoint_000002") for p in files())
