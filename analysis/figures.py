@@ -7,6 +7,7 @@ import matplotlib
 import numpy as np
 import pandas as pd
 from matplotlib.axes import Axes
+from matplotlib.collections import LineCollection
 from matplotlib.figure import Figure
 
 from analysis.metrics import Traversal, pareto_front
@@ -67,8 +68,6 @@ def plot_loss_curves(epochs: pd.DataFrame, winner_id: str, *, fig: Figure | None
     x = np.split(others["epoch"].to_numpy(float), cuts) if len(others) else []
     for ax, (title, tr, va, col) in zip(axes, panels):
         if len(others):  # one artist for every other trial: a line each took 17 s at 10,000 trials
-            from matplotlib.collections import LineCollection
-
             ys = np.split(others[col].to_numpy(float), cuts)
             ax.add_collection(LineCollection([np.column_stack(xy) for xy in zip(x, ys)], colors="0.6", alpha=0.35,
                                              linewidths=0.8))
