@@ -95,11 +95,9 @@ def reconcile(study: Location, db: OptunaDB, spec: Any) -> Reconciled:
         return out
     state_rel = f"{TUNE_DIR}/{states[-1]}"  # Tune restores the newest by name
     state = json.loads(study.read_text(state_rel))
-    configs = _reconcile_trials(state, rows, out)
-    for entry in state.get("trial_data", []):
-        tid = str(json.loads(entry[0])["trial_id"])
-        if tid in configs:
-            _mend_checkpoints(study, tid, entry[1], out)
+    configs, run_metadata = _reconcile_trials(state, rows, out)
+    for tid, meta in run_metadata.items():
+        _mend_checkpoints(study, tid, meta, out)
     if out.finished_in_tune or out.continued:
         study.write_text(state_rel, json.dumps(state))
     out.unsaved_recorded = sorted(set(rows) - set(out.saved))
@@ -113,10 +111,11 @@ def reconcile(study: Location, db: OptunaDB, spec: Any) -> Reconciled:
     return out
 
 
-def _reconcile_trials(state: dict[str, Any], rows: dict[str, dict[str, Any]], out: Reconciled) -> dict[str, dict]:
+def _reconcile_trials(state: dict[str, Any], rows: dict[str, dict[str, Any]],
+                      out: Reconciled) -> tuple[dict[str, dict], dict[str, str]]:
     """Set each saved trial's status by its row (``out`` records what was found and changed);
-    returns the unfinished trials' configs."""
-    configs = {}
+    returns the unfinished trials' configs and their saved run metadata (Tune's JSON)."""
+    configs, run_metadata = {}, {}
     for entry in state.get("trial_data", []):
         trial = json.loads(entry[0])
         tid = str(trial["trial_id"])
@@ -132,6 +131,7 @@ def _reconcile_trials(state: dict[str, Any], rows: dict[str, dict[str, Any]], ou
             continue
         out.unfinished.append(tid)
         configs[tid] = trial.get("config", {})
+        run_metadata[tid] = entry[1]
         if status == "ERROR":
             # Saved as errored, never recorded: its worker died with the driver. It continues
             # from its checkpoint, as Tune's own resume of an errored trial does.
@@ -141,7 +141,7 @@ def _reconcile_trials(state: dict[str, Any], rows: dict[str, dict[str, Any]], ou
             meta = json.loads(entry[1])
             meta["error_filename"] = meta["pickled_error_filename"] = None
             entry[1] = json.dumps(meta)
-    return configs
+    return configs, run_metadata
 
 
 # A checkpoint Tune deleted that its saved state names but will not restore from: Tune deletes
@@ -179,7 +179,6 @@ def _mend_checkpoints(study: Location, tid: str, run_metadata: str, out: Reconci
             for name in ("model.pt", "state.pt"):  # state.pt last: it makes the checkpoint one to continue
                 if name in have[source]:
                     study.write_bytes(f"{folder}/{newest}/{name}", study.read_bytes(f"{folder}/{source}/{name}"))
-            have[newest] = have[source] & {"model.pt", "state.pt"}
             out.remade.append(tid)
     for name in sorted(named - set(have) - {newest}):
         study.write_text(f"{folder}/{name}/{_STAND_IN}", "deleted by Ray Tune after its state was saved; "
