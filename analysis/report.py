@@ -1,6 +1,6 @@
 """The only writer of the analysis package: PNGs, a self-contained index.html and summary.json.
 
-``build(study_dir)`` reads the Parquet results (a folder or a bucket, through ``study.storage``),
+``build(study_dir)`` reads the Parquet results (a folder or a bucket, through ``study.store``),
 picks the winner (``study.results.winner``), has ``analysis.compute`` gather what needs its
 checkpoint (t-SNE, reconstruction panel, decoder-only gap,
 traversals, prior samples), caches those arrays in ``<out>/cache/`` and draws every figure.
@@ -29,7 +29,7 @@ from analysis import figures as F
 from analysis import metrics as M
 from study import results
 from study.errors import StudyError
-from study.storage import REPORT_DIR, SPEC_FILE, Location, OptunaDB, is_study
+from study.store import Location, OptunaDB, REPORT_DIR, SPEC_FILE, is_study
 from vae.evaluate import psnr
 
 DPI = 200
@@ -105,7 +105,7 @@ def _build(study: Location, out: Path, dest: Location, options: Options | None,
     trials = results.load(study, "trials", on_skip=lambda p, r: skipped.append(f"skipped unreadable {Path(str(p)).name}: {r}"))
     if trials.empty:
         raise StudyError(f"study {study.name} has no trials recorded yet; run or resume it first")
-    # A refit (study.refit) is the winner retrained on train+validation: shown beside the
+    # A refit (study.run.refit) is the winner retrained on train+validation: shown beside the
     # winner, never ranked or counted with the search's trials.
     refits = trials[trials["status"] == results.REFIT]
     trials = results.search_trials(trials).reset_index(drop=True)
@@ -174,7 +174,7 @@ def _build(study: Location, out: Path, dest: Location, options: Options | None,
     _atomic_write(out / "summary.json", json.dumps(summary, indent=2, default=str))
     _atomic_write(index, _html(name, study.uri, sections, summary, out))
     if spec.get("log_to") and win is not None:
-        from study.trackers import log_report
+        from study.run.trackers import log_report
 
         log_report(spec["log_to"], name, str(win["trial_id"]), out, say)
     return index

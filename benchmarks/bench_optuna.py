@@ -7,7 +7,7 @@ sampler, on each storage, in one run (the machine is noisy: compare within a run
     python benchmarks/bench_optuna.py                 # SQLite, Optuna's journal file, the study's journal
     python benchmarks/bench_optuna.py --rounds 3 --trials 400
 
-The study's journal (``study.storage.journal_storage``) is Optuna's journal file without the fsync
+The study's journal (``study.store.optuna_storage.journal_storage``) is Optuna's journal file without the fsync
 after each append.
 """
 from __future__ import annotations
@@ -27,13 +27,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 def storages(tmp: str) -> dict:
     from optuna.storages.journal import JournalFileBackend
 
-    from study.storage import journal_storage
+    from study.store.optuna_storage import journal_storage
 
     return {
         "SQLite (a study before the journal)": lambda i: optuna.storages.RDBStorage(f"sqlite:///{tmp}/{i}.db"),
         "Optuna's journal file (fsync per append)":
             lambda i: optuna.storages.JournalStorage(JournalFileBackend(f"{tmp}/{i}.optuna.log")),
-        "the study's journal (study.storage.journal_storage)": lambda i: journal_storage(f"{tmp}/{i}.log"),
+        "the study's journal (study.store.optuna_storage.journal_storage)": lambda i: journal_storage(f"{tmp}/{i}.log"),
     }
 
 

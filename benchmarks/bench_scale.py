@@ -56,9 +56,9 @@ def _timed(cls: type, names: list[str], who: str) -> None:
 
 
 def instrument() -> None:
-    from study.progress import Progress
-    from study.recorder import ResultsRecorder
-    from study.search import StudySearch
+    from study.run.progress import Progress
+    from study.results.recorder import ResultsRecorder
+    from study.search.searcher import StudySearch
 
     hooks = ["on_trial_start", "on_trial_result", "on_trial_complete", "on_trial_error", "on_step_end",
              "on_trial_save", "on_checkpoint", "on_experiment_end", "on_step_begin"]
@@ -72,15 +72,16 @@ def instrument() -> None:
 
 
 def ours(n: int, root: str, slots: int, sampler: str = "tpe") -> dict:
-    from study import results, tuner
-    from study.spec import build_spec
+    from study import results
+    from study.run import recipes
+    from study.spec.spec import build_spec
 
     spec = build_spec(None, {"name": f"scale{n}", "storage": root, "trials": n, "epochs": 1, "smoke": True,
                              "scheduler": "none", "refit": False, "num_cpus": slots, "max_concurrent": slots,
                              "sampler": sampler})
     CPU.clear()
     c0, t0 = time.process_time(), time.perf_counter()
-    res = tuner.run(spec, printer=lambda s: None)
+    res = recipes.run(spec, printer=lambda s: None)
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     trials = results.load(res.folder)
     train = float(trials["train_seconds"].sum())
@@ -93,18 +94,18 @@ def ours(n: int, root: str, slots: int, sampler: str = "tpe") -> dict:
 def tune_alone(n: int, root: str, slots: int) -> dict:
     from ray import tune
 
-    from study import tuner
-    from study.spec import build_spec
+    from study.run import recipes
+    from study.spec.spec import build_spec
 
     spec = build_spec(None, {"name": f"alone{n}", "storage": root, "trials": n, "epochs": 1, "smoke": True,
                              "scheduler": "none", "refit": False, "num_cpus": slots})
-    space = {**tuner.fixed_params(spec), "latent_dim": tune.randint(2, 65), "beta": tune.loguniform(0.01, 10.0),
+    space = {**recipes.fixed_params(spec), "latent_dim": tune.randint(2, 65), "beta": tune.loguniform(0.01, 10.0),
              "lr": tune.loguniform(1e-4, 3e-3)}
-    t = tune.Tuner(tuner.make_trainable(spec), param_space=space,
+    t = tune.Tuner(recipes.make_trainable(spec), param_space=space,
                    tune_config=tune.TuneConfig(num_samples=n, max_concurrent_trials=slots, reuse_actors=True,
                                                metric="val_elbo", mode="min", search_alg=tune.search.BasicVariantGenerator(random_state=0)),
                    run_config=tune.RunConfig(name=f"alone{n}", storage_path=root, verbose=0,
-                                             checkpoint_config=tune.CheckpointConfig(num_to_keep=tuner.KEEP_CHECKPOINTS)))
+                                             checkpoint_config=tune.CheckpointConfig(num_to_keep=recipes.KEEP_CHECKPOINTS)))
     c0, t0 = time.process_time(), time.perf_counter()
     grid = t.fit()
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0

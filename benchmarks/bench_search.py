@@ -51,8 +51,9 @@ def main() -> None:
 
     from analysis import figures as F
     from analysis import metrics as M
-    from study import cluster, results, tuner
-    from study.spec import build_spec
+    from study import cluster, results
+    from study.run import recipes
+    from study.spec.spec import build_spec
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -76,7 +77,7 @@ def main() -> None:
             grid = build_spec(None, {"name": "grid", "storage": tmp, "epochs": args.epochs, "scheduler": "none",
                                      "grid": {"latent_dim": [5, 10, 15, 20], "beta": [0.1, 0.3, 1.0, 3.0]},
                                      "refit": False})
-            g = tuner.run(grid, printer=lambda s: None)
+            g = recipes.run(grid, printer=lambda s: None)
             grid_wall = time.perf_counter() - t0
             gdf = results.load(g.folder)
             grid_best = float(gdf["val_elbo"].min())
@@ -97,7 +98,7 @@ def main() -> None:
                                      "reduction_factor": args.reduction_factor,
                                      "startup_trials": args.startup_trials, "startup": args.startup,
                                      "constant_liar": args.constant_liar, "refit": False})
-            r = tuner.run(spec, printer=lambda s: None)
+            r = recipes.run(spec, printer=lambda s: None)
             df = results.load(r.folder)
             curve = M.best_so_far(df)
             curves[f"TPE+ASHA seed {seed}"] = curve

@@ -26,11 +26,12 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 PROBE = """
 import json, sys, time
-from study import tuner, cluster
-from study.spec import build_spec
+from study import cluster
+from study.run import recipes
+from study.spec.spec import build_spec
 spec = build_spec(None, json.loads(sys.argv[1]))
 t0 = time.perf_counter()
-res = tuner.run(spec, printer=lambda s: None)
+res = recipes.run(spec, printer=lambda s: None)
 print(json.dumps({"wall": time.perf_counter() - t0, "publish_seconds": res.publish_seconds,
                   "publishes": res.publishes, "write_seconds": res.write_seconds, "trials": len(res.trials)}))
 """

@@ -36,8 +36,9 @@ def main() -> None:
     t_import = time.perf_counter()
     import ray
 
-    from study import cluster, results, tuner
-    from study.spec import build_spec
+    from study import cluster, results
+    from study.run import recipes
+    from study.spec.spec import build_spec
     import_seconds = time.perf_counter() - t_import
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -46,7 +47,7 @@ def main() -> None:
                                  "scheduler": None if args.asha else "none", "refit": not args.no_refit})
         t0 = time.perf_counter()
         t0_unix = time.time()
-        res = tuner.run(spec, printer=lambda s: None)  # starts Ray, as the CLI does
+        res = recipes.run(spec, printer=lambda s: None)  # starts Ray, as the CLI does
         wall = time.perf_counter() - t0
         slots = cluster.slots(spec, cluster.view())
         trials = results.load(res.folder)

@@ -16,9 +16,9 @@ from collections import Counter
 
 # The owner of a sample: the first of these found walking from the leaf up (module path fragments).
 OWNERS = (
-    ("study: recorder (Parquet rows, retention)", ("study/reports.py", "study/results.py", "study/retention.py")),
-    ("study: searcher (Optuna ask/tell/report)", ("study/search.py",)),
-    ("study: restore / reconcile", ("study/restore.py",)),
+    ("study: recorder (Parquet rows, retention)", ("study/results/",)),
+    ("study: searcher (Optuna ask/tell/report)", ("study/search/",)),
+    ("study: restore / reconcile", ("study/run/restore.py", "study/search/mend.py")),
     ("study: other", ("study/",)),
     ("optuna", ("optuna/",)),
     ("sqlalchemy / sqlite", ("sqlalchemy/", "sqlite3")),
@@ -32,11 +32,13 @@ OWNERS = (
 # Inclusive shares: a sample counts for each of these that has a frame anywhere in its stack.
 INCLUSIVE = (
     ("Optuna and its storage (ask, report, tell, attributes)", ("optuna/",)),
-    ("the results recorder (study.reports: rows, retention)", ("study/reports.py",)),
+    ("the results recorder (study.results: rows, retention)",
+     ("study/results/recorder.py", "study/results/retention.py")),
     ("Tune's loggers (CSV, JSON, TensorBoard)", ("tune/logger/", "tensorboardX/")),
     ("Tune saving its experiment state", ("experiment_state",)),
     ("imports (start-up)", ("<frozen importlib",)),
-    ("the table read back and compacted at the end", ("load (study/results.py", "compact (study/results.py")),
+    ("the table read back and compacted at the end",
+     ("load (study/results/tables.py", "compact (study/results/tables.py")),
 )
 # The main thread's functions: the innermost frame from one of these (the code a change could reach).
 OWN_CODE = ("(study/", "ray/tune/", "optuna/")

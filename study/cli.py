@@ -31,10 +31,10 @@ def _fmt_help(cls: type[argparse.HelpFormatter] = argparse.RawDescriptionHelpFor
 
 def _add_config_flags(p: argparse.ArgumentParser, *, for_run: bool = False) -> None:
     """A flag per TrainConfig field, typed by the dataclass and described by the registry; for
-    ``run``, those that fix a value for every trial (study.space)."""
+    ``run``, those that fix a value for every trial (study.spec.space)."""
     from vae.config import TrainConfig, field_types
 
-    from study.space import BY_NAME
+    from study.spec import BY_NAME
 
     types = field_types()
     for f in fields(TrainConfig):
@@ -152,7 +152,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         vae-study run --name sweep --storage s3://my-bucket/studies --address auto --gpus-per-trial 0.25
     """
     from study.spec import build_spec, overrides_from_flags, read_toml
-    from study.tuner import run
+    from study.run import run
 
     toml = read_toml(args.config) if args.config else None
     overrides = overrides_from_flags(vars(args))
@@ -234,7 +234,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
     from study.errors import StudyError
     from study.spec import read_spec
-    from study.tuner import resume
+    from study.run import resume
 
     args.storage = args.storage or os.environ.get("VAE_STUDY_STORAGE")
     if not args.storage:
@@ -317,7 +317,7 @@ def cmd_compact(args: argparse.Namespace) -> int:
     Example:
         vae-study compact studies/big-sweep
     """
-    from study.tuner import compact_study
+    from study.run import compact_study
 
     merged = compact_study(args.study)
     print(", ".join(f"{table}: {n} files merged" for table, n in merged.items()))
@@ -339,7 +339,7 @@ def cmd_cluster_local(args: argparse.Namespace) -> int:
     """
     from pathlib import Path
 
-    from study import launch
+    from study.cluster import launch
 
     config = launch.read_config(args.config)
     workers = [ip.strip() for ip in args.worker_ips.split(",") if ip.strip()]
@@ -361,14 +361,14 @@ def cmd_cluster_aws_setup(args: argparse.Namespace) -> int:
     Workers get a role that may use the study's bucket (VAE_STUDY_STORAGE in cluster.yaml) and
     nothing else; the head gets EC2 for the autoscaler, the bucket, and iam:PassRole on the
     worker role alone, so that it may launch workers. Safe to run again: the policies are
-    brought up to date. The policy documents are in study/iam/. Uses your own AWS credentials
+    brought up to date. The policy documents are in study/cluster/iam/. Uses your own AWS credentials
     and writes no key anywhere. Prints the region's GPU quotas: spot and on-demand G instances
     have separate vCPU quotas, often 0 on a new account.
 
     Example:
         vae-study cluster aws-setup            # reads ./cluster.yaml
     """
-    from study import launch
+    from study.cluster import launch
 
     config = launch.read_config(args.config)
     done = launch.aws_setup(config)

@@ -22,8 +22,8 @@ import optuna
 
 from conftest import REPO
 from study import results
-from study.restore import TUNE_TRIAL
-from study.storage import open_optuna
+from study.search.searcher import TUNE_TRIAL
+from study.store.optuna_storage import open_optuna
 
 
 @dataclass(frozen=True)
@@ -148,7 +148,7 @@ def check_whole(study: Any, optuna_url: str, name: str, *, trials: int, epochs: 
     for tid, finished_at in (before or {}).items():
         if tid not in rows.index or rows.loc[tid, "finished_at"] != finished_at:
             wrong.append(f"trial {tid}, recorded before the kill, was recorded again")
-    # what finished trials keep (study.retention, keep = "all"): their row's checkpoint, weights only
+    # what finished trials keep (study.results.retention, keep = "all"): their row's checkpoint, weights only
     ckpts: dict[str, set[str]] = {}
     for path in study.walk("tune"):
         parts = path.split("/")

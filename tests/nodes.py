@@ -94,7 +94,7 @@ def bucket_trials(uri: str) -> list[dict[str, Any]]:
 
 def report(uri: str) -> dict[str, Any]:
     out = cli("report", uri, "--tsne-points", "200", "--gap-images", "50", "--decoder-steps", "5")
-    from study.storage import Location
+    from study.store.location import Location
 
     out["files"] = Location(uri).files("report")
     return out

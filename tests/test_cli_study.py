@@ -158,7 +158,7 @@ def test_compact_keeps_every_row_and_readers_agree(study_dir, tmp_path):
     for t in results.TABLES:
         assert sorted(p.name for p in (copy / t).iterdir()) == ["compacted.parquet"], t
     # a trial file written after compaction wins over its compacted rows, and compact merges it
-    from study.results import write_rows
+    from study.results.tables import write_rows
 
     row = before["trials"].iloc[0].to_dict()
     row["status"] = "failed"

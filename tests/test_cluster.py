@@ -13,7 +13,8 @@ import pytest
 import yaml
 
 from conftest import REPO
-from study import launch, results
+from study import results
+from study.cluster import launch
 
 CLUSTER_YAML = REPO / "cluster.yaml"
 
@@ -330,7 +331,7 @@ def test_the_waiting_line_carries_the_autoscalers_launches_and_failures():
     """What a study prints while trials wait for nodes, from Ray's own autoscaler-v2 records."""
     from ray.autoscaler.v2.schema import LaunchRequest
 
-    from study.cluster import summarize_launches
+    from study.cluster.connect import summarize_launches
 
     def req(kind: str, n: int, state: str, failed: int | None = None, details: str | None = None) -> LaunchRequest:
         return LaunchRequest(instance_type_name="g5.xlarge", ray_node_type_name=kind, count=n,

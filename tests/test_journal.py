@@ -8,7 +8,9 @@ import time
 import optuna
 import pytest
 
-from study.storage import OPTUNA_DB, OPTUNA_LOG, Location, OptunaDB, journal_storage, open_optuna
+from study.store.layout import OPTUNA_DB, OPTUNA_LOG
+from study.store.location import Location
+from study.store.optuna_storage import OptunaDB, journal_storage, open_optuna
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 

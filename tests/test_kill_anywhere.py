@@ -20,7 +20,7 @@ import killing
 from conftest import require
 from killing import EVENTS, Moment, check_whole, recorded, run_until
 from s3 import BUCKET, s3_server
-from study.storage import Location
+from study.store.location import Location
 
 N, EPOCHS = 6, 4
 STUDY = ["--trials", str(N), "--epochs", str(EPOCHS), "--num-cpus", "2", "--max-train-images", "400",

@@ -20,7 +20,7 @@ import postgres
 from conftest import REPO, require, run_cli
 from study import results
 from study.errors import StudyError
-from study.storage import check_rdb_url
+from study.store.optuna_storage import check_rdb_url
 
 N = 5
 
@@ -196,7 +196,8 @@ def test_libpq_url_forms_reach_the_real_server_over_tcp_and_its_socket(pg, tmp_p
     socket, an empty password, a dead host before the live one."""
     import optuna
 
-    from study.storage import Location, OptunaDB
+    from study.store.location import Location
+    from study.store.optuna_storage import OptunaDB
 
     monkeypatch.setenv("PGPASSWORD", pg.password)
     sock, port, user, db = pg.socket_dir, pg.port, postgres.USER, postgres.DATABASE

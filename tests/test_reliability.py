@@ -177,7 +177,7 @@ def test_retries_are_configurable_and_a_failing_trial_is_recorded(tmp_path):
 def test_local_ray_binds_loopback_without_dashboard():
     import ray
 
-    from study.cluster import init_ray
+    from study.cluster.connect import init_ray
 
     init_ray(None, 1)
     try:

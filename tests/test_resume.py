@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 
 from conftest import REPO, run_cli
 from study import results
-from study.storage import open_optuna
+from study.store.optuna_storage import open_optuna
 
 N = 6
 
@@ -123,9 +123,11 @@ def test_reconcile_makes_tunes_saved_state_and_optuna_agree_with_the_trials_rows
     from ray.tune.utils.util import _atomic_save, _load_newest_checkpoint
 
     from study import build_spec
-    from study.restore import TUNE_TRIAL, reconcile
-    from study.search import make_searcher
-    from study.storage import Location, OptunaDB
+    from study.search.searcher import TUNE_TRIAL
+    from study.run.restore import reconcile
+    from study.search.searcher import make_searcher
+    from study.store.location import Location
+    from study.store.optuna_storage import OptunaDB
 
     spec = build_spec(None, {"name": "s", "storage": str(tmp_path), "trials": 8, "epochs": 4})
     study = Location(tmp_path / "s")
@@ -212,9 +214,11 @@ def test_reconcile_makes_what_a_stale_optuna_snapshot_lacks_from_the_rows_and_tu
     import json
 
     from study import build_spec
-    from study.restore import TUNE_TRIAL, reconcile
-    from study.search import make_searcher
-    from study.storage import Location, OptunaDB
+    from study.search.searcher import TUNE_TRIAL
+    from study.run.restore import reconcile
+    from study.search.searcher import make_searcher
+    from study.store.location import Location
+    from study.store.optuna_storage import OptunaDB
 
     spec = build_spec(None, {"name": "s", "storage": str(tmp_path), "trials": 8, "epochs": 4, "startup_trials": 3})
     study = Location(tmp_path / "s")
@@ -274,8 +278,8 @@ def test_reconcile_remakes_the_checkpoint_tunes_saved_state_names_where_tune_del
     from ray.tune.trainable.metadata import _TrainingRunMetadata
 
     from s3 import BUCKET, s3_server
-    from study.restore import _STAND_IN, Reconciled, _mend_checkpoints
-    from study.storage import Location
+    from study.run.restore import _STAND_IN, Reconciled, _mend_checkpoints
+    from study.store.location import Location
 
     with (s3_server() if where == "bucket" else contextlib.nullcontext()):
         study = Location(f"s3://{BUCKET}/mend" if where == "bucket" else str(tmp_path / "s"))

@@ -10,7 +10,8 @@ import pytest
 from conftest import run_cli
 from study import results
 from study.errors import StudyError
-from study.retention import kept, top_k
+from study.results.retention import kept
+from study.spec.spec import top_k
 
 STUDY = ["--trials", "8", "--epochs", "4", "--max-train-images", "400", "--num-cpus", "2", "--grace-period", "1"]
 

@@ -11,9 +11,10 @@ import pytest
 
 from conftest import REPO
 from study.errors import StudyError
-from study.spec import build_spec, parse_grid, read_toml
-from study.search import make_scheduler, optuna_space
-from study.tuner import fixed_params
+from study.spec.spec import build_spec, parse_grid, read_toml
+from study.search.schedulers import make_scheduler
+from study.search.samplers import optuna_space
+from study.run.recipes import fixed_params
 
 BASE = {"name": "s", "storage": "/tmp/x"}
 
@@ -44,7 +45,7 @@ def test_seed_replication_preset():
     assert spec.epochs == 15 and spec.scheduler == "none" and type(make_scheduler(spec)).__name__ == "StudyFIFO"
     base = spec.base_config()
     assert base.arch == "conv" and base.batch_size == 32 and base.lr == 1e-3
-    from study.spec import trial_values
+    from study.spec.spec import trial_values
 
     for d in (5, 10, 15, 20):
         c = trial_values({**fixed_params(spec), "latent_dim": d}, spec.beta_times_latent)
@@ -122,7 +123,7 @@ def test_malformed_toml(tmp_path):
 def test_sobol_start_up_points_are_spread_seeded_and_inside_the_space():
     import math
 
-    from study.search import optuna_space, spread_points, startup_count
+    from study.search.samplers import optuna_space, spread_points, startup_count
 
     spec = build_spec(None, {"name": "s", "storage": "/tmp/s", "trials": 24, "seed": 1})
     space = optuna_space(spec)
@@ -149,7 +150,7 @@ def test_every_trainconfig_field_is_registered_once():
     flag, no column, a refit that trains with the default."""
     from dataclasses import fields
 
-    from study.space import BY_NAME, COLUMNS, DEFAULT_SPACE, PARAMS, RECORDED, SEARCHABLE
+    from study.spec.space import BY_NAME, COLUMNS, DEFAULT_SPACE, PARAMS, RECORDED, SEARCHABLE
     from vae.config import TrainConfig
 
     names = [p.name for p in PARAMS]
@@ -161,7 +162,7 @@ def test_every_trainconfig_field_is_registered_once():
     assert {"param_beta": "float64", "param_latent_dim": "int64", "param_arch": "string"}.items() <= COLUMNS.items()
     import pyarrow as pa
 
-    from study.results import TRIAL_COLUMNS
+    from study.results.tables import TRIAL_COLUMNS
 
     assert all(TRIAL_COLUMNS[c] == getattr(pa, a)() for c, a in COLUMNS.items())
     assert all(BY_NAME[n].help for n in names)
@@ -188,7 +189,7 @@ def test_a_fixed_value_wins_over_the_default_space(name, value):
 def test_run_flags_come_from_the_registry():
     """Every run flag for a training value is generated, and reaches the spec by its field name."""
     from study.cli import build_parser
-    from study.spec import overrides_from_flags
+    from study.spec.spec import overrides_from_flags
 
     args = build_parser().parse_args(["run", "--name", "f", "--storage", "/tmp/f", "--beta", "4", "--layers", "2",
                                       "--grid", "latent_dim=5,10", "--objective", "val_mse", "--split-seed", "3"])
@@ -198,8 +199,8 @@ def test_run_flags_come_from_the_registry():
 
 
 def test_sampler_choices_and_what_each_cannot_do():
-    from study.search import make_sampler, sampler_notes, uses_constant_liar
-    from study.spec import SAMPLERS
+    from study.search.samplers import make_sampler, sampler_notes, uses_constant_liar
+    from study.spec.spec import SAMPLERS
 
     assert build_spec(None, BASE).sampler == "tpe"
     assert build_spec(None, {**BASE, "objective": ["val_recon", "val_kl"]}).sampler == "nsgaii"
@@ -232,7 +233,7 @@ def test_sampler_choices_and_what_each_cannot_do():
 
 def test_a_new_parameter_is_one_field_and_one_registry_entry(tmp_path):
     """What adding a searchable parameter takes: a TrainConfig field in vae/config.py and one
-    Param in study/space.py. In a copy of the package with just those two lines added, the new
+    Param in study/spec/space.py. In a copy of the package with just those two lines added, the new
     parameter is a run and train flag, a searchable name in the default space, a typed param_*
     column of the trials table, a value a fixed flag sets for every trial, and what the refit
     of a winner trains with."""
@@ -245,7 +246,7 @@ def test_a_new_parameter_is_one_field_and_one_registry_entry(tmp_path):
     assert "    download: bool = False\n" in text
     config.write_text(text.replace("    download: bool = False\n",
                                    "    download: bool = False\n    dropout: float = 0.0\n", 1))
-    space = tmp_path / "study" / "space.py"
+    space = tmp_path / "study" / "spec" / "space.py"
     text = space.read_text()
     assert "\n)\nBY_NAME" in text
     space.write_text(text.replace("\n)\nBY_NAME", '\n    Param("dropout", "dropout before the decoder", "float64", '
@@ -255,7 +256,8 @@ def test_a_new_parameter_is_one_field_and_one_registry_entry(tmp_path):
         import contextlib, io, json
         import pandas as pd
         import pyarrow as pa
-        from study import cli, results, spec as spec_mod, tuner, refit
+        from study import cli, results, spec as spec_mod
+        from study.run import recipes, refit
         out = {}
         for sub in ("run", "train"):
             buf = io.StringIO()
@@ -265,12 +267,12 @@ def test_a_new_parameter_is_one_field_and_one_registry_entry(tmp_path):
         searched = spec_mod.build_spec(None, {"name": "s", "storage": "/tmp/s"})
         out["searched"] = "dropout" in searched.space
         fixed = spec_mod.build_spec(None, {"name": "s", "storage": "/tmp/s", "dropout": 0.25})
-        out["fixed"] = tuner.fixed_params(fixed).get("dropout")
+        out["fixed"] = recipes.fixed_params(fixed).get("dropout")
         out["fixed_not_searched"] = "dropout" not in fixed.space
         out["column"] = str(results.TRIAL_COLUMNS.get("param_dropout"))
         winner = pd.Series({"param_latent_dim": 8, "param_beta": 1.0, "param_lr": 1e-3, "param_dropout": 0.3,
                             "best_epoch": 3, "trial_id": "abc"}, dtype=object)
-        values = refit.refit_values(tuner.fixed_params(searched), winner)
+        values = refit.refit_values(recipes.fixed_params(searched), winner)
         from vae.config import TrainConfig
         out["refit"] = TrainConfig.from_dict(values).dropout
         print(json.dumps(out))
@@ -288,7 +290,7 @@ def _random_study(n: int, seed: int = 0):
     import numpy as np
     import optuna
 
-    from study.search import optuna_space
+    from study.search.samplers import optuna_space
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     dists = optuna_space(build_spec(None, BASE))
@@ -316,7 +318,7 @@ def test_tpe_fits_on_a_bounded_history_that_keeps_its_good_group():
     import optuna
     from optuna.samplers._tpe.sampler import _split_trials
 
-    from study.search import TPE_BEST, TPE_HISTORY, TPEHistorySampler, recent_and_best
+    from study.search.samplers import TPE_BEST, TPE_HISTORY, TPEHistorySampler, recent_and_best
 
     study, dists = _random_study(120)
     draws = []
@@ -389,7 +391,7 @@ def test_every_sampler_pickles_as_tune_pickles_the_searcher(sampler):
 
     import optuna
 
-    from study.search import make_sampler, optuna_space
+    from study.search.samplers import make_sampler, optuna_space
 
     options = {**BASE, "sampler": sampler, "trials": 8}
     if sampler == "grid":

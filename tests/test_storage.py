@@ -18,7 +18,8 @@ from conftest import REPO, run_cli
 from s3 import BUCKET, SECRET, bucket_keys, get_object, s3_server
 from study import results
 from study.errors import StudyError
-from study.storage import Location, open_optuna
+from study.store.location import Location
+from study.store.optuna_storage import open_optuna
 
 ROOT = f"s3://{BUCKET}/root"
 
@@ -52,7 +53,7 @@ def store(request, tmp_path):
 def test_every_store_reads_writes_lists_and_locks_the_same_way(store, tmp_path):
     import pickle
 
-    from study.storage import Bucket, Folder, Store
+    from study.store.location import Bucket, Folder, Store
 
     assert isinstance(store, (Folder, Bucket)) and isinstance(store, Store)  # all the protocol asks
     assert store.name == "unit" and not store.has_content()

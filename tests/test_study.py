@@ -11,17 +11,18 @@ import pytest
 
 from study import results
 from study.errors import StudyError
-from study.spec import build_spec
-from study.storage import OPTUNA_LOG, open_optuna
+from study.spec.spec import build_spec
+from study.store.layout import OPTUNA_LOG
+from study.store.optuna_storage import open_optuna
 from study.cli import summary_lines
-from study.tuner import run
+from study.run.recipes import run
 
 
 @pytest.fixture(scope="module")
 def ray_local():
     import ray
 
-    from study.cluster import init_ray
+    from study.cluster.connect import init_ray
 
     init_ray(None, 2)
     yield
@@ -161,7 +162,7 @@ def test_refit_retrains_the_winner_on_train_and_validation(four):
     # it trains alone: on the study's own runtime it takes every free CPU, on a cluster a trial's share
     import dataclasses
 
-    from study.refit import refit_cpus
+    from study.run.refit import refit_cpus
 
     assert refit_cpus(spec) == 2.0
     assert refit_cpus(dataclasses.replace(spec, address="auto")) == spec.cpus_per_trial == 1.0

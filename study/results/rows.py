@@ -12,7 +12,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from study.space import RECORDED
+from study.spec import RECORDED
 from vae.train import best_epoch
 
 NODE_KEYS = ("node", "hostname", "device", "precision", "torch_version")

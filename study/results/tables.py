@@ -6,7 +6,7 @@ Layout, one file per trial per table::
     <root>/<study>/epochs/<trial_id>.parquet   one row per trial per epoch
     <root>/<study>/digits/<trial_id>.parquet   one row per trial x split x recon_mode x digit
 
-Every file is written whole through ``study.storage``: a temporary name in the same folder, then
+Every file is written whole through ``study.store``: a temporary name in the same folder, then
 ``os.replace``, or a single PUT on an object store. Readers take the union of the files' schemas and skip, with a warning, any file
 that cannot be read, so a query never sees half a file and one bad file costs only its rows.
 pandas, pyarrow, DuckDB and polars read the folders unchanged.
@@ -24,8 +24,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from study.errors import StudyError
-from study.space import COLUMNS as PARAM_COLUMNS
-from study.storage import Location, find_studies
+from study.spec.space import COLUMNS as PARAM_COLUMNS
+from study.store import Location, find_studies
 
 StudyPath = Union[str, "os.PathLike[str]", Location]  # a folder, or an s3:// / gs:// URI
 
@@ -36,10 +36,10 @@ TABLES = ("trials", "epochs", "digits")
 TRIAL_COLUMNS: dict[str, pa.DataType] = {
     "study": pa.string(),
     "trial_id": pa.string(),
-    "status": pa.string(),  # completed | pruned | failed | refit (study.refit: not a trial of the search)
+    "status": pa.string(),  # completed | pruned | failed | refit (study.run.refit: not a trial of the search)
     "refit_of": pa.string(),  # a refit row: the winner whose configuration it retrained
     "error": pa.string(),
-    **{column: getattr(pa, arrow)() for column, arrow in PARAM_COLUMNS.items()},  # study.space
+    **{column: getattr(pa, arrow)() for column, arrow in PARAM_COLUMNS.items()},  # study.spec.space
     "dataset": pa.string(),
     "best_epoch": pa.int64(),
     "epochs_run": pa.int64(),
@@ -111,7 +111,7 @@ _COMPACTED_NAMES = (COMPACTED, "_compacted.parquet")
 def _is_compacted(rel: str) -> bool:
     return rel.rsplit("/", 1)[-1] in _COMPACTED_NAMES
 FINISHED = ("completed", "pruned")  # statuses of trials that produced a usable model
-REFIT = "refit"  # the status of a refit row (study.refit): the winner retrained, not a trial of the search
+REFIT = "refit"  # the status of a refit row (study.run.refit): the winner retrained, not a trial of the search
 
 
 def _arrow_table(table: str, rows: list[dict[str, Any]]) -> pa.Table:

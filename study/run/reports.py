@@ -1,25 +1,21 @@
-"""What a trial's report to Tune holds, and how the driver reads every epoch out of it.
+"""What a trial's report to Tune holds, and what the driver keeps of it.
 
 A trial reports to Tune only where a decision is made or someone is watching: at ASHA's rungs
 (where it may be stopped), at its last epoch, and at least every ``REPORT_EVERY_S`` seconds
 (the progress table). Each report is its newest epoch's result, and carries the epochs trained
-since the previous report under ``CARRIED`` (a JSON list, so Tune's loggers pass it by as text).
+since the previous report under ``CARRIED`` (a JSON list, so Tune's loggers pass it by as text;
+``study.results.epochs.each_epoch`` reads them back).
 A round trip to the driver per epoch cost each slot 0.8 s in the README's study, and the
 driver's CPU per result (Tune's own bookkeeping most of it) is taken from the trials on a small
 machine (BENCHMARKS §3, §3b).
 
-Everything that keeps one row per epoch reads a result through ``each_epoch``: the results
-recorder, Optuna's intermediate values, and the loggers below (TensorBoard, CSV, JSON; the
-trackers' callbacks in ``study.trackers``). A Tune callback of the user's own does the same::
-
-    def on_trial_result(self, iteration, trials, trial, result, **info):
-        for epoch in study.each_epoch(result):
-            ...  # one dict per epoch: epoch["epoch"], epoch["val_elbo"], ...
+Here: the loggers that write one line per epoch (TensorBoard, CSV, JSON; the trackers' callbacks
+in ``study.run.trackers``), what Tune keeps of a finished trial (``Trim``), and the results Tune
+reads only when asked for (``lazy_results``).
 """
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -27,7 +23,8 @@ from ray.tune import Callback, ResultGrid
 from ray.tune.analysis import ExperimentAnalysis
 from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback, TBXLoggerCallback
 
-CARRIED = "carried_epochs"
+from study.results import each_epoch
+
 REPORT_EVERY_S = 5.0  # the driver's VAE_STUDY_REPORT_EVERY_S overrides it (0: every epoch)
 
 
@@ -41,29 +38,6 @@ def report_every_s() -> float:
         return max(0.0, float(raw)) if raw else REPORT_EVERY_S
     except ValueError:
         return REPORT_EVERY_S
-# Per-report values that belong to the report's own epoch only (the best weights' test metrics
-# travel with checkpoints); an earlier epoch carried in the same report does not repeat them.
-_OWN_EPOCH_ONLY = ("test_elbo", "test_mse", "test_psnr", "test_digits")
-
-
-def each_epoch(result: dict[str, Any]) -> list[dict[str, Any]]:
-    """One result per epoch, oldest first: the epochs ``result`` carries, then its own. Each is
-    ``result`` with that epoch's values (its metrics and best-so-far values), without
-    ``CARRIED``, and with ``training_iteration`` set to the epoch (the step loggers plot)."""
-    carried = result.get(CARRIED)
-    base = {k: v for k, v in result.items() if k != CARRIED}
-    if "epoch" in base:
-        base["training_iteration"] = base["epoch"]
-    if not carried:
-        return [base]
-    older = {k: v for k, v in base.items() if k not in _OWN_EPOCH_ONLY}
-    out = []
-    for entry in json.loads(carried):
-        r = {**older, **entry}
-        r["training_iteration"] = entry["epoch"]
-        out.append(r)
-    out.append(base)
-    return out
 
 
 class PerEpoch:

@@ -1,6 +1,6 @@
 """What a study keeps of its trials' checkpoints (``--keep``, ``[study] keep``).
 
-While a trial runs, Tune keeps its newest two checkpoints (``study.tuner.KEEP_CHECKPOINTS``), each
+While a trial runs, Tune keeps its newest two checkpoints (``study.run.recipes.KEEP_CHECKPOINTS``), each
 with ``model.pt`` (the best weights so far: what the report and ``evaluate`` read) and
 ``state.pt`` (the current weights and the optimiser's state: what an exact resume or retry
 continues from). Once a trial has finished (its trials row is written) nothing will continue it,
@@ -19,32 +19,16 @@ the path where its weights were saved, whether they are kept or not.
 from __future__ import annotations
 
 import math
-import re
 from typing import Any
 
-from study import results
-from study.errors import StudyError
-from study.storage import TUNE_DIR, Location
-
-DEFAULT = "all"
-_TOP = re.compile(r"^top-([1-9][0-9]*)$")
-
-
-def top_k(keep: str) -> int | None:
-    """How many trials' weights a policy keeps (None: all). Raises StudyError on a bad value."""
-    if keep == "all":
-        return None
-    if keep == "winner":
-        return 1
-    m = _TOP.match(str(keep))
-    if m is None:
-        raise StudyError(f"keep={keep!r} is not a checkpoint policy: choose all, winner or top-K (e.g. top-10)")
-    return int(m.group(1))
+from study.results import tables
+from study.spec import top_k
+from study.store import Location, TUNE_DIR
 
 
 def kept(trials: Any, keep: str, mode: str) -> set[str]:
     """The trials whose best weights a policy keeps, of a trials table (search rows only)."""
-    ranked = results.rank(trials, mode)
+    ranked = tables.rank(trials, mode)
     k = top_k(keep)
     return set(map(str, (ranked if k is None else ranked.head(k))["trial_id"]))
 
@@ -63,7 +47,7 @@ class Retention:
         self.study, self.best = study, None
 
     def finished(self, trial_id: str, row: dict[str, Any]) -> None:
-        keep_weights = row["status"] in results.FINISHED and _usable(row.get("objective"))
+        keep_weights = row["status"] in tables.FINISHED and _usable(row.get("objective"))
         dropped: list[str] = []
         if keep_weights and self.k is not None:
             best = self._ranking()
@@ -73,7 +57,7 @@ class Retention:
             del best[self.k:]
             keep_weights = trial_id not in dropped
         folder = f"{TUNE_DIR}/trial_{trial_id}"
-        # A trial that ran all its epochs saved no optimiser state in its last checkpoint (study.trainable)
+        # A trial that ran all its epochs saved no optimiser state in its last checkpoint (study.run.trainable)
         state = set() if row["status"] == "completed" else {"state.pt"}
         listing = {n: set(state) for n in self.study.folders(folder) if n.startswith("checkpoint_")}
         prune(self.study, trial_id, keep_weights=keep_weights, newest=_checkpoint_dir(row.get("checkpoint")),
@@ -85,7 +69,7 @@ class Retention:
     def sweep(self, trials: Any) -> None:
         """The policy over every finished trial, from one listing of the study's checkpoints: a
         resumed study's trials that finished before the crash were never pruned by this driver."""
-        search = results.search_trials(trials)
+        search = tables.search_trials(trials)
         keep = kept(search, self.keep, self.mode)
         found: dict[str, dict[str, set[str]]] = {}  # trial -> checkpoint -> its files
         for path in self.study.walk(TUNE_DIR):
@@ -100,15 +84,15 @@ class Retention:
 
     def _ranking(self) -> list[tuple[tuple, str]]:
         if self.best is None:
-            rows = results.search_trials(results.load(self.study)) if self.study.is_dir("trials") else None
+            rows = tables.search_trials(tables.load(self.study)) if self.study.is_dir("trials") else None
             self.best = [] if rows is None or not len(rows) else [
                 (self._key(r, str(r["trial_id"])), str(r["trial_id"])) for r in rows.to_dict("records")
-                if r["status"] in results.FINISHED and _usable(r.get("objective"))]
+                if r["status"] in tables.FINISHED and _usable(r.get("objective"))]
             self.best.sort()
         return self.best
 
     def _key(self, row: dict[str, Any], trial_id: str) -> tuple:
-        """The order of ``results.rank``: the objective (best first), then val -ELBO, then the id."""
+        """The order of ``study.results.rank``: the objective (best first), then val -ELBO, then the id."""
         objective = float(row["objective"])
         return (objective if self.mode == "min" else -objective, float(row.get("val_elbo") or math.inf), trial_id)
 

@@ -1,11 +1,11 @@
 """The Ray Tune function trainable: config dict -> TrainConfig -> vae.fit -> tune.report.
 
 This is the only place that calls ``tune.report``, and it reports only where the driver decides
-something or someone watches (``study.reports``): at each epoch where ASHA may stop the trial
+something or someone watches (``study.run.reports``): at each epoch where ASHA may stop the trial
 (its rungs), at the last epoch, and at least every ``report_every_s`` seconds (5). Each report is
 its newest epoch's result (metrics and the best-so-far values of every objective) and carries
 the epochs since the previous report, which the driver reads back one by one
-(``study.reports.each_epoch``). ``training_iteration`` therefore counts reports; ``epoch`` is
+(``study.results.epochs.each_epoch``). ``training_iteration`` therefore counts reports; ``epoch`` is
 the epoch, and ASHA counts in epochs.
 
 Checkpoints are persisted where they can matter, not at every epoch: at ASHA's rungs, at the
@@ -26,10 +26,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from study.reports import CARRIED
-from study.rows import node_facts, test_rows
-from study.space import RECORDED
-from study.spec import OBJECTIVES, trial_values
+from study.results import CARRIED
+from study.results.rows import node_facts, test_rows
+from study.spec import OBJECTIVES, RECORDED, trial_values
 
 # Recon modes recorded per trial; decoder_only is costly and left to the report.
 TRIAL_MODES = ("posterior_mean", "posterior_sample")
@@ -97,7 +96,7 @@ def train_trial(config: dict[str, Any], runtime: dict[str, Any]) -> None:
 
 
 class _Reporter:
-    """``fit``'s on_epoch: a ``tune.report`` where one is due (``study.reports``), carrying the
+    """``fit``'s on_epoch: a ``tune.report`` where one is due (``study.run.reports``), carrying the
     epochs since the previous one, with a checkpoint where one is due.
 
     Args:

@@ -1,12 +1,10 @@
-"""Resuming a killed study: Ray Tune's saved state and the Optuna study made to agree with what
-the study recorded, then Tune's own restore.
+"""Resuming a killed study, the Tune side: Ray Tune's saved state made to agree with what the
+study recorded (``study.results.recorded``: a trial is finished when its trials row is written),
+the Optuna side mended (``study.search.mend``), then Tune's own restore.
 
-The rule, in one place: **a trial is finished when its trials row is written.** The recorder
-writes that row last, and only then is Optuna told the trial's result
-(``StudySearch.tell_recorded``). A driver can be killed at any moment, and Tune saves its own
-state only every few seconds, in separate files (uploaded apart, for a study in a bucket). So
-before Tune restores anything, :func:`reconcile` brings its saved state and Optuna in line with
-the rows:
+A driver can be killed at any moment, and Tune saves its own state only every few seconds, in
+separate files (uploaded apart, for a study in a bucket). So before Tune restores anything,
+:func:`reconcile` brings its saved state and Optuna in line with the rows:
 
 - A saved trial with a row is finished in Tune's state (TERMINATED; ERROR if it failed): Tune
   does not run it again, so the searcher, the recorder, the trackers and the progress lines
@@ -24,27 +22,20 @@ the rows:
 - Tune's count of the trials it made is the saved trials plus the recorded trials it never
   saved (made and finished after its last save); its concurrency limiter holds exactly the
   unfinished ones, so no slot waits forever for a trial that is done.
-- A trial whose row was written but whose result Optuna was not told yet is told now, from the
-  row. A study in a bucket resumes from an Optuna snapshot published every 30 s: a trial it lacks
-  is made in it, a recorded one from its row and its epochs, an unfinished one from Tune's config.
-- An Optuna trial asked for by the killed driver that Tune never saved and nobody recorded (an
-  *orphan*) is handed to the next trial Tune makes (``StudySearch.attach``), so that Optuna
-  holds every trial once, none left RUNNING or FAIL.
+- The Optuna study is told what the rows record and made to hold Tune's unfinished trials
+  (``study.search.mend.mend_optuna``).
 """
 from __future__ import annotations
 
 import json
-import math
 import tempfile
 from dataclasses import dataclass, field
 from typing import Any
 
-from study import results
 from study.errors import StudyError
-from study.storage import TUNE_DIR, Location, OptunaDB
+from study.results import recorded_trials
+from study.store import TUNE_DIR, Location, OptunaDB
 
-# Optuna's system attribute naming the Ray Tune trial an Optuna trial was asked for.
-TUNE_TRIAL = "vae_study_tune_trial"
 _EXPERIMENT_STATE = "experiment_state-"
 _SEARCH_STATE = "search_gen_state-"
 
@@ -75,14 +66,6 @@ def _is_state(name: str) -> bool:
     return name.startswith(_EXPERIMENT_STATE) and name.endswith(".json")
 
 
-def recorded_trials(study: Location) -> dict[str, dict[str, Any]]:
-    """The search's trials rows (no refit rows), by trial id: the trials that are finished."""
-    df = results.search_trials(results.load(study, "trials")) if study.is_dir("trials") else None
-    if df is None or not len(df):
-        return {}
-    return {str(r["trial_id"]): r for r in df.to_dict("records")}
-
-
 def reconcile(study: Location, db: OptunaDB, spec: Any) -> Reconciled:
     """Make Tune's saved state (``tune/``) and the Optuna study agree with the trials rows. Call
     with the study locked, after ``db.fetch()``, before ``Tuner.restore``."""
@@ -105,7 +88,10 @@ def reconcile(study: Location, db: OptunaDB, spec: Any) -> Reconciled:
     if gens:
         out.counter = _reconcile_search_state(study, f"{TUNE_DIR}/{gens[-1]}",
                                               len(out.saved) + len(out.unsaved_recorded), set(out.unfinished))
-    _reconcile_optuna(study, db, spec, rows, configs, out)
+    from study.search import mend_optuna
+
+    mended = mend_optuna(study, db, spec, rows, configs, out.saved)
+    out.told, out.made, out.orphans = mended.told, mended.made, mended.orphans
     if out.told or out.made:
         db.publish()
     return out
@@ -222,142 +208,6 @@ def _reconcile_search_state(study: Location, rel: str, made: int, unfinished: se
     return (count, made) if isinstance(count, int) and count != made else None
 
 
-def tell_from_row(ot_study: Any, ot_trial: Any, row: dict[str, Any], objectives: list[str]) -> None:
-    """Tell Optuna a trial's result as its trials row records it: failed is FAIL, pruned is
-    PRUNED, completed is COMPLETE with the objective values at its best epoch (PRUNED where one
-    is missing, as Ray's OptunaSearch does)."""
-    import optuna
-
-    state = optuna.trial.TrialState
-    values = None
-    if row["status"] == "failed":
-        told = state.FAIL
-    elif row["status"] == "pruned":
-        told = state.PRUNED
-    else:
-        values = [row.get(m) for m in objectives]
-        ok = all(v is not None and not (isinstance(v, float) and math.isnan(v)) for v in values)
-        told = state.COMPLETE if ok else state.PRUNED
-        values = [float(v) for v in values] if ok else None
-    if values is not None and len(values) == 1:
-        values = values[0]
-    try:
-        ot_study.tell(ot_trial, values, state=told, skip_if_finished=True)
-    except RuntimeError as exc:
-        # Optuna's grid sampler stops a study whose grid is done, which raises outside
-        # Optuna's own optimize(); the result is stored first (Ray's OptunaSearch ignores it too).
-        if "Study.stop" not in str(exc):
-            raise
-
-
-def _reconcile_optuna(study: Location, db: OptunaDB, spec: Any, rows: dict[str, dict[str, Any]],
-                      unfinished: dict[str, dict[str, Any]], out: Reconciled) -> None:
-    """Bring the Optuna study in line with the rows and with Tune's unfinished trials. A study in
-    a bucket resumes from a snapshot published every 30 s, so it may lack trials asked, told or
-    even made since: each recorded trial it lacks is made from its row (parameters, intermediate
-    values from the epochs table, result), each unfinished one from Tune's saved config; a
-    start-up point still waiting there with the same parameters is taken rather than asked again."""
-    import optuna
-
-    from study.search import objective_metrics, optuna_space
-
-    storage = db.storage()
-    try:
-        ot = optuna.load_study(study_name=spec.name, storage=storage)
-    except KeyError:  # not created yet: nothing was asked
-        return
-    trials = ot.get_trials(deepcopy=False)
-    named = {t.system_attrs[TUNE_TRIAL]: t for t in trials if TUNE_TRIAL in t.system_attrs}
-    if not named and any(t.state != optuna.trial.TrialState.WAITING for t in trials):
-        return  # a study from before Optuna's trials named their Tune trials: nothing to match on
-    objectives = [m.removeprefix("best_") for m in objective_metrics(spec)]
-    space = optuna_space(spec)
-    waiting = [t for t in trials if t.state == optuna.trial.TrialState.WAITING]
-    epochs = _epochs(study, spec, set(rows) | set(unfinished))
-    running = optuna.trial.TrialState.RUNNING
-    for tid, row in rows.items():
-        if tid not in named:
-            params = {k: _value(row.get(f"param_{k}"), d) for k, d in space.items()}
-            _make(ot, tid, params, space, epochs.get(tid, {}), waiting)
-            out.made.append(tid)
-        elif named[tid].state == running:  # its epochs since the snapshot first, then its result
-            _steps(ot._storage, named[tid], epochs.get(tid, {}))
-        else:
-            continue
-        number = next(t.number for t in ot.get_trials(deepcopy=False) if t.system_attrs.get(TUNE_TRIAL) == tid)
-        tell_from_row(ot, number, row, objectives)
-        out.told.append(tid)
-    for tid, config in unfinished.items():
-        if tid not in named:
-            _make(ot, tid, {k: _value(config.get(k), d) for k, d in space.items()}, space, epochs.get(tid, {}), waiting)
-            out.made.append(tid)
-        elif named[tid].state == running:
-            _steps(ot._storage, named[tid], epochs.get(tid, {}))
-    known = set(out.saved) | set(rows)
-    out.orphans = [t._trial_id for t in ot.get_trials(deepcopy=False)
-                   if t.state == optuna.trial.TrialState.RUNNING and t.system_attrs.get(TUNE_TRIAL) not in known]
-
-
-def _value(v: Any, dist: Any) -> Any:
-    import optuna
-
-    if isinstance(dist, optuna.distributions.IntDistribution):
-        return int(v)
-    if isinstance(dist, optuna.distributions.FloatDistribution):
-        return float(v)
-    return v.item() if hasattr(v, "item") else v
-
-
-def _make(ot: Any, tid: str, params: dict[str, Any], space: dict[str, Any], steps: dict[int, float],
-          waiting: list) -> None:
-    """An Optuna trial, RUNNING, for Tune trial ``tid``: a waiting start-up point with these
-    parameters if there is one, else a new trial."""
-    import optuna
-
-    storage = ot._storage
-    match = next((w for w in waiting if w.system_attrs.get("fixed_params") == params), None)
-    if match is not None:
-        waiting.remove(match)
-        storage.set_trial_state_values(match._trial_id, optuna.trial.TrialState.RUNNING)
-        trial_id = match._trial_id
-        for k, v in params.items():
-            storage.set_trial_param(trial_id, k, space[k].to_internal_repr(v), space[k])
-    else:
-        template = optuna.trial.create_trial(state=optuna.trial.TrialState.RUNNING, params=params,
-                                             distributions=dict(space))
-        trial_id = storage.create_new_trial(ot._study_id, template_trial=template)
-    storage.set_trial_system_attr(trial_id, TUNE_TRIAL, tid)
-    for step, value in steps.items():
-        storage.set_trial_intermediate_value(trial_id, step, value)
-
-
-def _steps(storage: Any, trial: Any, steps: dict[int, float]) -> None:
-    """The intermediate values a running trial reported after the snapshot was published."""
-    for step, value in steps.items():
-        if step not in trial.intermediate_values:
-            storage.set_trial_intermediate_value(trial._trial_id, step, value)
-
-
-def _epochs(study: Location, spec: Any, trial_ids: set[str]) -> dict[str, dict[int, float]]:
-    """Optuna's intermediate values of these trials, from the epochs table: at each epoch, the
-    objective at the best -ELBO epoch so far (what the trials report as ``best_<objective>``).
-    None for a study of two objectives (Optuna keeps none)."""
-    if spec.multi_objective or not trial_ids or not study.is_dir("epochs"):
-        return {}
-    objective = spec.objective[0]
-    ep = results.load(study, "epochs")
-    out: dict[str, dict[int, float]] = {}
-    for tid, rows in ep[ep["trial_id"].isin(trial_ids)].sort_values("epoch").groupby("trial_id"):
-        best_elbo, value, steps = math.inf, None, {}
-        for r in rows.to_dict("records"):
-            if r["val_elbo"] < best_elbo:
-                best_elbo, value = r["val_elbo"], r[objective]
-            if value is not None and not (isinstance(value, float) and math.isnan(value)):
-                steps[int(r["epoch"])] = float(value)
-        out[str(tid)] = steps
-    return out
-
-
 def restore_tuner(study: Location, trainable: Any, extra: list[Any]) -> tuple[Any, Any, list]:
     """Ray Tune's restore of the study's experiment (reconciled first), with the two things Tune
     keeps but does not hand back publicly: the search algorithm and the callbacks it pickled
@@ -366,7 +216,7 @@ def restore_tuner(study: Location, trainable: Any, extra: list[Any]) -> tuple[An
     study's searcher or recorder."""
     from ray import tune
 
-    from study.reports import lazy_results
+    from study.run.reports import lazy_results
 
     where = study.ray_storage()
     with lazy_results():  # Tune's restore reads every trial's result.json otherwise
@@ -376,8 +226,8 @@ def restore_tuner(study: Location, trainable: Any, extra: list[Any]) -> tuple[An
     try:
         inner = tuner._local_tuner
         run_config = inner.get_run_config()
-        if extra:  # before the trimming of finished trials (study.reports.Trim), which comes last
-            from study.reports import Trim
+        if extra:  # before the trimming of finished trials (study.run.reports.Trim), which comes last
+            from study.run.reports import Trim
 
             callbacks = list(run_config.callbacks or [])
             at = next((i for i, c in enumerate(callbacks) if isinstance(c, Trim)), len(callbacks))

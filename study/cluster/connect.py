@@ -12,7 +12,7 @@ from typing import Any
 
 from study.errors import StudyError
 from study.spec import StudySpec
-from study.storage import Location
+from study.store import Location
 
 PROBE_TIMEOUT_S = 60.0
 

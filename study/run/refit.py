@@ -17,10 +17,9 @@ import pandas as pd
 from ray.tune import Callback
 
 from study import results
-from study.rows import now, test_rows, trials_row
-from study.space import RECORDED
-from study.spec import StudySpec
-from study.storage import Location
+from study.results.rows import now, test_rows, trials_row
+from study.spec import RECORDED, StudySpec
+from study.store import Location
 
 PREFIX = "refit-"
 STATUS = results.REFIT
@@ -71,8 +70,8 @@ def _refit_task(values: dict[str, Any], threads: int) -> dict[str, Any]:
 
     import torch
 
-    from study.rows import node_facts
-    from study.trainable import TRIAL_MODES
+    from study.results.rows import node_facts
+    from study.run.trainable import TRIAL_MODES
     from vae import checkpoint as ckpt_io
     from vae.config import TrainConfig
     from vae.data import load

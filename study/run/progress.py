@@ -7,7 +7,7 @@ from typing import Any, Callable
 
 from ray.tune import Callback
 
-from study.recorder import trial_error
+from study.results.recorder import trial_error
 
 Printer = Callable[[str], None]
 TABLE_EVERY_S = 15.0

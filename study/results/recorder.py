@@ -1,6 +1,6 @@
-"""Tune callbacks -> Parquet rows: the results recorder, around ``study.rows``.
+"""Tune callbacks -> Parquet rows: the results recorder, around ``study.results.rows``.
 
-The driver writes every row (through ``study.results`` and so ``study.storage``): a trial's
+The driver writes every row (through ``study.results`` and so ``study.store``): a trial's
 epochs as they are reported, its per-digit test metrics when a checkpoint carries them, and its
 trials row when it ends. The trials row is written last; its presence means the trial is done.
 """
@@ -13,13 +13,13 @@ from typing import Any, Callable
 
 from ray.tune import Callback
 
-from study import results, rows
-from study.reports import each_epoch
-from study.storage import Location
+from study.results import rows, tables
+from study.results.epochs import each_epoch
+from study.store import Location
 
 Printer = Callable[[str], None]
 _META_KEYS = (*rows.NODE_KEYS, *rows.META_KEYS, "trained_with")
-_EPOCH_KEYS = [k for k in results.EPOCH_COLUMNS if k not in ("study", "trial_id")]
+_EPOCH_KEYS = [k for k in tables.EPOCH_COLUMNS if k not in ("study", "trial_id")]
 _DIGIT_KEYS = ("split", "recon_mode", "digit", "n_images", "mse", "psnr")
 
 
@@ -68,7 +68,7 @@ class ResultsRecorder(Callback):
     k, so the rows up to k must already be stored.
 
     A trial's trials row is written last, and it is the one record that the trial is finished
-    (``study.restore``): once it is written, ``on_recorded(trial_id, row)`` tells the searcher.
+    (``study.run.restore``): once it is written, ``on_recorded(trial_id, row)`` tells the searcher.
 
     Args:
         study: the study's folder (local or in a bucket).
@@ -78,7 +78,7 @@ class ResultsRecorder(Callback):
     BUCKET_EPOCHS_EVERY_S = 10.0
 
     def __init__(self, study: Location, spec: Any) -> None:
-        from study.retention import Retention
+        from study.results.retention import Retention
 
         self.study = study
         self.spec = spec
@@ -94,7 +94,7 @@ class ResultsRecorder(Callback):
         self.logs = {}
         self.resumed = True
         if "retention" not in self.__dict__:  # a study saved before there was a policy
-            from study.retention import Retention
+            from study.results.retention import Retention
 
             self.retention = Retention(study, self.spec.keep, self.spec.mode)
         self.retention.attach(study)
@@ -121,7 +121,7 @@ class ResultsRecorder(Callback):
             log.meta["digits"] = json.loads(result["test_digits"])
             log.meta.update({k: result[k] for k in ("test_elbo", "test_mse", "test_psnr")})
             base = {"study": self.spec.name, "trial_id": trial.trial_id}
-            results.write_rows(self.study, "digits", trial.trial_id, [{**base, **r} for r in log.meta["digits"]])
+            tables.write_rows(self.study, "digits", trial.trial_id, [{**base, **r} for r in log.meta["digits"]])
         if not self.study.over_network or time.monotonic() - log.written_at >= self.BUCKET_EPOCHS_EVERY_S:
             self._write_epochs(trial.trial_id, log)
         self.write_seconds += time.perf_counter() - t0
@@ -135,7 +135,7 @@ class ResultsRecorder(Callback):
 
     def _write_epochs(self, trial_id: str, log: _TrialLog) -> None:
         base = {"study": self.spec.name, "trial_id": trial_id}
-        results.write_rows(self.study, "epochs", trial_id, [{**base, **log.epochs[e]} for e in sorted(log.epochs)])
+        tables.write_rows(self.study, "epochs", trial_id, [{**base, **log.epochs[e]} for e in sorted(log.epochs)])
         log.written, log.written_at = len(log.epochs), time.monotonic()
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
@@ -159,7 +159,7 @@ class ResultsRecorder(Callback):
             attempts=int(trial.num_failures) + (0 if status == "failed" else 1),
             checkpoint=checkpoint_path(trial, self.study), started_at=log.meta.get("started_at"),
         )
-        results.write_trial(self.study, tid, row, epochs, log.meta.get("digits", []))
+        tables.write_trial(self.study, tid, row, epochs, log.meta.get("digits", []))
         self.logs.pop(tid, None)
         self.write_seconds += time.perf_counter() - t0
         if self.on_recorded is not None:
@@ -186,10 +186,10 @@ def checkpoint_path(trial: Any, study: Location) -> str | None:
 def _read_back(study: Location, trial_id: str) -> _TrialLog:
     epochs: dict[int, dict[str, Any]] = {}
     meta: dict[str, Any] = {}
-    ep = results.read_trial(study, "epochs", trial_id)
+    ep = tables.read_trial(study, "epochs", trial_id)
     for r in ep.to_pylist() if ep is not None else []:
         epochs[int(r["epoch"])] = {k: r.get(k) for k in _EPOCH_KEYS}
-    dg = results.read_trial(study, "digits", trial_id)
+    dg = tables.read_trial(study, "digits", trial_id)
     if dg is not None:
         meta["digits"] = [{k: r[k] for k in _DIGIT_KEYS} for r in dg.to_pylist()]
     return _TrialLog(epochs, meta)

@@ -49,15 +49,16 @@ from pathlib import Path
 from typing import Any
 
 from study.errors import StudyError
-from study.space import BY_NAME, DEFAULT_SPACE, PRESETS, SEARCHABLE
+from study.spec.space import BY_NAME, DEFAULT_SPACE, PRESETS, SEARCHABLE
 from vae.config import ARCHS, ConfigError, TrainConfig
 
 OBJECTIVES = ("val_elbo", "val_recon", "val_kl", "val_mse")
 # The samplers a study may use (`--sampler`, `[search] sampler`); each is seeded by the study's seed.
 SAMPLERS = ("tpe", "random", "qmc", "cmaes", "gp", "nsgaii")
-# Experiment trackers a study may log to (`--log-to`, `[study] log_to`): study.trackers.
+# Experiment trackers a study may log to (`--log-to`, `[study] log_to`): study.run.trackers.
 TRACKERS = ("mlflow", "wandb")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+_TOP = re.compile(r"^top-([1-9][0-9]*)$")  # a --keep policy: top-K
 _SECTIONS = {
     "study": {"name", "trials", "epochs", "seed", "objective", "mode", "preset", "startup_trials", "startup", "refit",
               "log_to", "optuna_storage", "keep"},
@@ -99,12 +100,12 @@ class StudySpec:
     startup_trials: int | None = None  # TPE's start-up trials before it models; None: min(10, max(2, trials // 4))
     shared_storage: bool = False  # a local --storage folder is mounted on every node, those to come too
     startup: str = "sobol"  # TPE's start-up trials: "sobol" (spread over the space, seeded) or "random"
-    refit: bool = True  # retrain the winner on train+validation for its best epoch count (study.refit)
+    refit: bool = True  # retrain the winner on train+validation for its best epoch count (study.run.refit)
     sampler: str = "tpe"  # Optuna's sampler (study.search.SAMPLERS); a multi-objective study's default is nsgaii
     constant_liar: bool | None = None  # TPE: None = on when more than one trial runs at once
-    log_to: tuple[str, ...] = ()  # experiment trackers (study.trackers): "mlflow", "wandb"
+    log_to: tuple[str, ...] = ()  # experiment trackers (study.run.trackers): "mlflow", "wandb"
     optuna_storage: str | None = None  # a PostgreSQL/MySQL URL (no password); None: optuna.log in the study folder
-    keep: str = "all"  # what finished trials keep of their checkpoints (study.retention): all | top-K | winner
+    keep: str = "all"  # what finished trials keep of their checkpoints (study.results.retention): all | top-K | winner
 
     @property
     def multi_objective(self) -> bool:
@@ -157,7 +158,7 @@ def build_spec(toml: dict[str, Any] | None, overrides: dict[str, Any]) -> StudyS
 
     ``overrides`` keys: the study's options (:data:`SPEC_OPTIONS`, plus ``grid`` as a dict,
     ``objective`` and ``scheduler``), and any training value to fix for every trial by its
-    TrainConfig name (``beta``, ``max_train_images``, ...; ``study.space``). A fixed value, in
+    TrainConfig name (``beta``, ``max_train_images``, ...; ``study.spec.space``). A fixed value, in
     ``[train]`` or as an override, takes its parameter out of the default search space; an
     override also wins over the file's ``[space]``; the file fixing and searching one parameter
     is refused.
@@ -259,7 +260,7 @@ def trial_values(config: dict[str, Any], beta_times_latent: float | None) -> dic
     return values
 
 
-# `vae-study run`'s options that are the study's own (the training values come from study.space).
+# `vae-study run`'s options that are the study's own (the training values come from study.spec.space).
 SPEC_OPTIONS = frozenset({
     "name", "storage", "trials", "epochs", "seed", "startup_trials", "mode", "preset", "grace_period",
     "reduction_factor", "cpus_per_trial", "gpus_per_trial", "max_concurrent", "max_failures", "address",
@@ -295,7 +296,7 @@ def validate(v: dict[str, Any]) -> StudySpec:
     if "YOUR-BUCKET" in str(v["storage"]):
         raise StudyError(f"--storage {v['storage']}: name your bucket first (VAE_STUDY_STORAGE in cluster.yaml's "
                          "setup_commands, then `ray up` again), or pass --storage s3://your-bucket/prefix")
-    from study.storage import Location
+    from study.store import Location
 
     Location(v["storage"])  # a bad URI is refused here, before anything starts
     _int(v, "trials", 1, 100000)
@@ -330,15 +331,13 @@ def validate(v: dict[str, Any]) -> StudySpec:
             raise StudyError(f"log_to {tracker!r} is not a tracker: choose from {', '.join(TRACKERS)}")
     v["log_to"] = tuple(dict.fromkeys(log_to))
     if v["optuna_storage"] is not None:
-        from study.storage import check_rdb_url
+        from study.store import check_rdb_url
 
         if not isinstance(v["optuna_storage"], str):
             raise StudyError("optuna_storage has the wrong type: a postgresql://user@host:port/database URL")
         check_rdb_url(v["optuna_storage"])
     if v["startup"] not in ("sobol", "random"):
         raise StudyError(f"startup={v['startup']!r} is not allowed: choose sobol or random")
-    from study.retention import top_k
-
     top_k(v["keep"])  # one line naming the allowed values
     if not isinstance(v["refit"], bool):
         raise StudyError(f"refit={v['refit']!r} has the wrong type: it must be true or false")
@@ -380,6 +379,19 @@ def validate(v: dict[str, Any]) -> StudySpec:
     if spec.beta_times_latent is not None and "latent_dim" not in spec.grid and "latent_dim" not in spec.space:
         raise StudyError("beta_times_latent needs latent_dim to be searched or on the grid")
     return spec
+
+
+def top_k(keep: str) -> int | None:
+    """How many trials' weights a ``--keep`` policy keeps (None: all; ``study.results.retention``).
+    Raises StudyError on a bad value."""
+    if keep == "all":
+        return None
+    if keep == "winner":
+        return 1
+    m = _TOP.match(str(keep))
+    if m is None:
+        raise StudyError(f"keep={keep!r} is not a checkpoint policy: choose all, winner or top-K (e.g. top-10)")
+    return int(m.group(1))
 
 
 def _check_param(name: str, p: dict[str, Any]) -> None:
@@ -461,7 +473,7 @@ def write_spec(study: Any, spec: StudySpec) -> None:
     """``study.json``: what ``resume`` rebuilds the study from."""
     import json
 
-    from study.storage import SPEC_FILE
+    from study.store import SPEC_FILE
 
     study.write_text(SPEC_FILE, json.dumps(spec.to_dict(), indent=2))
 
@@ -470,7 +482,7 @@ def read_spec(storage: str, name: str) -> StudySpec:
     """The spec of study ``name`` under ``storage``; a missing or damaged one is a user error."""
     import json
 
-    from study.storage import SPEC_FILE, study_location
+    from study.store import SPEC_FILE, study_location
 
     study = study_location(storage, name)
     if not study.is_file(SPEC_FILE):
