@@ -11,7 +11,7 @@ import sys
 from dataclasses import fields
 from typing import Any, Sequence
 
-from study.errors import USER_ERRORS, StudyInterrupted
+from study.errors import USER_ERRORS, StorageUnreachable, StudyInterrupted
 
 PROG = "vae-study"
 
@@ -240,7 +240,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
     if not args.storage:
         raise StudyError("pass --storage: the folder or bucket URI the study was run with (or set VAE_STUDY_STORAGE)")
     res = resume(args.storage, args.name, printer=_log, address=args.address, num_cpus=args.num_cpus,
-                 shared_storage=True if args.shared_storage else None)
+                 shared_storage=True if args.shared_storage else None, storage_patience=args.storage_patience)
     return _finish(res, read_spec(args.storage, args.name))
 
 
@@ -441,6 +441,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: $VAE_STUDY_STORAGE)")
     p.add_argument("--shared-storage", action="store_true",
                    help="the --storage folder is mounted on every node, including nodes an autoscaler adds later")
+    p.add_argument("--storage-patience", type=float, metavar="SECONDS",
+                   help="how long a study in a bucket waits out an outage of it before it stops, to be resumed "
+                        "(default 300)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing study of this name")
     p.add_argument("--smoke", action="store_true", help="tiny study: 2 trials, 1 epoch, 300 images")
     p.add_argument("--preset", help="seed-replication: the reference project's experiment")
@@ -491,6 +494,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address")
     p.add_argument("--num-cpus", type=int)
     p.add_argument("--shared-storage", action="store_true", help="as for run")
+    p.add_argument("--storage-patience", type=float, metavar="SECONDS", help="as for run (default: the study's)")
 
     p = _command(sub, "results", cmd_results, "query the results table")
     p.add_argument("path", help="a study folder or URI, or a storage root holding several")
@@ -545,6 +549,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     debug = bool(args.debug) or "--debug" in argv
     try:
         return int(args.func(args) or 0)
+    except StorageUnreachable as exc:
+        if debug:
+            raise
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 75  # EX_TEMPFAIL: the study can be resumed once its storage is back
     except USER_ERRORS as exc:
         if debug:
             raise

@@ -34,11 +34,25 @@ KINDS = (("checkpoint", r"/tune/trial_[^/]+/checkpoint_"), ("trial logs", r"/tun
 class _Faulty:
     """moto's WSGI app behind a counter of every request (by method and by what it is about) and,
     with ``faults`` > 0, a share of requests answered 503 SlowDown or 500 InternalError, or with
-    the connection dropped, before moto sees them."""
+    the connection dropped, before moto sees them. During an outage (:meth:`outage`) every
+    request is answered so."""
 
     def __init__(self, app: Any, faults: float, seed: int) -> None:
         self.app, self.faults, self.rng, self.lock = app, faults, random.Random(seed), threading.Lock()
         self.counts: Counter = Counter()
+        self.down: tuple[float, float] | None = None  # (start, end), monotonic: every request fails
+        self.down_after: tuple[str, float] | None = None  # (key pattern, seconds): an outage on the first match
+
+    def outage(self, seconds: float, *, after: str | None = None) -> None:
+        """The bucket unreachable for ``seconds``: now, or from the first request whose path
+        matches ``after`` (that request fails too)."""
+        import time
+
+        with self.lock:
+            if after is None:
+                self.down = (time.monotonic(), time.monotonic() + seconds)
+            else:
+                self.down_after = (after, seconds)
 
     def __call__(self, environ: dict, start_response: Any) -> Any:
         method, path = environ["REQUEST_METHOD"], environ.get("PATH_INFO", "")
@@ -51,7 +65,16 @@ class _Faulty:
                 self.counts[f"name {method} {kind}: {name} {environ.get('QUERY_STRING', '').split('=')[0]}"] += 1
             if method == "PUT":
                 self.counts["put_bytes"] += size
-            fault = self.faults and self.rng.random() < self.faults
+            import time
+
+            now = time.monotonic()
+            if self.down_after is not None and re.search(self.down_after[0], path):
+                self.down, self.down_after = (now, now + self.down_after[1]), None
+                self.counts["outage started"] = 1
+            in_outage = self.down is not None and self.down[0] <= now < self.down[1]
+            if in_outage:
+                self.counts["outage requests"] += 1
+            fault = in_outage or (self.faults and self.rng.random() < self.faults)
             how = self.rng.choice(("slowdown", "internal", "drop")) if fault else None
         if how is None:
             return self.app(environ, start_response)
@@ -75,14 +98,18 @@ class _Faulty:
 
 
 @contextmanager
-def s3_endpoint(host: str = "127.0.0.1", *, faults: float = 0.0, seed: int = 0) -> Iterator[tuple[dict[str, str], Counter]]:
+def s3_endpoint(host: str = "127.0.0.1", *, faults: float = 0.0, seed: int = 0,
+                control: list | None = None) -> Iterator[tuple[dict[str, str], Counter]]:
     """Like :func:`s3_server`, and yields the requests' counter too (``requests``, per method, per
-    method and kind, ``put_bytes``, ``fault ...``); ``faults``: the share of requests that fail."""
+    method and kind, ``put_bytes``, ``fault ...``); ``faults``: the share of requests that fail.
+    ``control``: a list the fault layer is appended to (its :meth:`_Faulty.outage`)."""
     from moto.moto_server.werkzeug_app import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
     from moto.server import ThreadedMotoServer
     from werkzeug.serving import make_server
 
     wrapped = _Faulty(DomainDispatcherApplication(create_backend_app), faults, seed)
+    if control is not None:
+        control.append(wrapped)
 
     class Server(ThreadedMotoServer):
         def _server_entry(self) -> None:

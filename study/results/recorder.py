@@ -6,6 +6,7 @@ trials row when it ends. The trials row is written last; its presence means the 
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -14,7 +15,9 @@ from typing import Any, Callable
 from ray.tune import Callback
 
 from study.results import rows, tables
+from study.errors import StudyError
 from study.results.epochs import each_epoch
+from study.store import outage
 from study.store import Location
 
 Printer = Callable[[str], None]
@@ -47,6 +50,24 @@ def trial_error(trial: Any) -> str:
             text = f.read()
     return error_line(text or trial.get_error())
 
+
+
+def _storage_guarded(method: Callable[..., None]) -> Callable[..., None]:
+    """A Tune callback whose storage fails (an outage past the study's patience, a write refused)
+    stops the study through its own error path, said in one line (``study.store.outage.give_up``),
+    never with a traceback out of Tune; once the study has given up, nothing more is recorded
+    (what is not recorded is not finished: ``resume`` continues it)."""
+
+    @functools.wraps(method)
+    def guarded(self: Any, *args: Any, **kwargs: Any) -> None:
+        if outage.gave_up() is not None:
+            return
+        try:
+            method(self, *args, **kwargs)
+        except StudyError as exc:
+            outage.give_up(exc)
+
+    return guarded
 
 
 class _TrialLog:
@@ -108,9 +129,11 @@ class ResultsRecorder(Callback):
             self.logs[tid] = _read_back(self.study, tid) if self.resumed else _TrialLog({}, {})
         return self.logs[tid]
 
+    @_storage_guarded
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._log(trial).meta.setdefault("started_at", rows.now())
 
+    @_storage_guarded
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         t0 = time.perf_counter()
         log = self._log(trial)
@@ -126,6 +149,7 @@ class ResultsRecorder(Callback):
             self._write_epochs(trial.trial_id, log)
         self.write_seconds += time.perf_counter() - t0
 
+    @_storage_guarded
     def on_checkpoint(self, iteration: int, trials: list, trial: Any, checkpoint: Any, **info: Any) -> None:
         log = self.logs.get(trial.trial_id)
         if log is not None and log.written < len(log.epochs):
@@ -138,11 +162,13 @@ class ResultsRecorder(Callback):
         tables.write_rows(self.study, "epochs", trial_id, [{**base, **log.epochs[e]} for e in sorted(log.epochs)])
         log.written, log.written_at = len(log.epochs), time.monotonic()
 
+    @_storage_guarded
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         log = self._log(trial)
         done = bool(log.epochs) and max(log.epochs) >= int(trial.config.get("epochs", self.spec.epochs))
         self._finish(trial, "completed" if done else "pruned", None)
 
+    @_storage_guarded
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._finish(trial, "failed", trial_error(trial))
 

@@ -8,6 +8,7 @@ from typing import Any, Callable
 from ray.tune import Callback
 
 from study.results.recorder import trial_error
+from study.store import outage
 
 Printer = Callable[[str], None]
 TABLE_EVERY_S = 15.0
@@ -81,6 +82,8 @@ class Progress(Callback):
                              f"{spec.objective[0]} {self._value(r)}  {params_text(t.config, self.keys)}")
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        if outage.gave_up() is not None:  # not recorded, so not finished: resume continues it
+            return
         self.done += 1
         r = trial.last_result or {}
         epochs = int(r.get("epoch", 0))
@@ -89,6 +92,8 @@ class Progress(Callback):
                      f"{self.spec.objective[0]} {self._value(r)}  [{self.done}/{self.spec.n_trials}]")
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        if outage.gave_up() is not None:  # not recorded, so not finished: resume continues it
+            return
         self.done += 1
         self.printer(f"  failed   {trial.trial_id}  {trial_error(trial)}  [{self.done}/{self.spec.n_trials}]")
 
@@ -117,3 +122,33 @@ def waiting_line(n: int, spec: Any, since: float, now: float) -> str:
     note = autoscaler_note()
     return (f"  waiting  {n} trial{'s' if n != 1 else ''} ({need} each) since {clock} ({minutes}m{seconds:02d}s); "
             f"free now: {free}; {note}")
+
+
+class StorageWatch(outage.Listener):
+    """The driver's ear on its storage's outages (``study.store.outage``): one line when the bucket
+    stops answering and one when it is back; when the study's patience runs out, Ray Tune is asked
+    to stop as Ctrl-C does (its SIGUSR1 handler: the trials stop, Tune saves what it can), and its
+    loggers are quieted, since every write left fails at once: ``study.run.recipes`` then says
+    why in one line."""
+
+    def __init__(self, study_uri: str, patience: float, printer: Printer) -> None:
+        self.study_uri, self.patience, self.printer = study_uri, patience, printer
+
+    def down(self, uri: str, since: float, reason: str) -> None:
+        at = time.strftime("%H:%M:%S", time.localtime(since))
+        self.printer(f"storage {self.study_uri} unreachable since {at} ({reason}): waiting up to "
+                     f"{self.patience:g} s for it (--storage-patience); trials go on where they can")
+
+    def up(self, uri: str, lasted: float) -> None:
+        self.printer(f"storage {self.study_uri} reachable again after {lasted:.0f} s")
+
+    def gave_up(self, error: BaseException) -> None:
+        import logging
+        import os
+        import signal
+
+        for name in ("ray.tune", "ray.train", "ray.air"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+        handler = signal.getsignal(signal.SIGUSR1)
+        if callable(handler):  # Tune's own, while a Tuner runs in the main thread
+            os.kill(os.getpid(), signal.SIGUSR1)

@@ -13,12 +13,12 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from study import cluster, results
-from study.errors import StudyError, StudyInterrupted
+from study.errors import StorageUnreachable, StudyError, StudyInterrupted
 from study.spec import StudySpec, read_spec, write_spec
-from study.store import Location, OptunaDB, TUNE_DIR, study_location
+from study.store import TUNE_DIR, Location, OptunaDB, outage, study_location
 
 Printer = Callable[[str], None]
 # How often Ray saves its experiment state (and, for a study in a bucket, uploads it): Tune's
@@ -110,6 +110,7 @@ def run(spec: StudySpec, *, overwrite: bool = False, printer: Printer = print,
     study.parent.check_writable()
     db = OptunaDB(study, spec.optuna_storage)
     with db.lock(spec.name), contextlib.ExitStack() as held:  # a shared database: one line before Ray starts
+        held.enter_context(_storage_watch(spec, study, printer))
         view = _connect(spec, study, check_data=True)
         if spec.sampler == "tpe" and spec.constant_liar is None:  # study.json records what ran
             concurrent = spec.max_concurrent or cluster.default_concurrency(spec, view)
@@ -124,7 +125,7 @@ def run(spec: StudySpec, *, overwrite: bool = False, printer: Printer = print,
 
 def resume(storage: str, name: str, *, printer: Printer = print, address: str | None = None,
            num_cpus: int | None = None, shared_storage: bool | None = None,
-           callbacks: Sequence[Any] = ()) -> StudyResult:
+           storage_patience: float | None = None, callbacks: Sequence[Any] = ()) -> StudyResult:
     """Finish an interrupted study from its Ray experiment state and its Optuna storage, wherever
     its driver was killed (``study.run.restore``). A study killed before Tune saved any state (no
     trial had started) is started from its ``study.json``. ``callbacks``: Ray Tune callbacks for
@@ -136,14 +137,15 @@ def resume(storage: str, name: str, *, printer: Printer = print, address: str | 
     from study.run.restore import has_tune_state
 
     spec = read_spec(storage, name)
-    changes = {k: v for k, v in {"address": address, "num_cpus": num_cpus, "shared_storage": shared_storage}.items()
-               if v is not None}
+    changes = {k: v for k, v in {"address": address, "num_cpus": num_cpus, "shared_storage": shared_storage,
+                                 "storage_patience": storage_patience}.items() if v is not None}
     spec = StudySpec.from_dict({**spec.to_dict(), **changes}) if changes else spec
     _check_trackers(spec)
     study = study_location(storage, name)
     study.check_writable()
     db = OptunaDB(study, spec.optuna_storage)
     with db.lock(spec.name), contextlib.ExitStack() as held:  # a shared database: one line before Ray starts
+        held.enter_context(_storage_watch(spec, study, printer))
         view = _connect(spec, study, check_data=False)
         held.enter_context(study.lock())
         if not has_tune_state(study):
@@ -169,6 +171,21 @@ def _start(spec: StudySpec, study: Location, view: cluster.ClusterView, db: Optu
     write_spec(study, spec)
     tuner, recorder, warmer = _new_tuner(spec, study, view, db, printer, callbacks)
     return _complete(spec, study, tuner, recorder, warmer, db, printer, resumed=False)
+
+
+@contextlib.contextmanager
+def _storage_watch(spec: StudySpec, study: Location, printer: Printer) -> Iterator[None]:
+    """While the study runs: its patience with its storage, and a line for each outage
+    (``study.store.outage``, ``study.run.progress.StorageWatch``)."""
+    from study.run.progress import StorageWatch
+
+    outage.reset()
+    outage.set_patience(spec.storage_patience)
+    stop = outage.listen(StorageWatch(study.uri, spec.storage_patience, printer))
+    try:
+        yield
+    finally:
+        stop()
 
 
 def _connect(spec: StudySpec, study: Location, *, check_data: bool) -> cluster.ClusterView:
@@ -300,11 +317,19 @@ def _finish(spec: StudySpec, study: Location, tuner: Any, recorder: Any, warmer:
     from study.run.reports import lazy_results
     from study.search import close_stale_trials
 
+    grid = None
     try:
         with lazy_results():
             grid = tuner.fit()
+    except Exception:
+        if outage.gave_up() is None:  # else Tune's end (its ResultGrid) met the storage given up on: said below
+            raise
     finally:
-        db.publish()
+        db.publish()  # nothing, where the study gave up on its storage
+    gave_up = outage.gave_up()
+    if gave_up is not None:
+        raise StorageUnreachable(f"{gave_up}; study {spec.name!r} stopped: once the storage answers, finish it with "
+                                 f"`vae-study resume --name {spec.name} --storage {spec.storage}`") from None
     df = results.load(study, "trials")
     finished = int(df["status"].isin(["completed", "pruned", "failed"]).sum()) if len(df) else 0
     if finished < spec.n_trials:

@@ -50,6 +50,7 @@ from typing import Any
 
 from study.errors import StudyError
 from study.spec.space import BY_NAME, DEFAULT_SPACE, PRESETS, SEARCHABLE
+from study.store.outage import PATIENCE_S
 from vae.config import ARCHS, ConfigError, TrainConfig
 
 OBJECTIVES = ("val_elbo", "val_recon", "val_kl", "val_mse")
@@ -61,7 +62,7 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 _TOP = re.compile(r"^top-([1-9][0-9]*)$")  # a --keep policy: top-K
 _SECTIONS = {
     "study": {"name", "trials", "epochs", "seed", "objective", "mode", "preset", "startup_trials", "startup", "refit",
-              "log_to", "optuna_storage", "keep"},
+              "log_to", "optuna_storage", "keep", "storage_patience"},
     "search": {"sampler", "constant_liar", "startup", "startup_trials"},
     "data": {"dataset", "data_dir", "val_fraction", "split_seed", "max_train_images", "download"},
     "train": None,  # checked against TrainConfig
@@ -106,6 +107,7 @@ class StudySpec:
     log_to: tuple[str, ...] = ()  # experiment trackers (study.run.trackers): "mlflow", "wandb"
     optuna_storage: str | None = None  # a PostgreSQL/MySQL URL (no password); None: optuna.log in the study folder
     keep: str = "all"  # what finished trials keep of their checkpoints (study.results.retention): all | top-K | winner
+    storage_patience: float = PATIENCE_S  # seconds a study waits for its bucket in an outage (study.store.outage)
 
     @property
     def multi_objective(self) -> bool:
@@ -234,6 +236,7 @@ def build_spec(toml: dict[str, Any] | None, overrides: dict[str, Any]) -> StudyS
         "log_to": o.get("log_to", study.get("log_to", ())),
         "optuna_storage": o.get("optuna_storage", study.get("optuna_storage")),
         "keep": o.get("keep", study.get("keep", "all")),
+        "storage_patience": o.get("storage_patience", study.get("storage_patience", PATIENCE_S)),
     }
     if o.get("smoke"):  # tiny, unless a flag says otherwise
         values.update(trials=o.get("trials", 2), epochs=o.get("epochs", 1))
@@ -265,7 +268,7 @@ SPEC_OPTIONS = frozenset({
     "name", "storage", "trials", "epochs", "seed", "startup_trials", "mode", "preset", "grace_period",
     "reduction_factor", "cpus_per_trial", "gpus_per_trial", "max_concurrent", "max_failures", "address",
     "num_cpus", "smoke", "refit", "shared_storage", "startup", "sampler", "constant_liar", "log_to",
-    "optuna_storage", "keep",
+    "optuna_storage", "keep", "storage_patience",
 })
 
 
@@ -339,6 +342,7 @@ def validate(v: dict[str, Any]) -> StudySpec:
     if v["startup"] not in ("sobol", "random"):
         raise StudyError(f"startup={v['startup']!r} is not allowed: choose sobol or random")
     top_k(v["keep"])  # one line naming the allowed values
+    _num(v, "storage_patience", 0.0, 7 * 24 * 3600.0)
     if not isinstance(v["refit"], bool):
         raise StudyError(f"refit={v['refit']!r} has the wrong type: it must be true or false")
     if v["mode"] not in ("min", "max"):

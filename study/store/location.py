@@ -21,7 +21,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Iterator, Protocol, runtime_checkable
 
-from study.errors import StudyError
+from study.errors import StorageUnreachable, StudyError
 from study.store.layout import SPEC_FILE
 from study.store.objectstore import object_store
 
@@ -145,6 +145,8 @@ class Location:
     def _info(self, rel: str = "") -> Any:
         try:
             return self.fs.get_file_info(self._join(rel))
+        except StorageUnreachable:  # said whole: the study stops on it
+            raise
         except OSError as exc:
             raise StudyError(f"cannot read {self.uri}/{rel}: {_first_line(exc)}") from None
 
@@ -174,6 +176,8 @@ class Location:
 
         try:
             infos = self.fs.get_file_info(pafs.FileSelector(self._join(rel), allow_not_found=True, recursive=recursive))
+        except StorageUnreachable:  # said whole: the study stops on it
+            raise
         except OSError as exc:
             raise StudyError(f"cannot list {self.uri}/{rel}: {_first_line(exc)}") from None
         return infos[:1] if limit_one else infos
@@ -211,6 +215,8 @@ class Location:
                 return f.read()
         except FileNotFoundError:
             raise
+        except StorageUnreachable:  # said whole: the study stops on it
+            raise
         except OSError as exc:
             if not self.exists(rel):
                 raise FileNotFoundError(f"{self.uri}/{rel}") from None
@@ -223,6 +229,8 @@ class Location:
         """Write a whole file: a reader sees the old one or the new one, never a part."""
         try:
             self._write_whole(self._join(rel), data)
+        except StorageUnreachable:  # said whole: the study stops on it
+            raise
         except OSError as exc:
             raise StudyError(f"cannot write {self.uri}/{rel}: {_first_line(exc)}") from None
 
@@ -254,6 +262,8 @@ class Location:
             self.fs.delete_file(self._join(rel))
         except FileNotFoundError:
             pass
+        except StorageUnreachable:  # said whole: the study stops on it
+            raise
         except OSError as exc:
             raise StudyError(f"cannot delete {self.uri}/{rel}: {_first_line(exc)}") from None
 
@@ -263,6 +273,8 @@ class Location:
             return
         try:
             self.fs.delete_dir(self._join(rel))
+        except StorageUnreachable:  # said whole: the study stops on it
+            raise
         except OSError as exc:
             raise StudyError(f"cannot delete {self.uri}/{rel}: {_first_line(exc)}") from None
 
@@ -274,6 +286,8 @@ class Location:
         probe = f".write-test-{uuid.uuid4().hex[:8]}"
         try:
             self._probe_write(probe)
+        except StorageUnreachable:  # said whole: the study stops on it
+            raise
         except OSError as exc:
             raise StudyError(f"storage {self.uri} is not writable ({_first_line(exc)}): choose another --storage"
                              + self._unwritable_hint) from None
@@ -359,6 +373,8 @@ class Folder(Location):
     def ensure_dir(self, rel: str = "") -> None:
         try:
             os.makedirs(self._join(rel), exist_ok=True)
+        except StorageUnreachable:  # said whole: the study stops on it
+            raise
         except OSError as exc:
             raise StudyError(f"storage {self.uri} is not writable ({_first_line(exc)}): "
                              "choose another --storage") from None

@@ -1,11 +1,14 @@
 """The object-store layer under a :class:`~study.store.location.Bucket`: pyarrow's S3
 filesystem, set as a study needs it (one PUT per small file, every request retried with
-backoff, no folder markers, no resend of unchanged bytes), and picklable without credentials.
+backoff, no folder markers, no resend of unchanged bytes, every call waiting out an outage for
+the study's patience: ``study.store.outage``), and picklable without credentials.
 """
 from __future__ import annotations
 
 import hashlib
-from typing import Any
+from typing import Any, Callable
+
+from study.store import outage
 
 # Attempts per bucket request, with the AWS SDK's standard retry: exponential backoff with jitter
 # (base 25 ms, at most 20 s), on throttling (503 SlowDown), server errors and dropped connections.
@@ -85,16 +88,25 @@ class _Upload:
         digest = hashlib.blake2b(data, digest_size=16).digest()
         if self.store.sent.get(self.path) == digest:
             return
-        with self.store.fs.open_output_stream(self.path, metadata=self.metadata) as f:
-            f.write(data)
+
+        def put() -> None:
+            with self.store.fs.open_output_stream(self.path, metadata=self.metadata) as f:
+                f.write(data)
+
+        self.store.patiently(put, self.path)
         self.store.sent[self.path] = digest
 
 
 class _ObjectStore(_Handler):
-    """pyarrow's S3 filesystem, through ``pyarrow.fs.PyFileSystem`` (see :func:`object_store`)."""
+    """pyarrow's S3 filesystem, through ``pyarrow.fs.PyFileSystem`` (see :func:`object_store`).
 
-    def __init__(self, options: dict[str, Any]) -> None:
+    ``patience``: how long each call waits out an outage; None: this process's
+    (``outage.patience()``). A copy pickled for another process (Ray hands the study's filesystem
+    to its trials) carries the patience it had here plus ``outage.WORKER_GRACE_S``."""
+
+    def __init__(self, options: dict[str, Any], patience: float | None = None) -> None:
         self.options = options
+        self.patience = patience
         self.fs = _s3(options)
         # What this process last uploaded to each key (a digest): Ray uploads its whole driver
         # folder at every sync of its state, every trial's logs included, so a study in a bucket
@@ -102,7 +114,14 @@ class _ObjectStore(_Handler):
         self.sent: dict[str, bytes] = {}
 
     def __reduce__(self) -> tuple:
-        return (_ObjectStore, (self.options,))
+        return (_ObjectStore, (self.options, self._patience() + outage.WORKER_GRACE_S))
+
+    def _patience(self) -> float:
+        return outage.patience() if self.patience is None else self.patience
+
+    def patiently(self, call: Callable[[], Any], path: str) -> Any:
+        """``call()``, waiting out an outage of the bucket (``study.store.outage``)."""
+        return outage.patiently(call, uri="s3://" + path.split("/", 1)[0], patience=self._patience())
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, _ObjectStore) and other.options == self.options
@@ -117,21 +136,21 @@ class _ObjectStore(_Handler):
         return self.fs.normalize_path(path)
 
     def get_file_info(self, paths: list[str]) -> list:
-        return self.fs.get_file_info(paths)
+        return self.patiently(lambda: self.fs.get_file_info(paths), paths[0] if paths else "")
 
     def get_file_info_selector(self, selector: Any) -> list:
-        return self.fs.get_file_info(selector)
+        return self.patiently(lambda: self.fs.get_file_info(selector), selector.base_dir)
 
     def create_dir(self, path: str, recursive: bool) -> None:
         pass  # a prefix needs no marker object
 
     def delete_dir(self, path: str) -> None:
         self._forget(path.rstrip("/") + "/")
-        self.fs.delete_dir(path)
+        self.patiently(lambda: self.fs.delete_dir(path), path)
 
     def delete_dir_contents(self, path: str, missing_dir_ok: bool = False) -> None:
         self._forget(path.rstrip("/") + "/")
-        self.fs.delete_dir_contents(path, missing_dir_ok=missing_dir_ok)
+        self.patiently(lambda: self.fs.delete_dir_contents(path, missing_dir_ok=missing_dir_ok), path)
 
     def _forget(self, prefix: str) -> None:
         for key in [k for k in self.sent if k.startswith(prefix)]:
@@ -142,22 +161,33 @@ class _ObjectStore(_Handler):
 
     def delete_file(self, path: str) -> None:
         self.sent.pop(path, None)
-        self.fs.delete_file(path)
+        self.patiently(lambda: self.fs.delete_file(path), path)
 
     def move(self, src: str, dest: str) -> None:
         self.sent.pop(src, None)
         self.sent.pop(dest, None)
-        self.fs.move(src, dest)
+        self.patiently(lambda: self.fs.move(src, dest), src)
 
     def copy_file(self, src: str, dest: str) -> None:
         self.sent.pop(dest, None)
-        self.fs.copy_file(src, dest)
+        self.patiently(lambda: self.fs.copy_file(src, dest), src)
 
     def open_input_stream(self, path: str) -> Any:
-        return self.fs.open_input_stream(path)
+        return self._read_whole(path)
 
     def open_input_file(self, path: str) -> Any:
-        return self.fs.open_input_file(path)
+        return self._read_whole(path)
+
+    def _read_whole(self, path: str) -> Any:
+        """The object, read whole within one patient call (a stream read later, outside it, would
+        meet an outage unguarded): a study's objects are small (rows, checkpoints of MBs)."""
+        import pyarrow as pa
+
+        def read() -> bytes:
+            with self.fs.open_input_stream(path) as f:
+                return f.read()
+
+        return pa.BufferReader(self.patiently(read, path))
 
     def open_output_stream(self, path: str, metadata: Any) -> Any:
         import pyarrow as pa

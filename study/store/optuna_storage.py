@@ -18,6 +18,7 @@ from typing import Any, Iterator
 
 from study.errors import StudyError
 from study.store.layout import OPTUNA_DB, OPTUNA_LOG
+from study.store import outage
 from study.store.location import Location
 
 RDB_DRIVERS = {"postgresql": "postgresql+psycopg", "postgres": "postgresql+psycopg", "mysql": "mysql+pymysql"}
@@ -253,9 +254,19 @@ class OptunaDB:
         local). Unless ``force``, at most every ``PUBLISH_EVERY_S``: the snapshot is a copy
         for optuna-dashboard and for ``resume``, which mends what it lacks from the trials
         table (``study.run.restore``), so it need not follow every trial; uploaded at every event,
-        its bytes grew with the square of the trials (BENCHMARKS §8)."""
-        if not self.published or not self.path.is_file():
+        its bytes grew with the square of the trials (BENCHMARKS §8).
+
+        Where the storage fails (an outage past the study's patience), the study stops on it
+        (``outage.give_up``), and a study that has given up publishes nothing more: the last
+        snapshot stands, and ``resume`` mends what it lacks."""
+        if not self.published or not self.path.is_file() or outage.gave_up() is not None:
             return
+        try:
+            self._publish(force)
+        except StudyError as exc:
+            outage.give_up(exc)
+
+    def _publish(self, force: bool) -> None:
         if not force and time.monotonic() - self.published_at < self.PUBLISH_EVERY_S:
             return
         self.published_at = time.monotonic()
