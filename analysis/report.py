@@ -105,7 +105,7 @@ def _build(study: Location, out: Path, dest: Location, options: Options | None,
     trials = results.load(study, "trials", on_skip=lambda p, r: skipped.append(f"skipped unreadable {Path(str(p)).name}: {r}"))
     if trials.empty:
         raise StudyError(f"study {study.name} has no trials recorded yet; run or resume it first")
-    # A refit (study.run.refit) is the winner retrained on train+validation: shown beside the
+    # A refit (study.runner.refit) is the winner retrained on train+validation: shown beside the
     # winner, never ranked or counted with the search's trials.
     refits = trials[trials["status"] == results.REFIT]
     trials = results.search_trials(trials).reset_index(drop=True)
@@ -174,7 +174,7 @@ def _build(study: Location, out: Path, dest: Location, options: Options | None,
     _atomic_write(out / "summary.json", json.dumps(summary, indent=2, default=str))
     _atomic_write(index, _html(name, study.uri, sections, summary, out))
     if spec.get("log_to") and win is not None:
-        from study.run.trackers import log_report
+        from study.runner.trackers import log_report
 
         log_report(spec["log_to"], name, str(win["trial_id"]), out, say)
     return index

@@ -6,7 +6,7 @@ one CPU thread per trial), over the same space (latent_dim in [2, 64] int, beta 
 lr in [1e-4, 3e-3] log), for up to 15 epochs a trial, 2 trials at a time, each as its own
 documentation shows a user:
 
-1. ``vae-study`` (its defaults, through ``study.run``: TPE with Sobol start-up points and the
+1. ``vae-study`` (its defaults, through ``study.runner``: TPE with Sobol start-up points and the
    constant liar, ASHA with grace period 1 and reduction factor 2);
 2. Ray Tune's recipe: ``OptunaSearch()`` and ``ASHAScheduler()``, their defaults;
 3. Optuna alone: ``TPESampler()`` and ``HyperbandPruner()``, ``study.optimize(n_jobs=2)``, no Ray;

@@ -56,7 +56,7 @@ def _timed(cls: type, names: list[str], who: str) -> None:
 
 
 def instrument() -> None:
-    from study.run.progress import Progress
+    from study.runner.progress import Progress
     from study.results.recorder import ResultsRecorder
     from study.search.searcher import StudySearch
 
@@ -73,7 +73,7 @@ def instrument() -> None:
 
 def ours(n: int, root: str, slots: int, sampler: str = "tpe") -> dict:
     from study import results
-    from study.run import recipes
+    from study.runner import recipes
     from study.spec.spec import build_spec
 
     spec = build_spec(None, {"name": f"scale{n}", "storage": root, "trials": n, "epochs": 1, "smoke": True,
@@ -94,7 +94,7 @@ def ours(n: int, root: str, slots: int, sampler: str = "tpe") -> dict:
 def tune_alone(n: int, root: str, slots: int) -> dict:
     from ray import tune
 
-    from study.run import recipes
+    from study.runner import recipes
     from study.spec.spec import build_spec
 
     spec = build_spec(None, {"name": f"alone{n}", "storage": root, "trials": n, "epochs": 1, "smoke": True,

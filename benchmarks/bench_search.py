@@ -52,7 +52,7 @@ def main() -> None:
     from analysis import figures as F
     from analysis import metrics as M
     from study import cluster, results
-    from study.run import recipes
+    from study.runner import recipes
     from study.spec.spec import build_spec
 
     out = Path(args.out)

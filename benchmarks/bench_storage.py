@@ -27,7 +27,7 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 PROBE = """
 import json, sys, time
 from study import cluster
-from study.run import recipes
+from study.runner import recipes
 from study.spec.spec import build_spec
 spec = build_spec(None, json.loads(sys.argv[1]))
 t0 = time.perf_counter()

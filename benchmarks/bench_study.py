@@ -37,7 +37,7 @@ def main() -> None:
     import ray
 
     from study import cluster, results
-    from study.run import recipes
+    from study.runner import recipes
     from study.spec.spec import build_spec
     import_seconds = time.perf_counter() - t_import
 

@@ -18,7 +18,7 @@ from collections import Counter
 OWNERS = (
     ("study: recorder (Parquet rows, retention)", ("study/results/",)),
     ("study: searcher (Optuna ask/tell/report)", ("study/search/",)),
-    ("study: restore / reconcile", ("study/run/restore.py", "study/search/mend.py")),
+    ("study: restore / reconcile", ("study/runner/restore.py", "study/search/mend.py")),
     ("study: other", ("study/",)),
     ("optuna", ("optuna/",)),
     ("sqlalchemy / sqlite", ("sqlalchemy/", "sqlite3")),

@@ -17,7 +17,7 @@ The rooms, in the order a study takes them; each imports only the rooms below it
 ``__init__`` says what it owns and offers; ``tests/test_layout.py`` holds them to it)::
 
     cli.py     the command line: parses, calls one function of a room (``vae-study``, ``python -m study``)
-    run/       the recipes of run and resume, the trainable, the refit, progress, trackers, Tune reports
+    runner/    the recipes of run and resume, the trainable, the refit, progress, trackers, Tune reports
     search/    samplers, the Tune searcher, schedulers (ASHA), what resume mends of the Optuna side
     cluster/   Ray's start and address, the checks before a study, ``cluster aws-setup`` / ``local``
     results/   what is kept of every trial: rows, the recorder, retention, the tables and their queries
@@ -36,7 +36,7 @@ from typing import Any
 from study._lazy import exports
 
 __all__, __getattr__ = exports(__name__, {
-    **dict.fromkeys(("run", "resume", "StudyResult"), "study.run.recipes"),
+    **dict.fromkeys(("run", "resume", "StudyResult"), "study.runner.recipes"),
     **dict.fromkeys(("build_spec", "read_toml", "StudySpec"), "study.spec.spec"),
     "StudyError": "study.errors",
     "each_epoch": "study.results.epochs",
@@ -53,13 +53,13 @@ _MOVED: dict[str, tuple[str, ...]] = {
     "study.recorder": ("study.results.recorder",),
     "study.retention": ("study.results.retention", "study.spec.spec"),
     "study.launch": ("study.cluster.launch",),
-    "study.tuner": ("study.run.recipes",),
-    "study.trainable": ("study.run.trainable",),
-    "study.refit": ("study.run.refit",),
-    "study.progress": ("study.run.progress",),
-    "study.trackers": ("study.run.trackers",),
-    "study.reports": ("study.run.reports", "study.results.epochs"),
-    "study.restore": ("study.run.restore", "study.results.recorded", "study.search.searcher", "study.search.mend"),
+    "study.tuner": ("study.runner.recipes",),
+    "study.trainable": ("study.runner.trainable",),
+    "study.refit": ("study.runner.refit",),
+    "study.progress": ("study.runner.progress",),
+    "study.trackers": ("study.runner.trackers",),
+    "study.reports": ("study.runner.reports", "study.results.epochs"),
+    "study.restore": ("study.runner.restore", "study.results.recorded", "study.search.searcher", "study.search.mend"),
 }
 
 

@@ -152,7 +152,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         vae-study run --name sweep --storage s3://my-bucket/studies --address auto --gpus-per-trial 0.25
     """
     from study.spec import build_spec, overrides_from_flags, read_toml
-    from study.run import run
+    from study.runner import run
 
     toml = read_toml(args.config) if args.config else None
     overrides = overrides_from_flags(vars(args))
@@ -234,7 +234,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
     from study.errors import StudyError
     from study.spec import read_spec
-    from study.run import resume
+    from study.runner import resume
 
     args.storage = args.storage or os.environ.get("VAE_STUDY_STORAGE")
     if not args.storage:
@@ -317,7 +317,7 @@ def cmd_compact(args: argparse.Namespace) -> int:
     Example:
         vae-study compact studies/big-sweep
     """
-    from study.run import compact_study
+    from study.runner import compact_study
 
     merged = compact_study(args.study)
     print(", ".join(f"{table}: {n} files merged" for table, n in merged.items()))

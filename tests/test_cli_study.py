@@ -223,6 +223,7 @@ def test_the_cluster_yaml_placeholder_bucket_is_refused_with_the_fix(tmp_path):
     assert "name your bucket first" in r.stderr and "cluster.yaml" in r.stderr
 
 
+@pytest.mark.slow
 def test_a_study_in_which_no_trial_finished_exits_1_with_the_first_error(tmp_path):
     toml = tmp_path / "s.toml"
     toml.write_text('[train]\nbeta = 1000.0\nlatent_dim = 4\n')

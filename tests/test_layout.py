@@ -13,9 +13,9 @@ import pytest
 from conftest import REPO
 
 # Lowest first: a room may import the rooms of a lower rank, never its own rank's others.
-RANK = {"errors": 0, "_lazy": 0, "store": 1, "spec": 2, "results": 3, "search": 4, "cluster": 4, "run": 5,
+RANK = {"errors": 0, "_lazy": 0, "store": 1, "spec": 2, "results": 3, "search": 4, "cluster": 4, "runner": 5,
         "cli": 6, "__init__": 6, "__main__": 7}
-ROOMS = ("store", "spec", "results", "search", "cluster", "run")
+ROOMS = ("store", "spec", "results", "search", "cluster", "runner")
 
 
 def _modules(package: str) -> dict[str, Path]:
@@ -97,6 +97,19 @@ def test_a_room_says_what_it_owns_and_imports_only_what_it_says(room):
     assert used <= said, f"study/{room} imports {sorted(used - said)} without saying so in its docstring"
 
 
+@pytest.mark.parametrize("package", ["study", *(f"study.{room}" for room in ROOMS)])
+def test_no_name_a_package_offers_is_also_one_of_its_modules(package):
+    """Once a submodule is imported, Python sets it as its package's attribute of that name: a
+    name offered lazily that is also a submodule's (``study.run``, the function, and a ``run/``
+    room) would turn into the module under the user's feet."""
+    import importlib
+    import pkgutil
+
+    pkg = importlib.import_module(package)
+    modules = {m.name for m in pkgutil.iter_modules(pkg.__path__)}
+    assert not set(pkg.__all__) & modules, f"{package} offers {sorted(set(pkg.__all__) & modules)}, also its modules"
+
+
 def test_a_rooms_offer_names_only_what_its_modules_define():
     import importlib
 
@@ -119,7 +132,7 @@ def test_the_old_module_paths_still_resolve_for_studies_pickled_before_the_rooms
 
     import study  # noqa: F401  (installs the old paths)
     from study.results.recorder import ResultsRecorder
-    from study.run.progress import Progress
+    from study.runner.progress import Progress
     from study.search.schedulers import StudyASHA
     from study.search.searcher import StudySearch
     from study.spec.spec import StudySpec, top_k

@@ -182,6 +182,7 @@ def test_a_study_in_postgresql_runs_is_watched_live_killed_and_resumed_by_one_dr
     assert (folder / "report" / "optuna_history.png").is_file()
 
 
+@pytest.mark.slow
 def test_a_wrong_password_is_one_line(pg, tmp_path):
     p = run_cli("run", "--name", "w", "--storage", str(tmp_path), "--smoke", "--num-cpus", "1",
                 "--optuna-storage", pg.url, env={"PGPASSWORD": "wrong", "PGPASSFILE": str(tmp_path / "none")})
@@ -190,6 +191,7 @@ def test_a_wrong_password_is_one_line(pg, tmp_path):
     assert "Traceback" not in p.stderr
 
 
+@pytest.mark.slow
 def test_libpq_url_forms_reach_the_real_server_over_tcp_and_its_socket(pg, tmp_path, monkeypatch):
     """Each form a user may paste (pgserver's own among them) opens the study's database, takes
     its lock and holds an Optuna study, on the server the tests start: TCP, its Unix-domain

@@ -35,6 +35,7 @@ def _leftovers(folder):
             and "tune" not in p.parts]
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_cleanly_and_resume_finishes(tmp_path):
     p = _start("run", "--name", "c", "--storage", str(tmp_path), "--trials", "6", "--epochs", "10",
                "--num-cpus", "2", "--no-early-stopping")
@@ -59,6 +60,7 @@ def test_ctrl_c_stops_cleanly_and_resume_finishes(tmp_path):
     assert (everything["status"] == results.REFIT).sum() == 1  # refitted once, after the resume
 
 
+@pytest.mark.slow
 def test_two_studies_at_once_in_one_root_and_a_reader_alongside(tmp_path):
     seen: dict[str, list[int]] = {"a": [], "b": []}
     errors: list[BaseException] = []
@@ -104,8 +106,11 @@ def test_a_reader_never_pairs_one_version_of_a_file_with_another(tmp_path):
     test above in CI. Here a writer replaces the file as fast as it can while a reader reads."""
     import pyarrow as pa
 
-    loc = results.Location(tmp_path)
-    write = lambda n: loc.write_bytes("epochs/t.parquet", results.parquet_bytes(  # noqa: E731
+    from study.results import tables
+    from study.store import Location
+
+    loc = Location(tmp_path)
+    write = lambda n: loc.write_bytes("epochs/t.parquet", tables.parquet_bytes(  # noqa: E731
         pa.Table.from_pylist([{"epoch": i, "loss": float(i)} for i in range(n % 50 + 1)])))
     write(0)
     stop = threading.Event()
@@ -119,7 +124,7 @@ def test_a_reader_never_pairs_one_version_of_a_file_with_another(tmp_path):
     t = threading.Thread(target=writer, daemon=True)
     t.start()
     try:
-        got = [results._read_one(loc, "epochs/t.parquet") for _ in range(1500)]
+        got = [tables._read_one(loc, "epochs/t.parquet") for _ in range(1500)]
     finally:
         stop.set()
         t.join(timeout=10)
@@ -128,6 +133,7 @@ def test_a_reader_never_pairs_one_version_of_a_file_with_another(tmp_path):
     assert len({g.num_rows for g in got}) > 1  # the reader did see the file change under it
 
 
+@pytest.mark.slow
 def test_same_study_twice_at_once_is_refused_by_the_lock(tmp_path):
     """Two drivers for the same new study, started at the same moment: both find no study, so
     only the lock can keep one out. Exactly one runs; the other is refused with one line."""
@@ -162,6 +168,7 @@ def test_full_storage_is_refused_before_trials_start(tmp_path):
         subprocess.run(["umount", str(mnt)], check=False)
 
 
+@pytest.mark.slow
 def test_retries_are_configurable_and_a_failing_trial_is_recorded(tmp_path):
     toml = tmp_path / "s.toml"
     toml.write_text('[train]\nbeta = 1000.0\nlatent_dim = 4\n')

@@ -83,6 +83,7 @@ def test_missing_checkpoint_is_a_note_not_a_crash(grid_study, tmp_path):
     assert (tmp_path / "out" / "digits_mse.png").exists() and not (tmp_path / "out" / "tsne.png").exists()
 
 
+@pytest.mark.slow
 def test_single_latent_size_leaves_out_figure_one(tmp_path):
     r = run_cli("run", "--smoke", "--name", "one", "--storage", str(tmp_path), "--grid", "latent_dim=3",
                 "--num-cpus", "2")

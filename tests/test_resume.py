@@ -71,6 +71,7 @@ def _epochs_run(path) -> int:
         return 0
 
 
+@pytest.mark.slow
 def test_a_resumed_trial_continues_from_its_checkpoint_exactly(tmp_path):
     """Kill the driver after the trial persisted a checkpoint at epoch k (an ASHA rung); after
     `resume` the trial continues at k+1 (restored_from_epoch = k), its epoch rows are 1..N once
@@ -81,7 +82,7 @@ def test_a_resumed_trial_continues_from_its_checkpoint_exactly(tmp_path):
     toml.write_text('[train]\nhidden = 4000\nlatent_dim = 8\n\n[scheduler]\ntype = "asha"\n')
     storage = tmp_path / "studies"
     args = [str(toml), "--storage", str(storage), "--grid", "lr=0.001", "--epochs", "12", "--num-cpus", "1",
-            "--grace-period", "1", "--reduction-factor", "2"]
+            "--grace-period", "1", "--reduction-factor", "2", "--no-refit"]  # the refit is not what is tested
     ref = run_cli("run", "--name", "ref", *args)
     assert ref.returncode == 0, ref.stderr[-2000:]
 
@@ -124,7 +125,7 @@ def test_reconcile_makes_tunes_saved_state_and_optuna_agree_with_the_trials_rows
 
     from study import build_spec
     from study.search.searcher import TUNE_TRIAL
-    from study.run.restore import reconcile
+    from study.runner.restore import reconcile
     from study.search.searcher import make_searcher
     from study.store.location import Location
     from study.store.optuna_storage import OptunaDB
@@ -215,7 +216,7 @@ def test_reconcile_makes_what_a_stale_optuna_snapshot_lacks_from_the_rows_and_tu
 
     from study import build_spec
     from study.search.searcher import TUNE_TRIAL
-    from study.run.restore import reconcile
+    from study.runner.restore import reconcile
     from study.search.searcher import make_searcher
     from study.store.location import Location
     from study.store.optuna_storage import OptunaDB
@@ -278,7 +279,7 @@ def test_reconcile_remakes_the_checkpoint_tunes_saved_state_names_where_tune_del
     from ray.tune.trainable.metadata import _TrainingRunMetadata
 
     from s3 import BUCKET, s3_server
-    from study.run.restore import _STAND_IN, Reconciled, _mend_checkpoints
+    from study.runner.restore import _STAND_IN, Reconciled, _mend_checkpoints
     from study.store.location import Location
 
     with (s3_server() if where == "bucket" else contextlib.nullcontext()):

@@ -35,6 +35,7 @@ def test_policies_parse_and_rank():
     assert kept(t, "winner", "max") == {"a"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("keep", ["all", "top-2"])
 def test_finished_trials_keep_their_best_weights_by_the_policy_and_no_optimiser_state(tmp_path, keep):
     storage = tmp_path / "studies"

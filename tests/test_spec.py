@@ -14,7 +14,7 @@ from study.errors import StudyError
 from study.spec.spec import build_spec, parse_grid, read_toml
 from study.search.schedulers import make_scheduler
 from study.search.samplers import optuna_space
-from study.run.recipes import fixed_params
+from study.runner.recipes import fixed_params
 
 BASE = {"name": "s", "storage": "/tmp/x"}
 
@@ -257,7 +257,7 @@ def test_a_new_parameter_is_one_field_and_one_registry_entry(tmp_path):
         import pandas as pd
         import pyarrow as pa
         from study import cli, results, spec as spec_mod
-        from study.run import recipes, refit
+        from study.runner import recipes, refit
         out = {}
         for sub in ("run", "train"):
             buf = io.StringIO()

@@ -211,6 +211,7 @@ def test_compact_on_a_bucket(s3_study):
 N = 5
 
 
+@pytest.mark.slow
 def test_sigkill_of_the_driver_then_resume_from_the_bucket_on_another_machine(s3, tmp_path):
     cmd = [sys.executable, "-m", "study", "run", "--name", "k", "--storage", ROOT, "--trials", str(N), "--epochs", "4",
            "--num-cpus", "2", "--max-train-images", "400", "--no-early-stopping"]
@@ -265,6 +266,7 @@ def test_storage_errors_are_one_line(s3):
         Location(f"{ROOT}/unit2").write_text("x.txt", "x") or results.load(f"{ROOT}/unit2")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("share", [0.15, 0.25])
 def test_a_study_in_a_bucket_that_fails_a_share_of_its_requests_finishes_whole(tmp_path, share):
     """Every bucket request, the study's and Ray's (through the filesystem it is handed), retries

@@ -15,7 +15,7 @@ from study.spec.spec import build_spec
 from study.store.layout import OPTUNA_LOG
 from study.store.optuna_storage import open_optuna
 from study.cli import summary_lines
-from study.run.recipes import run
+from study.runner.recipes import run
 
 
 @pytest.fixture(scope="module")
@@ -162,7 +162,7 @@ def test_refit_retrains_the_winner_on_train_and_validation(four):
     # it trains alone: on the study's own runtime it takes every free CPU, on a cluster a trial's share
     import dataclasses
 
-    from study.run.refit import refit_cpus
+    from study.runner.refit import refit_cpus
 
     assert refit_cpus(spec) == 2.0
     assert refit_cpus(dataclasses.replace(spec, address="auto")) == spec.cpus_per_trial == 1.0
@@ -176,6 +176,7 @@ def test_existing_study_is_not_overwritten(four):
     assert sorted(p.name for p in (res.folder / "trials").iterdir()) == before
 
 
+@pytest.mark.slow
 def test_failing_trial_is_recorded_and_study_goes_on(ray_local, tmp_path):
     # lr = 9 with beta = 1000 diverges to NaN within the first epoch; lr = 1e-3 trains fine.
     spec = build_spec({"train": {"beta": 1000.0, "latent_dim": 4}},
@@ -191,6 +192,7 @@ def test_failing_trial_is_recorded_and_study_goes_on(ray_local, tmp_path):
     assert states == ["COMPLETE", "FAIL"]
 
 
+@pytest.mark.slow
 def test_asha_prunes_weak_trials(ray_local, tmp_path):
     spec = build_spec(None, {"name": "asha", "storage": str(tmp_path), "trials": 6, "epochs": 4,
                              "max_train_images": 300, "num_cpus": 2, "max_concurrent": 1,
@@ -238,6 +240,7 @@ def _tensorboard_scalars(folder, tag: str) -> dict[int, float]:
     return out
 
 
+@pytest.mark.slow
 def test_reports_carry_the_epochs_between_decisions(ray_local, tmp_path):
     """Without ASHA a trial reports at its last epoch (and every few seconds); the epochs before
     it ride along in that report, and every per-epoch record still gets every epoch: the epochs
@@ -282,6 +285,7 @@ def test_reports_carry_the_epochs_between_decisions(ray_local, tmp_path):
     assert got == pytest.approx(want)
 
 
+@pytest.mark.slow
 def test_rate_distortion_pareto_study(ray_local, tmp_path):
     spec = build_spec(None, {"name": "rd", "storage": str(tmp_path), "trials": 3, "epochs": 2,
                              "max_train_images": 300, "objective": ["val_recon", "val_kl"], "num_cpus": 2})
@@ -298,6 +302,7 @@ def test_rate_distortion_pareto_study(ray_local, tmp_path):
         assert t.values == pytest.approx([row.iloc[0]["val_recon"], row.iloc[0]["val_kl"]])
 
 
+@pytest.mark.slow
 def test_a_study_reruns_exactly_with_one_trial_at_a_time(ray_local, tmp_path):
     """--seed fixes TPE's proposals and every trial's initialisation, batches and noise; with one
     trial at a time the proposals cannot depend on which trial finished first, so the same study
@@ -314,6 +319,7 @@ def test_a_study_reruns_exactly_with_one_trial_at_a_time(ray_local, tmp_path):
     pd.testing.assert_frame_equal(first, second, rtol=1e-9, atol=0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sampler", ["tpe", "random", "qmc", "cmaes", "gp", "nsgaii"])
 def test_every_sampler_runs_a_seeded_study_that_reruns_exactly(ray_local, tmp_path, sampler):
     """Each sampler, on a smoke-size study with one trial at a time: it proposes, it is recorded

@@ -197,7 +197,7 @@ def test_a_run_the_killed_driver_left_open_ends_finished_with_its_epochs_when_it
     import mlflow
     import pandas as pd
 
-    from study.run import trackers
+    from study.runner import trackers
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     client = mlflow.MlflowClient()

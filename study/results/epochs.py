@@ -1,7 +1,7 @@
 """The epochs a trial's report carries, one dict per epoch.
 
 A trial reports to Tune only where a decision is made or someone is watching
-(``study.run.reports``), and each report carries the epochs trained since the previous one under
+(``study.runner.reports``), and each report carries the epochs trained since the previous one under
 ``CARRIED``. Everything that keeps one row per epoch reads a result through :func:`each_epoch`:
 the results recorder, Optuna's intermediate values, Tune's loggers and the trackers. A Tune
 callback of the user's own does the same::

@@ -4,7 +4,7 @@ The recorder (``study.results.recorder``) writes a trial's trials row last, afte
 its per-digit rows, and only then is Optuna told the trial's result
 (``study.search.searcher.StudySearch.tell_recorded``). A driver can be killed at any moment,
 between any two of these writes; whatever Ray Tune's or Optuna's saved state says, ``resume``
-takes the rows as the truth (``study.run.restore`` for Tune's state, ``study.search.mend`` for
+takes the rows as the truth (``study.runner.restore`` for Tune's state, ``study.search.mend`` for
 Optuna's): a trial with a row is done and never runs again, a trial without one is continued
 from its newest checkpoint.
 """

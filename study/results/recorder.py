@@ -89,7 +89,7 @@ class ResultsRecorder(Callback):
     k, so the rows up to k must already be stored.
 
     A trial's trials row is written last, and it is the one record that the trial is finished
-    (``study.run.restore``): once it is written, ``on_recorded(trial_id, row)`` tells the searcher.
+    (``study.runner.restore``): once it is written, ``on_recorded(trial_id, row)`` tells the searcher.
 
     Args:
         study: the study's folder (local or in a bucket).

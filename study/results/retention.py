@@ -1,6 +1,6 @@
 """What a study keeps of its trials' checkpoints (``--keep``, ``[study] keep``).
 
-While a trial runs, Tune keeps its newest two checkpoints (``study.run.recipes.KEEP_CHECKPOINTS``), each
+While a trial runs, Tune keeps its newest two checkpoints (``study.runner.recipes.KEEP_CHECKPOINTS``), each
 with ``model.pt`` (the best weights so far: what the report and ``evaluate`` read) and
 ``state.pt`` (the current weights and the optimiser's state: what an exact resume or retry
 continues from). Once a trial has finished (its trials row is written) nothing will continue it,
@@ -57,7 +57,7 @@ class Retention:
             del best[self.k:]
             keep_weights = trial_id not in dropped
         folder = f"{TUNE_DIR}/trial_{trial_id}"
-        # A trial that ran all its epochs saved no optimiser state in its last checkpoint (study.run.trainable)
+        # A trial that ran all its epochs saved no optimiser state in its last checkpoint (study.runner.trainable)
         state = set() if row["status"] == "completed" else {"state.pt"}
         listing = {n: set(state) for n in self.study.folders(folder) if n.startswith("checkpoint_")}
         prune(self.study, trial_id, keep_weights=keep_weights, newest=_checkpoint_dir(row.get("checkpoint")),

@@ -36,7 +36,7 @@ TABLES = ("trials", "epochs", "digits")
 TRIAL_COLUMNS: dict[str, pa.DataType] = {
     "study": pa.string(),
     "trial_id": pa.string(),
-    "status": pa.string(),  # completed | pruned | failed | refit (study.run.refit: not a trial of the search)
+    "status": pa.string(),  # completed | pruned | failed | refit (study.runner.refit: not a trial of the search)
     "refit_of": pa.string(),  # a refit row: the winner whose configuration it retrained
     "error": pa.string(),
     **{column: getattr(pa, arrow)() for column, arrow in PARAM_COLUMNS.items()},  # study.spec.space
@@ -111,7 +111,7 @@ _COMPACTED_NAMES = (COMPACTED, "_compacted.parquet")
 def _is_compacted(rel: str) -> bool:
     return rel.rsplit("/", 1)[-1] in _COMPACTED_NAMES
 FINISHED = ("completed", "pruned")  # statuses of trials that produced a usable model
-REFIT = "refit"  # the status of a refit row (study.run.refit): the winner retrained, not a trial of the search
+REFIT = "refit"  # the status of a refit row (study.runner.refit): the winner retrained, not a trial of the search
 
 
 def _arrow_table(table: str, rows: list[dict[str, Any]]) -> pa.Table:

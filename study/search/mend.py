@@ -10,7 +10,7 @@ trials a killed driver asked for that never ran.
   *orphan*) is handed to the next trial Tune makes (``StudySearch.attach``), so that Optuna
   holds every trial once, none left RUNNING or FAIL.
 
-The Tune side of a resume is ``study.run.restore``, which calls :func:`mend_optuna`.
+The Tune side of a resume is ``study.runner.restore``, which calls :func:`mend_optuna`.
 """
 from __future__ import annotations
 

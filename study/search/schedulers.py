@@ -18,7 +18,7 @@ def make_scheduler(spec: StudySpec) -> Any:
     if spec.scheduler == "none" or spec.multi_objective:
         return StudyFIFO()
     return StudyASHA(
-        time_attr="epoch",  # a trial reports at the rungs, not every epoch (study.run.reports)
+        time_attr="epoch",  # a trial reports at the rungs, not every epoch (study.runner.reports)
         max_t=spec.epochs,
         grace_period=min(spec.grace_period, spec.epochs),
         reduction_factor=spec.reduction_factor,

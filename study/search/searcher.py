@@ -66,7 +66,7 @@ class StudySearch(OptunaSearch):
     - Optuna is told a trial's result from its trials row, once the recorder has written it
       (``tell_recorded``): a trial ASHA stopped before its last epoch is PRUNED, not COMPLETE
       (TPE treats the two differently). The row is the one record of a finished trial, so a
-      driver killed between the two leaves nothing a resume cannot mend (``study.run.restore``).
+      driver killed between the two leaves nothing a resume cannot mend (``study.runner.restore``).
     - Each Optuna trial names the Tune trial it was asked for (a system attribute), so a resumed
       driver maps them from the storage, whatever Tune's older saved state says.
     - A study in a bucket publishes a snapshot of its Optuna file at most every

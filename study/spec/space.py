@@ -8,7 +8,7 @@ missing). From this one table come:
 - which parameters a study may search or grid over, and the default search space: ``study.spec``;
 - the ``param_*`` columns of the trials table and their Arrow types: ``study.results``;
 - what the recorder keeps of a trial's configuration and what the refit trains with:
-  ``study.results.recorder``, ``study.run.refit``.
+  ``study.results.recorder``, ``study.runner.refit``.
 
 Types and allowed values live where they are checked, in ``vae/config.py``; adding a parameter
 means that file (and where the value is used) plus one entry here. A search range is a plain

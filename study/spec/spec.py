@@ -56,7 +56,7 @@ from vae.config import ARCHS, ConfigError, TrainConfig
 OBJECTIVES = ("val_elbo", "val_recon", "val_kl", "val_mse")
 # The samplers a study may use (`--sampler`, `[search] sampler`); each is seeded by the study's seed.
 SAMPLERS = ("tpe", "random", "qmc", "cmaes", "gp", "nsgaii")
-# Experiment trackers a study may log to (`--log-to`, `[study] log_to`): study.run.trackers.
+# Experiment trackers a study may log to (`--log-to`, `[study] log_to`): study.runner.trackers.
 TRACKERS = ("mlflow", "wandb")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 _TOP = re.compile(r"^top-([1-9][0-9]*)$")  # a --keep policy: top-K
@@ -101,10 +101,10 @@ class StudySpec:
     startup_trials: int | None = None  # TPE's start-up trials before it models; None: min(10, max(2, trials // 4))
     shared_storage: bool = False  # a local --storage folder is mounted on every node, those to come too
     startup: str = "sobol"  # TPE's start-up trials: "sobol" (spread over the space, seeded) or "random"
-    refit: bool = True  # retrain the winner on train+validation for its best epoch count (study.run.refit)
+    refit: bool = True  # retrain the winner on train+validation for its best epoch count (study.runner.refit)
     sampler: str = "tpe"  # Optuna's sampler (study.search.SAMPLERS); a multi-objective study's default is nsgaii
     constant_liar: bool | None = None  # TPE: None = on when more than one trial runs at once
-    log_to: tuple[str, ...] = ()  # experiment trackers (study.run.trackers): "mlflow", "wandb"
+    log_to: tuple[str, ...] = ()  # experiment trackers (study.runner.trackers): "mlflow", "wandb"
     optuna_storage: str | None = None  # a PostgreSQL/MySQL URL (no password); None: optuna.log in the study folder
     keep: str = "all"  # what finished trials keep of their checkpoints (study.results.retention): all | top-K | winner
     storage_patience: float = PATIENCE_S  # seconds a study waits for its bucket in an outage (study.store.outage)

@@ -253,7 +253,7 @@ class OptunaDB:
         """Upload a consistent snapshot of the working copy, whole (nothing to do where it is
         local). Unless ``force``, at most every ``PUBLISH_EVERY_S``: the snapshot is a copy
         for optuna-dashboard and for ``resume``, which mends what it lacks from the trials
-        table (``study.run.restore``), so it need not follow every trial; uploaded at every event,
+        table (``study.runner.restore``), so it need not follow every trial; uploaded at every event,
         its bytes grew with the square of the trials (BENCHMARKS §8).
 
         Where the storage fails (an outage past the study's patience), the study stops on it

@@ -10,7 +10,7 @@ driver's CPU per result (Tune's own bookkeeping most of it) is taken from the tr
 machine (BENCHMARKS §3, §3b).
 
 Here: the loggers that write one line per epoch (TensorBoard, CSV, JSON; the trackers' callbacks
-in ``study.run.trackers``), what Tune keeps of a finished trial (``Trim``), and the results Tune
+in ``study.runner.trackers``), what Tune keeps of a finished trial (``Trim``), and the results Tune
 reads only when asked for (``lazy_results``).
 """
 from __future__ import annotations

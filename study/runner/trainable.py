@@ -1,7 +1,7 @@
 """The Ray Tune function trainable: config dict -> TrainConfig -> vae.fit -> tune.report.
 
 This is the only place that calls ``tune.report``, and it reports only where the driver decides
-something or someone watches (``study.run.reports``): at each epoch where ASHA may stop the trial
+something or someone watches (``study.runner.reports``): at each epoch where ASHA may stop the trial
 (its rungs), at the last epoch, and at least every ``report_every_s`` seconds (5). Each report is
 its newest epoch's result (metrics and the best-so-far values of every objective) and carries
 the epochs since the previous report, which the driver reads back one by one
@@ -96,7 +96,7 @@ def train_trial(config: dict[str, Any], runtime: dict[str, Any]) -> None:
 
 
 class _Reporter:
-    """``fit``'s on_epoch: a ``tune.report`` where one is due (``study.run.reports``), carrying the
+    """``fit``'s on_epoch: a ``tune.report`` where one is due (``study.runner.reports``), carrying the
     epochs since the previous one, with a checkpoint where one is due.
 
     Args:

@@ -21,7 +21,7 @@ from ray.air.integrations.mlflow import MLflowLoggerCallback
 from ray.air.integrations.wandb import WandbLoggerCallback
 
 from study.errors import StudyError
-from study.run.reports import PerEpoch
+from study.runner.reports import PerEpoch
 
 WANDB_PROJECT = "vae-study"  # when WANDB_PROJECT is not set
 

@@ -25,7 +25,7 @@ Printer = Callable[[str], None]
 # "auto", every 10 s or more, so that the saves take at most 5% of the driver's time. Each save
 # holds every trial (10 KB a trial): every 3 s, at 10,000 trials it took 10% of the driver's main
 # thread (BENCHMARKS §3e). A killed driver loses no finished trial to a staler state: the trials
-# rows are the truth, and ``resume`` makes Ray's state agree with them (``study.run.restore``).
+# rows are the truth, and ``resume`` makes Ray's state agree with them (``study.runner.restore``).
 # ``TUNE_GLOBAL_CHECKPOINT_S`` in the environment overrides it.
 STATE_EVERY_S = "auto"
 KEEP_CHECKPOINTS = 2  # per trial: see the CheckpointConfig below
@@ -41,7 +41,7 @@ class StudyResult:
     write_seconds: float = 0.0  # the driver's Parquet writes
     publish_seconds: float = 0.0  # the driver's Optuna snapshots (a study in a bucket)
     publishes: int = 0
-    refit: dict[str, Any] | None = None  # the refit's trials row (study.run.refit), if one was made
+    refit: dict[str, Any] | None = None  # the refit's trials row (study.runner.refit), if one was made
     result_grid: Any = None  # Ray Tune's ResultGrid of this run (or of this resume)
     optuna_storage: str | None = None  # where the Optuna study is: a database URL, or the journal file's path
 
@@ -76,9 +76,9 @@ def fixed_params(spec: StudySpec) -> dict[str, Any]:
 def make_trainable(spec: StudySpec) -> Any:
     from ray import tune
 
-    from study.run.reports import report_every_s
+    from study.runner.reports import report_every_s
     from study.search import asha_rungs
-    from study.run.trainable import train_trial
+    from study.runner.trainable import train_trial
 
     runtime = {"beta_times_latent": spec.beta_times_latent, "cpus_per_trial": spec.cpus_per_trial,
                "persist_epochs": asha_rungs(spec), "report_every_s": report_every_s()}
@@ -127,14 +127,14 @@ def resume(storage: str, name: str, *, printer: Printer = print, address: str | 
            num_cpus: int | None = None, shared_storage: bool | None = None,
            storage_patience: float | None = None, callbacks: Sequence[Any] = ()) -> StudyResult:
     """Finish an interrupted study from its Ray experiment state and its Optuna storage, wherever
-    its driver was killed (``study.run.restore``). A study killed before Tune saved any state (no
+    its driver was killed (``study.runner.restore``). A study killed before Tune saved any state (no
     trial had started) is started from its ``study.json``. ``callbacks``: Ray Tune callbacks for
     the rest of the study, beside the ones it had.
 
     Resuming restores Ray Tune's own pickled experiment state (``tune/``): only resume a
     study folder or bucket you trust.
     """
-    from study.run.restore import has_tune_state
+    from study.runner.restore import has_tune_state
 
     spec = read_spec(storage, name)
     changes = {k: v for k, v in {"address": address, "num_cpus": num_cpus, "shared_storage": shared_storage,
@@ -176,8 +176,8 @@ def _start(spec: StudySpec, study: Location, view: cluster.ClusterView, db: Optu
 @contextlib.contextmanager
 def _storage_watch(spec: StudySpec, study: Location, printer: Printer) -> Iterator[None]:
     """While the study runs: its patience with its storage, and a line for each outage
-    (``study.store.outage``, ``study.run.progress.StorageWatch``)."""
-    from study.run.progress import StorageWatch
+    (``study.store.outage``, ``study.runner.progress.StorageWatch``)."""
+    from study.runner.progress import StorageWatch
 
     outage.reset()
     outage.set_patience(spec.storage_patience)
@@ -211,10 +211,10 @@ def _new_tuner(spec: StudySpec, study: Location, view: cluster.ClusterView, db: 
     Returns the tuner, the results recorder and the refit's warmer."""
     from ray import tune
 
-    from study.run.progress import Progress
+    from study.runner.progress import Progress
     from study.results import ResultsRecorder
-    from study.run.refit import RefitWarmer
-    from study.run.reports import Trim, loggers
+    from study.runner.refit import RefitWarmer
+    from study.runner.reports import Trim, loggers
     from study.search import make_scheduler, make_searcher, objective_metrics, sampler_notes, uses_constant_liar
 
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", STATE_EVERY_S)
@@ -275,8 +275,8 @@ def _new_tuner(spec: StudySpec, study: Location, view: cluster.ClusterView, db: 
 def _restored_tuner(spec: StudySpec, study: Location, db: OptunaDB, printer: Printer,
                     extra: list[Any]) -> tuple[Any, Any, Any]:
     """Tune's Tuner of an interrupted study, its saved state first made to agree with the trials
-    rows (``study.run.restore``), with its own searcher and callbacks reattached."""
-    from study.run.restore import reconcile, restore_tuner
+    rows (``study.runner.restore``), with its own searcher and callbacks reattached."""
+    from study.runner.restore import reconcile, restore_tuner
     from study.search import unwrap_searcher
 
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", STATE_EVERY_S)
@@ -314,7 +314,7 @@ def _complete(spec: StudySpec, study: Location, tuner: Any, recorder: Any, warme
 
 def _finish(spec: StudySpec, study: Location, tuner: Any, recorder: Any, warmer: Any, db: OptunaDB,
             printer: Printer, *, resumed: bool, t0: float) -> StudyResult:
-    from study.run.reports import lazy_results
+    from study.runner.reports import lazy_results
     from study.search import close_stale_trials
 
     grid = None
@@ -343,7 +343,7 @@ def _finish(spec: StudySpec, study: Location, tuner: Any, recorder: Any, warmer:
         db.publish()
         recorder.retention.sweep(df)  # trials the killed driver finished but did not prune
         if spec.log_to:
-            from study.run import trackers
+            from study.runner import trackers
 
             trackers.close_stale_runs(spec.log_to, spec.name, df, lambda: results.load(study, "epochs"))
     results.drop_orphans(study, set(df["trial_id"]))
@@ -356,8 +356,8 @@ def _finish(spec: StudySpec, study: Location, tuner: Any, recorder: Any, warmer:
 
 
 def _check_trackers(spec: StudySpec) -> None:
-    if spec.log_to:  # study.run.trackers imports W&B's integration (0.65 s): only when asked for
-        from study.run import trackers
+    if spec.log_to:  # study.runner.trackers imports W&B's integration (0.65 s): only when asked for
+        from study.runner import trackers
 
         trackers.check(spec.log_to)
 
@@ -365,7 +365,7 @@ def _check_trackers(spec: StudySpec) -> None:
 def _tracker_callbacks(spec: StudySpec) -> list[Any]:
     if not spec.log_to:
         return []
-    from study.run import trackers
+    from study.runner import trackers
 
     return trackers.callbacks(spec.log_to, spec.name)
 
@@ -405,12 +405,12 @@ def _refuse_existing(study: Location, spec: StudySpec, overwrite: bool) -> None:
 
 
 def _refit(spec: StudySpec, study: Location, trials: Any, printer: Printer, worker: Any) -> dict[str, Any] | None:
-    """The winner's refit (study.run.refit), in ``worker`` when one was warmed during the search. A
+    """The winner's refit (study.runner.refit), in ``worker`` when one was warmed during the search. A
     refit that cannot run is reported, not fatal: the search's results stand, and `resume` tries
     the refit again."""
     import ray
 
-    from study.run.refit import run_refit
+    from study.runner.refit import run_refit
 
     try:
         return run_refit(spec, study, trials, fixed_params(spec), printer, worker=worker)
@@ -423,7 +423,7 @@ def _refit(spec: StudySpec, study: Location, trials: Any, printer: Printer, work
 def _attach_callbacks(callbacks: list, study: Location, printer: Printer, *, done: int) -> Any:
     """Point a restored study's callbacks at this study folder and this printer (``done``: the
     trials finished before); returns the recorder."""
-    from study.run.progress import Progress
+    from study.runner.progress import Progress
     from study.results import ResultsRecorder
 
     recorder = next((c for c in callbacks if isinstance(c, ResultsRecorder)), None)
@@ -438,7 +438,7 @@ def _attach_callbacks(callbacks: list, study: Location, printer: Printer, *, don
 
 def _warmer(callbacks: list) -> Any:
     """A restored study's refit warmer (None for a study saved before there was one)."""
-    from study.run.refit import RefitWarmer
+    from study.runner.refit import RefitWarmer
 
     return next((c for c in callbacks if isinstance(c, RefitWarmer)), None)
 

@@ -71,7 +71,7 @@ def _refit_task(values: dict[str, Any], threads: int) -> dict[str, Any]:
     import torch
 
     from study.results.rows import node_facts
-    from study.run.trainable import TRIAL_MODES
+    from study.runner.trainable import TRIAL_MODES
     from vae import checkpoint as ckpt_io
     from vae.config import TrainConfig
     from vae.data import load

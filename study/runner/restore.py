@@ -216,7 +216,7 @@ def restore_tuner(study: Location, trainable: Any, extra: list[Any]) -> tuple[An
     study's searcher or recorder."""
     from ray import tune
 
-    from study.run.reports import lazy_results
+    from study.runner.reports import lazy_results
 
     where = study.ray_storage()
     with lazy_results():  # Tune's restore reads every trial's result.json otherwise
@@ -226,8 +226,8 @@ def restore_tuner(study: Location, trainable: Any, extra: list[Any]) -> tuple[An
     try:
         inner = tuner._local_tuner
         run_config = inner.get_run_config()
-        if extra:  # before the trimming of finished trials (study.run.reports.Trim), which comes last
-            from study.run.reports import Trim
+        if extra:  # before the trimming of finished trials (study.runner.reports.Trim), which comes last
+            from study.runner.reports import Trim
 
             callbacks = list(run_config.callbacks or [])
             at = next((i for i, c in enumerate(callbacks) if isinstance(c, Trim)), len(callbacks))

@@ -1,4 +1,4 @@
-"""The run: a study's trials trained, reported, watched and finished.
+"""The runner: a study's trials trained, reported, watched and finished.
 
 Owns: the recipes of ``run`` and ``resume``, read top to bottom (``recipes``); the trainable,
 one trial from config to ``tune.report`` (``trainable``); the winner retrained on train +

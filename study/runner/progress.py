@@ -128,7 +128,7 @@ class StorageWatch(outage.Listener):
     """The driver's ear on its storage's outages (``study.store.outage``): one line when the bucket
     stops answering and one when it is back; when the study's patience runs out, Ray Tune is asked
     to stop as Ctrl-C does (its SIGUSR1 handler: the trials stop, Tune saves what it can), and its
-    loggers are quieted, since every write left fails at once: ``study.run.recipes`` then says
+    loggers are quieted, since every write left fails at once: ``study.runner.recipes`` then says
     why in one line."""
 
     def __init__(self, study_uri: str, patience: float, printer: Printer) -> None:
