@@ -1,9 +1,11 @@
 """Run and resume studies, each a short recipe read top to bottom: the spec, its store, the
 cluster's checks, the search and Tune's Tuner, then the winner's refit and the compaction.
 
-The pieces live beside this module: ``storage`` (every file a study keeps), ``search`` (Optuna
-and ASHA), ``cluster`` (Ray, resources and the checks that a study's storage is visible),
-``recorder`` and ``progress`` (the Tune callbacks), ``trainable`` (one trial).
+The pieces come from the rooms below (``study/__init__.py`` maps them): ``study.store`` (every
+file a study keeps), ``study.spec`` (what the user said), ``study.results`` (the rows and their
+recorder), ``study.search`` (Optuna and ASHA), ``study.cluster`` (Ray, resources and the checks
+that a study's storage is visible); and from beside this module: ``progress`` (the lines a user
+watches), ``trainable`` (one trial), ``refit``, ``restore`` (Tune's side of a resume).
 """
 from __future__ import annotations
 
@@ -103,6 +105,8 @@ def run(spec: StudySpec, *, overwrite: bool = False, printer: Printer = print,
         StudyError: the study exists already (resume it, or pass ``overwrite``), the storage is
             not writable or not visible to the nodes that run trials, or the cluster cannot
             provide what the spec asks for. Nothing is written before these checks pass.
+        StorageUnreachable: the study's bucket did not answer for longer than its
+            ``storage_patience``; the study stopped cleanly and ``resume`` finishes it.
     """
     _check_trackers(spec)
     study = study_location(spec.storage, spec.name)
