@@ -60,6 +60,8 @@ SLOTS = 2
 TRIALS = 40  # vae-study's --trials: more than the budget lets it finish (its start-up points: 10)
 AT = 80  # trial-epochs at which the best value is compared: a third of the grid's 240
 SPACE = {"latent_dim": (2, 64), "beta": (0.01, 10.0), "lr": (1e-4, 3e-3)}
+OBJECTIVE = "val_elbo"  # --objective: what every peer minimises, and what is counted
+REPLAY: str | None = None  # --replay: a table of learning curves (benchmarks/curves.py) in place of training
 PEERS = ("vae-study", "tune-recipe", "optuna", "bohb", "smac", "dehb", "random-asha")
 LABELS = {"vae-study": "vae-study's defaults", "tune-recipe": "Ray Tune's recipe (OptunaSearch + ASHA)",
           "optuna": "Optuna alone (TPE + Hyperband pruner)", "bohb": "BOHB (TuneBOHB + HyperBandForBOHB)",
@@ -100,8 +102,10 @@ def config_for(params: dict[str, Any], epochs: int = EPOCHS) -> Any:
                        lr=float(params["lr"]), epochs=int(epochs), seed=0)
 
 
-def train(params: dict[str, Any], epochs: int, on_epoch: Callable[[dict, Any], Any] | None = None) -> list[float]:
-    """This project's training of one configuration: the val -ELBO of each epoch trained."""
+def train(params: dict[str, Any], epochs: int, on_epoch: Callable[[dict, Any], Any] | None = None,
+          objective: str | None = None) -> list[float]:
+    """This project's training of one configuration: the objective's value at each epoch trained."""
+    objective = objective or OBJECTIVE
     import torch
 
     from vae.data import load
@@ -112,16 +116,16 @@ def train(params: dict[str, Any], epochs: int, on_epoch: Callable[[dict, Any], A
     values: list[float] = []
 
     def each(m: dict, state: Any) -> Any:
-        values.append(float(m["val_elbo"]))
+        values.append(float(m[objective]))
         return on_epoch(m, state) if on_epoch is not None else None
 
     fit(tc, load(tc), on_epoch=each)
     return values
 
 
-def train_job(params: dict[str, Any], epochs: int) -> list[float]:
+def train_job(params: dict[str, Any], epochs: int, objective: str) -> list[float]:
     """A worker process's job (SMAC3, DEHB): train from scratch for ``epochs``."""
-    return train(params, epochs)
+    return train(params, epochs, objective=objective)
 
 
 # --------------------------------------------------------------------------- the peers
@@ -136,12 +140,13 @@ def run_vae_study(seed: int, log: Log, tmp: str) -> dict:
     class Epochs(tune.Callback):
         def on_trial_result(self, iteration, trials, trial, result, **info):
             for r in study.each_epoch(result):
-                log.add(trial.trial_id, r["epoch"], r["val_elbo"])
+                log.add(trial.trial_id, r["epoch"], r[OBJECTIVE])
             if log.spent:
                 raise Budget()  # a study has no budget in trial-epochs: this run's ends here
 
     spec = study.build_spec(None, {"name": f"ours{seed}", "storage": tmp, "trials": TRIALS, "epochs": EPOCHS,
-                                   "seed": seed, "num_cpus": SLOTS, "refit": False, **OURS})
+                                   "seed": seed, "num_cpus": SLOTS, "refit": False, "objective": OBJECTIVE,
+                                   **OURS})
     try:
         study.run(spec, callbacks=[Epochs()], printer=lambda s: None)
     except Exception:  # noqa: BLE001 - Tune hands the callback's Budget on, wrapped
@@ -172,7 +177,7 @@ def _tune_trainable(checkpoint_every_epoch: bool) -> Callable[[dict], None]:
                   "best_val_elbo": float(p["best_val_elbo"]), "best_epoch": p["best_epoch"]}
 
         def each(m: dict, state: Any) -> None:
-            metrics = {"val_elbo": float(m["val_elbo"]), "epoch": int(m["epoch"])}
+            metrics = {OBJECTIVE: float(m[OBJECTIVE]), "epoch": int(m["epoch"])}
             if not checkpoint_every_epoch:
                 tune.report(metrics)
                 return
@@ -192,7 +197,7 @@ def _run_tune(log: Log, tmp: str, name: str, *, search_alg: Any, scheduler: Any,
 
     class Epochs(tune.Callback):
         def on_trial_result(self, iteration, trials, trial, result, **info):
-            log.add(trial.trial_id, result["epoch"], result["val_elbo"])
+            log.add(trial.trial_id, result["epoch"], result[OBJECTIVE])
 
     class Spent(tune.Stopper):
         def __call__(self, trial_id, result):
@@ -205,7 +210,7 @@ def _run_tune(log: Log, tmp: str, name: str, *, search_alg: Any, scheduler: Any,
     tuner = tune.Tuner(
         tune.with_resources(_tune_trainable(checkpoints), {"cpu": 1}),
         param_space=space,
-        tune_config=tune.TuneConfig(search_alg=search_alg, scheduler=scheduler, metric="val_elbo", mode="min",
+        tune_config=tune.TuneConfig(search_alg=search_alg, scheduler=scheduler, metric=OBJECTIVE, mode="min",
                                     num_samples=1000, max_concurrent_trials=SLOTS),
         run_config=tune.RunConfig(name=name, storage_path=tmp, stop=Spent(), callbacks=[Epochs()], verbose=0),
     )
@@ -253,8 +258,8 @@ def run_optuna(seed: int, log: Log, tmp: str) -> dict:
         pruned = []
 
         def each(m: dict, state: Any) -> Any:
-            log.add(f"optuna-{trial.number}", m["epoch"], m["val_elbo"])
-            trial.report(float(m["val_elbo"]), int(m["epoch"]))
+            log.add(f"optuna-{trial.number}", m["epoch"], m[OBJECTIVE])
+            trial.report(float(m[OBJECTIVE]), int(m["epoch"]))
             if log.spent:
                 trial.study.stop()
                 pruned.append("budget")
@@ -284,7 +289,7 @@ def _ask_tell(log: Log, ask: Callable[[], tuple[Any, dict, int]], tell: Callable
         while True:
             while len(running) < SLOTS and not log.spent:
                 handle, params, epochs = ask()
-                running[pool.submit(train_job, params, epochs)] = (handle, time.perf_counter())
+                running[pool.submit(train_job, params, epochs, OBJECTIVE)] = (handle, time.perf_counter())
                 jobs += 1
             if not running:
                 break
@@ -365,9 +370,11 @@ def measure(events: list, target: float) -> dict:
             "best": curve[-1] if curve else None, "spent": len(events)}
 
 
-def summarize(runs: dict, grid: dict | None) -> dict:
+def summarize(runs: dict, grid: dict | None, known_best: float | None = None) -> dict:
+    """The table's measures per peer; ``known_best`` (a replay's table optimum) sets the target
+    where given, else the best value any run found (or the grid's)."""
     values = [v for peer in runs.values() for r in peer.values() if "events" in r for *_, v in r["events"]]
-    best = min(values + ([grid["best"]] if grid else []))
+    best = known_best if known_best is not None else min(values + ([grid["best"]] if grid else []))
     target = best * 1.01
     table = {}
     for peer, seeds in runs.items():
@@ -379,6 +386,48 @@ def summarize(runs: dict, grid: dict | None) -> dict:
                        f"median_best_at_{AT}": _median([m[f"best_at_{AT}"] for m in ok.values()]),
                        "median_wall_to_target": _median([m["wall_to_target"] for m in ok.values()])}
     return {"best_found": best, "target": target, "table": table}
+
+
+def paired(ours: dict, theirs: dict, key: str, never: float) -> dict | None:
+    """Ours against a peer over the seeds both ran: how often ours is lower (better), the median
+    of the per-seed differences (ours - theirs), and the two-sided Wilcoxon signed-rank p-value
+    (seeds where both are equal drop out, as Wilcoxon's test has it). A run that never reached the
+    target counts as ``never`` (the budget plus one) trial-epochs."""
+    from scipy.stats import wilcoxon
+
+    seeds = sorted(set(ours) & set(theirs), key=int)
+    if not seeds:
+        return None
+    val = lambda m: never if m[key] is None else m[key]  # noqa: E731
+    diffs = [val(ours[s]) - val(theirs[s]) for s in seeds]
+    nonzero = [d for d in diffs if d != 0]
+    p = float(wilcoxon(nonzero).pvalue) if len(nonzero) >= 2 else 1.0
+    return {"seeds": len(seeds), "ours_better": sum(d < 0 for d in diffs), "ours_worse": sum(d > 0 for d in diffs),
+            "median_diff": statistics.median(diffs), "p": p}
+
+
+def comparisons(summary: dict, ref: str, budget: int) -> dict:
+    table = summary["table"]
+    if ref not in table:
+        return {}
+    out = {}
+    for peer, t in table.items():
+        if peer == ref:
+            continue
+        out[peer] = {k: paired(table[ref]["per_seed"], t["per_seed"], k, budget + 1)
+                     for k in ("to_target", f"best_at_{AT}")}
+    return out
+
+
+def spread(xs: list[float]) -> str:
+    """Median (interquartile range) of finite values, with the count of the rest."""
+    import numpy as np
+
+    fin = [x for x in xs if x is not None]
+    if not fin:
+        return "—"
+    q1, q3 = np.percentile(fin, [25, 75])
+    return f"{statistics.median(fin):.2f} (IQR {q1:.2f}–{q3:.2f})"
 
 
 def _median(xs: list) -> float | None:
@@ -411,7 +460,7 @@ def figure(runs: dict, grid: dict | None, target: float, path: Path, budget: int
         ax.step(grid["curve"][0], grid["curve"][1], where="post", color="k", ls=":", label="grid of §1 (16 trials)")
     ax.axhline(target, color="grey", ls="--", lw=1, label="target: within 1% of the best found")
     ax.axvline(AT, color="grey", ls=":", lw=1)
-    ax.set(xlabel="trial-epochs spent", ylabel="best validation -ELBO so far (nats)", xlim=(1, budget),
+    ax.set(xlabel="trial-epochs spent", ylabel=f"best {OBJECTIVE} so far", xlim=(1, budget),
            ylim=(target / 1.01 * 0.995, target * 1.12), title="The search against its peers: median over seeds, range shaded")
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -427,25 +476,41 @@ def load_grid(path: Path) -> dict | None:
             "curve": [[c[0] for c in curve], [c[1] for c in curve]]}
 
 
-def report(summary: dict, grid: dict | None) -> str:
-    lines = [f"best validation -ELBO any run found: {summary['best_found']:.2f}; target (within 1%): {summary['target']:.2f}",
-             "", f"| searcher | trial-epochs to target, per seed | median | best after {AT} trial-epochs (median; range) "
-             "| wall s to target (median) |", "|---|---|---|---|---|"]
+def report(summary: dict, grid: dict | None, ref: str | None = None, budget: int = 240) -> str:
+    basis = "the table's best (a replay)" if summary.get("known_best") else "the best any run found"
+    lines = [f"{summary.get('objective', 'val_elbo')}: {basis} {summary['best_found']:.4g}; "
+             f"target (within 1%): {summary['target']:.4g}",
+             "", f"| searcher | trial-epochs to target, per seed | median (reached) | best after {AT} trial-epochs: "
+             "median (IQR; range) | wall s to target (median) |", "|---|---|---|---|---|"]
     for peer, t in summary["table"].items():
         per = t["per_seed"]
         reach = ", ".join("never" if m["to_target"] is None else str(m["to_target"]) for m in per.values()) or "—"
+        hits = sum(m["to_target"] is not None for m in per.values())
         at = [m[f"best_at_{AT}"] for m in per.values() if m[f"best_at_{AT}"] is not None]
-        span = f"{t[f'median_best_at_{AT}']:.2f} ({min(at):.2f}–{max(at):.2f})" if at else "—"
+        span = f"{spread(at)}; {min(at):.4g}–{max(at):.4g}" if at else "—"
         med = "never" if t["median_to_target"] is None and per else (t["median_to_target"] or "—")
         wall = f"{t['median_wall_to_target']:.0f}" if t["median_wall_to_target"] is not None else "—"
         errs = "; ".join(f"seed {s}: {e}" for s, e in t["errors"].items())
-        lines.append(f"| {LABELS.get(peer, peer)} | {reach}{' (errors: ' + errs + ')' if errs else ''} | {med} | {span} | {wall} |")
-    if grid:
+        lines.append(f"| {LABELS.get(peer, peer)} | {reach}{' (errors: ' + errs + ')' if errs else ''} | "
+                     f"{med} ({hits} of {len(per)}) | {span} | {wall} |")
+    if grid and not summary.get("known_best"):
         lines.append(f"| grid of §1 (16 configurations x 15 epochs) | {grid['total']} in all | | | |")
+    if ref:
+        lines += ["", f"Paired over seeds, {LABELS.get(ref, ref)} against each peer (ours - theirs; lower is better; "
+                  f"Wilcoxon signed-rank, two-sided; never = {budget + 1}):", ""]
+        for peer, c in comparisons(summary, ref, budget).items():
+            parts = []
+            for key, label in (("to_target", "trial-epochs to target"), (f"best_at_{AT}", f"best after {AT}")):
+                r = c[key]
+                if r:
+                    parts.append(f"{label}: better at {r['ours_better']}, worse at {r['ours_worse']} of {r['seeds']} "
+                                 f"seeds, median difference {r['median_diff']:+.4g}, p = {r['p']:.3f}")
+            lines.append(f"- vs {LABELS.get(peer, peer)}: " + "; ".join(parts))
     return "\n".join(lines)
 
 
 def main() -> None:
+    global OBJECTIVE, REPLAY
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--peers", nargs="+", default=list(PEERS), choices=PEERS)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
@@ -456,30 +521,56 @@ def main() -> None:
     ap.add_argument("--add", help="an earlier --json to extend: its runs are kept, these are added")
     ap.add_argument("--ours", help="a variant of vae-study to measure: its options as JSON, e.g. "
                     "'{\"reduction_factor\": 4}'; its runs are kept as 'vae-study <options>'")
+    ap.add_argument("--objective", choices=("val_elbo", "val_mse"), default=None,
+                    help="what every peer minimises (default val_elbo; --from/--add: the file's)")
+    ap.add_argument("--replay", help="a table of learning curves (benchmarks/curves.py): every peer replays it "
+                    "instead of training (see curves.py for what that is and is not)")
+    ap.add_argument("--pace", type=float, default=0.05, help="with --replay: seconds each replayed epoch takes")
+    ap.add_argument("--ref", help="the run the paired tests compare with every other (default: the first "
+                    "vae-study run in the file)")
     args = ap.parse_args()
     if args.ours:
         OURS.update(json.loads(args.ours))
-    grid = load_grid(Path(args.grid))
-    if args.source:
-        runs = json.loads(Path(args.source).read_text())["runs"]
-    else:
-        runs = json.loads(Path(args.add).read_text())["runs"] if args.add else {}
+    earlier = json.loads(Path(args.source or args.add).read_text()) if (args.source or args.add) else {}
+    OBJECTIVE = args.objective or earlier.get("objective", "val_elbo")
+    REPLAY = args.replay or earlier.get("replay")
+    if earlier and earlier.get("objective", "val_elbo") != OBJECTIVE:
+        raise SystemExit(f"--objective {OBJECTIVE}: the earlier file measured {earlier.get('objective', 'val_elbo')}")
+    known_best = None
+    if REPLAY:
+        sys.path.insert(0, str(REPO / "benchmarks"))
+        import curves
+
+        known_best = curves.Table(REPLAY).best(OBJECTIVE)
+        if not args.source:  # every process from here on replays: this one, Ray's workers, worker pools
+            os.environ["VAE_REPLAY_CURVES"] = str(Path(REPLAY).resolve())
+            os.environ["VAE_REPLAY_PACE"] = str(args.pace)
+            os.environ["PYTHONPATH"] = os.pathsep.join(
+                [str(REPO / "benchmarks/replay_site")] + [p for p in [os.environ.get("PYTHONPATH")] if p])
+            curves.PACE_S = args.pace
+            curves.install(REPLAY)
+    grid = None if REPLAY else load_grid(Path(args.grid))
+    runs = earlier.get("runs", {})
+    head = {"budget": args.budget, "objective": OBJECTIVE, "replay": REPLAY}
+    if not args.source:
         for seed in args.seeds:  # seeds outermost: the machine's noise spreads over every peer alike
             for peer in args.peers:
                 key = f"vae-study {args.ours}" if peer == "vae-study" and args.ours else peer
                 runs.setdefault(key, {})[str(seed)] = one(peer, seed, args.budget)
                 r = runs[key][str(seed)]
-                print(f"{peer:<12} seed {seed}: " + (f"error: {r['error']}" if "error" in r else
-                      f"{len(r['events'])} trial-epochs in {r['seconds']:.0f} s, best {min(v for *_, v in r['events']):.2f}"),
+                print(f"{key:<12} seed {seed}: " + (f"error: {r['error']}" if "error" in r else
+                      f"{len(r['events'])} trial-epochs in {r['seconds']:.0f} s, best {min(v for *_, v in r['events']):.4g}"),
                       flush=True)
                 if args.json:
-                    Path(args.json).write_text(json.dumps({"budget": args.budget, "runs": runs}))
-    summary = summarize(runs, grid)
-    text = report(summary, grid)
+                    Path(args.json).write_text(json.dumps({**head, "runs": runs}))
+    summary = summarize(runs, grid, known_best)
+    summary.update(objective=OBJECTIVE, known_best=known_best)
+    ref = args.ref or next((k for k in runs if k.startswith("vae-study")), None)
+    text = report(summary, grid, ref, args.budget)
     print(text)
     if args.json or args.source:
         out = Path(args.json or args.source)
-        out.write_text(json.dumps({"budget": args.budget, "runs": runs, "summary": summary}))
+        out.write_text(json.dumps({**head, "runs": runs, "summary": summary}))
         figure(runs, grid, summary["target"], out.with_suffix(".png"), args.budget)
         out.with_suffix(".txt").write_text(text + "\n")
 
