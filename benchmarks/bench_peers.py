@@ -28,11 +28,19 @@ within 1% of the best value any run of the benchmark found; the best value after
 its range, one line per peer. The grid of §1 is read from its JSON, as a baseline.
 
 The peers need packages the project does not (they move numpy and pandas): run it from a venv of
-its own, ``python3.11 -m venv .venv-peers && .venv-peers/bin/pip install -e '.[peers]'``:
+its own, ``python3.11 -m venv .venv-peers && .venv-peers/bin/pip install -e '.[peers]'``, then put
+the project's numpy back (DEHB pins numpy < 2, pyarrow and Ray Tune need 2; DEHB runs with it):
+``.venv-peers/bin/pip install 'numpy>=2'``. SMAC3's pyrfr builds with swig (``apt-get install swig``).
+
+A replay (``--replay``, see ``benchmarks/curves.py``) trains nothing: every peer reads the
+recorded learning curves of the configuration nearest to the one it asked for, so a seed costs
+seconds to a minute instead of ten; the target is then within 1% of the table's best.
 
     .venv-peers/bin/python benchmarks/bench_peers.py --seeds 0 1 2 3 4 --json benchmarks/results/peers.json
     .venv-peers/bin/python benchmarks/bench_peers.py --peers vae-study optuna --seeds 0
     .venv-peers/bin/python benchmarks/bench_peers.py --from benchmarks/results/peers.json   # tables and figure again
+    .venv-peers/bin/python benchmarks/bench_peers.py --replay benchmarks/results/curves.json --seeds 0 1 2 3 4 \
+        --json benchmarks/results/replay_elbo.json
 
 A peer that cannot be installed or run is reported with its error, not dropped.
 """
@@ -57,7 +65,7 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 EPOCHS = 15
 SLOTS = 2
-TRIALS = 40  # vae-study's --trials: more than the budget lets it finish (its start-up points: 10)
+TRIALS = 240  # vae-study's --trials: set to the budget (no run finishes more trials than trial-epochs; its start-up points: 10)
 AT = 80  # trial-epochs at which the best value is compared: a third of the grid's 240
 SPACE = {"latent_dim": (2, 64), "beta": (0.01, 10.0), "lr": (1e-4, 3e-3)}
 OBJECTIVE = "val_elbo"  # --objective: what every peer minimises, and what is counted
@@ -211,7 +219,10 @@ def _run_tune(log: Log, tmp: str, name: str, *, search_alg: Any, scheduler: Any,
         tune.with_resources(_tune_trainable(checkpoints), {"cpu": 1}),
         param_space=space,
         tune_config=tune.TuneConfig(search_alg=search_alg, scheduler=scheduler, metric=OBJECTIVE, mode="min",
-                                    num_samples=1000, max_concurrent_trials=SLOTS),
+                                    num_samples=1000, max_concurrent_trials=SLOTS,
+                                    # a replay keeps each worker (and its table) rather than start one per
+                                    # trial: the order of events is Tune's either way, the wall time not comparable
+                                    reuse_actors=True if REPLAY else None),
         run_config=tune.RunConfig(name=name, storage_path=tmp, stop=Spent(), callbacks=[Epochs()], verbose=0),
     )
     grid = tuner.fit()
@@ -510,7 +521,7 @@ def report(summary: dict, grid: dict | None, ref: str | None = None, budget: int
 
 
 def main() -> None:
-    global OBJECTIVE, REPLAY
+    global OBJECTIVE, REPLAY, TRIALS
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--peers", nargs="+", default=list(PEERS), choices=PEERS)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
@@ -529,6 +540,7 @@ def main() -> None:
     ap.add_argument("--ref", help="the run the paired tests compare with every other (default: the first "
                     "vae-study run in the file)")
     args = ap.parse_args()
+    TRIALS = args.budget
     if args.ours:
         OURS.update(json.loads(args.ours))
     earlier = json.loads(Path(args.source or args.add).read_text()) if (args.source or args.add) else {}
