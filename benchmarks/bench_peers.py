@@ -438,7 +438,7 @@ def spread(xs: list[float]) -> str:
     if not fin:
         return "—"
     q1, q3 = np.percentile(fin, [25, 75])
-    return f"{statistics.median(fin):.2f} (IQR {q1:.2f}–{q3:.2f})"
+    return f"{statistics.median(fin):.4g} (IQR {q1:.4g}–{q3:.4g})"
 
 
 def _median(xs: list) -> float | None:
