@@ -136,7 +136,7 @@ def replay_fit(config: Any, data: Any, on_epoch: Any = None, *, model: Any = Non
     import torch
 
     from vae.model import BetaVAE
-    from vae.train import EpochState, FitResult, make_optimizer
+    from vae.train import EpochState, FitResult, improves, make_optimizer
 
     row = _TABLE.nearest({"latent_dim": config.latent_dim, "beta": config.beta, "lr": config.lr})
     if model is None:
@@ -149,7 +149,7 @@ def replay_fit(config: Any, data: Any, on_epoch: Any = None, *, model: Any = Non
     for epoch in range(start_epoch, min(config.epochs, len(row["epochs"])) + 1):
         time.sleep(PACE_S)
         m = dict(row["epochs"][epoch - 1], epoch=epoch)
-        is_best = m["val_elbo"] < best
+        is_best = improves(m["val_elbo"], best)  # fit's own rule for a better epoch
         if is_best:
             best, result.best_epoch = m["val_elbo"], epoch
         result.history.append(m)
