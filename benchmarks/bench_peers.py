@@ -182,7 +182,7 @@ def _tune_trainable(checkpoint_every_epoch: bool) -> Callable[[dict], None]:
             with restored.as_directory() as d:
                 model, _, p = ckpt_io.load(Path(d) / "state.pt")
             kw = {"model": model, "optimizer_state": p["optimizer"], "start_epoch": int(p["epoch"]) + 1,
-                  "best_val_elbo": float(p["best_val_elbo"]), "best_epoch": p["best_epoch"]}
+                  "best_score": float(p["best_score"]), "best_epoch": p["best_epoch"]}
 
         def each(m: dict, state: Any) -> None:
             metrics = {OBJECTIVE: float(m[OBJECTIVE]), "epoch": int(m["epoch"])}
@@ -191,7 +191,7 @@ def _tune_trainable(checkpoint_every_epoch: bool) -> Callable[[dict], None]:
                 return
             with tf.TemporaryDirectory() as d:
                 ckpt_io.save(Path(d) / "state.pt", state.model, tc, epoch=m["epoch"],
-                             optimizer=state.optimizer.state_dict(), best_val_elbo=state.best_val_elbo,
+                             optimizer=state.optimizer.state_dict(), best_score=state.best_score,
                              best_epoch=state.best_epoch)
                 tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
 

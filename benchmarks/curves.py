@@ -130,14 +130,15 @@ PACE_S = float(os.environ.get("VAE_REPLAY_PACE", "0.05"))
 
 
 def replay_fit(config: Any, data: Any, on_epoch: Any = None, *, model: Any = None, optimizer_state: Any = None,
-               start_epoch: int = 1, best_val_elbo: float = math.inf, best_epoch: int | None = None,
-               keep: str = "best") -> Any:
+               start_epoch: int = 1, best_score: float = math.inf, best_epoch: int | None = None,
+               keep: str = "best", select: str = "val_elbo", mode: str = "min") -> Any:
     """``vae.train.fit``'s contract, the metrics read from the table (see the module's docstring)."""
     import torch
 
     from vae.model import BetaVAE
-    from vae.train import EpochState, FitResult, improves, make_optimizer
+    from vae.train import EpochState, FitResult, check_select, improves, make_optimizer, score
 
+    check_select(select, mode)
     row = _TABLE.nearest({"latent_dim": config.latent_dim, "beta": config.beta, "lr": config.lr})
     if model is None:
         model = BetaVAE.from_config(config)
@@ -145,16 +146,17 @@ def replay_fit(config: Any, data: Any, on_epoch: Any = None, *, model: Any = Non
     if optimizer_state is not None:
         opt.load_state_dict(optimizer_state)
     result = FitResult(model=model, config=config, best_epoch=best_epoch)
-    best = best_val_elbo
+    best = best_score
     for epoch in range(start_epoch, min(config.epochs, len(row["epochs"])) + 1):
         time.sleep(PACE_S)
         m = dict(row["epochs"][epoch - 1], epoch=epoch)
-        is_best = improves(m["val_elbo"], best)  # fit's own rule for a better epoch
+        this = score(m, select, mode)
+        is_best = improves(this, best)  # fit's own rule for a better epoch
         if is_best:
-            best, result.best_epoch = m["val_elbo"], epoch
+            best, result.best_epoch = this, epoch
         result.history.append(m)
         state = EpochState(epoch=epoch, model=model, optimizer=opt, is_best=is_best, best_epoch=result.best_epoch,
-                           best_val_elbo=best, best_state={k: v.detach().clone() for k, v in model.state_dict().items()}
+                           best_score=best, best_state={k: v.detach().clone() for k, v in model.state_dict().items()}
                            if is_best else None)
         if on_epoch is not None and on_epoch(m, state) is False:
             break

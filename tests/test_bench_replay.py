@@ -62,7 +62,7 @@ def test_replay_keeps_fit_contract_resume_and_stop(tmp_path, monkeypatch):
     assert result.best_epoch == 3 and len(result.history) == 3
     seen.clear()  # a resumed trial continues at start_epoch; on_epoch returning False stops it
     vae.train.fit(tc, None, on_epoch=lambda m, s: seen.append(m["epoch"]) or False, start_epoch=2,
-                  best_val_elbo=188.0, best_epoch=2)
+                  best_score=188.0, best_epoch=2)
     assert seen == [2]
 
 

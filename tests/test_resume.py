@@ -72,17 +72,20 @@ def _epochs_run(path) -> int:
 
 
 @pytest.mark.slow
-def test_a_resumed_trial_continues_from_its_checkpoint_exactly(tmp_path):
+@pytest.mark.parametrize("objective", ["val_elbo", "val_mse"])
+def test_a_resumed_trial_continues_from_its_checkpoint_exactly(tmp_path, objective):
     """Kill the driver after the trial persisted a checkpoint at epoch k (an ASHA rung); after
     `resume` the trial continues at k+1 (restored_from_epoch = k), its epoch rows are 1..N once
     each, and every epoch equals an uninterrupted run of the same configuration: the restored
-    weights and optimiser state are the checkpoint's."""
+    weights and optimiser state are the checkpoint's, and so is the best epoch so far by the
+    study's objective (val_mse: the trial selects its best epoch by it)."""
     toml = tmp_path / "s.toml"
     # a wide MLP makes an epoch take a couple of seconds, so the kill can land between rungs
     toml.write_text('[train]\nhidden = 4000\nlatent_dim = 8\n\n[scheduler]\ntype = "asha"\n')
     storage = tmp_path / "studies"
     args = [str(toml), "--storage", str(storage), "--grid", "lr=0.001", "--epochs", "12", "--num-cpus", "1",
-            "--grace-period", "1", "--reduction-factor", "2", "--no-refit"]  # the refit is not what is tested
+            "--grace-period", "1", "--reduction-factor", "2", "--no-refit",  # the refit is not what is tested
+            "--objective", objective]
     ref = run_cli("run", "--name", "ref", *args)
     assert ref.returncode == 0, ref.stderr[-2000:]
 
@@ -111,6 +114,9 @@ def test_a_resumed_trial_continues_from_its_checkpoint_exactly(tmp_path):
     ref_ep = results.load(storage / "ref", "epochs").sort_values("epoch")
     for col in ("train_loss", "val_elbo", "val_mse"):
         assert ep[col].tolist() == pytest.approx(ref_ep[col].tolist(), rel=1e-6), col
+    ref_trial = results.load(storage / "ref").iloc[0]
+    assert trial["best_epoch"] == ref_trial["best_epoch"] == ep["epoch"][ep[objective].idxmin()]
+    assert trial["objective"] == pytest.approx(ref_trial["objective"], rel=1e-6)
 
 
 def test_reconcile_makes_tunes_saved_state_and_optuna_agree_with_the_trials_rows(tmp_path):
@@ -319,3 +325,19 @@ def test_reconcile_remakes_the_checkpoint_tunes_saved_state_names_where_tune_del
         _mend_checkpoints(study, "t", saved, third)
         assert third.remade == ["t"] and files()["checkpoint_000001/state.pt"] == b"state.pt 2"
         assert not any(p.startswith("checkpoint_000002") for p in files())
+
+
+def test_a_checkpoint_continues_with_the_best_score_of_its_own_rule():
+    """state.pt holds the best epoch's score and the rule that chose it; one written before trials
+    selected by their objective holds best_val_elbo only, and a val_mse study then continues from
+    the MSE its best values recorded at that epoch."""
+    from study.runner.trainable import _restored_score
+    from vae.train import score
+
+    new = {"best_score": 0.031, "select": ["val_mse", "min"], "best_val_elbo": 999.0}
+    assert _restored_score(new, {}, "val_mse", "min", score) == 0.031
+    old = {"best_val_elbo": 120.5}
+    assert _restored_score(old, {"best_val_mse": 0.04}, "val_elbo", "min", score) == 120.5
+    assert _restored_score(old, {"best_val_mse": 0.04}, "val_mse", "min", score) == 0.04
+    assert _restored_score(old, {"best_val_kl": 20.0}, "val_kl", "max", score) == -20.0
+    assert _restored_score(old, {}, "val_mse", "min", score) == float("inf")  # nothing recorded: the next epoch is best

@@ -286,6 +286,39 @@ def test_reports_carry_the_epochs_between_decisions(ray_local, tmp_path):
 
 
 @pytest.mark.slow
+def test_a_val_mse_study_keeps_and_reports_each_trials_best_mse_epoch(ray_local, tmp_path):
+    """With --objective val_mse a trial's best epoch is its lowest validation MSE's, not its lowest
+    -ELBO's: at beta 0.002 the two differ (the -ELBO is best at epoch 1 and rises while the MSE
+    falls). The trials row, the checkpoint it keeps and Optuna's values all follow the MSE."""
+    from vae import checkpoint as ckpt_io
+    from vae.train import evaluate_loss
+
+    spec = build_spec(None, {"name": "mse", "storage": str(tmp_path), "epochs": 4, "objective": ["val_mse"],
+                             "grid": {"beta": [0.002, 1.0]}, "latent_dim": 32, "lr": 3e-3,
+                             "max_train_images": 1200, "scheduler": "none", "refit": False, "num_cpus": 2})
+    assert spec.select == ("val_mse", "min")
+    res = run(spec, printer=lambda s: None)
+    epochs = results.load(res.folder, "epochs")
+    study = optuna.load_study(study_name="mse", storage=open_optuna(str(res.folder / OPTUNA_LOG)))
+    differs = 0
+    for _, row in res.trials.iterrows():
+        ep = epochs[epochs.trial_id == row["trial_id"]].sort_values("epoch").reset_index(drop=True)
+        at = int(ep["val_mse"].idxmin())
+        assert row["best_epoch"] == ep["epoch"][at] and row["objective"] == pytest.approx(ep["val_mse"][at])
+        assert row["val_elbo"] == pytest.approx(ep["val_elbo"][at])  # every metric read at that epoch
+        differs += int(ep["epoch"][int(ep["val_elbo"].idxmin())] != row["best_epoch"])
+        model, config, payload = ckpt_io.load(res.folder / row["checkpoint"])
+        assert payload["epoch"] == row["best_epoch"]
+        from vae.data import load
+        x_val = load(config).val.pixels()
+        assert evaluate_loss(model, x_val, config.beta)["mse"] == pytest.approx(row["objective"], rel=1e-5)
+        t = next(t for t in study.trials if np.isclose(t.params["beta"], row["param_beta"]))
+        assert [t.intermediate_values[e] for e in ep["epoch"]] == pytest.approx(ep["val_mse"].cummin().tolist())
+        assert t.value == pytest.approx(row["objective"])
+    assert differs >= 1  # the case the rule is for happened
+
+
+@pytest.mark.slow
 def test_rate_distortion_pareto_study(ray_local, tmp_path):
     spec = build_spec(None, {"name": "rd", "storage": str(tmp_path), "trials": 3, "epochs": 2,
                              "max_train_images": 300, "objective": ["val_recon", "val_kl"], "num_cpus": 2})

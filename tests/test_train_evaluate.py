@@ -207,16 +207,58 @@ def test_resumed_run_with_schedule_and_augmentation_is_exact(sample_data, change
         if m["epoch"] == 2:
             saved["model"] = copy.deepcopy(state.model)
             saved["opt"] = copy.deepcopy(state.optimizer.state_dict())
-            saved["best"] = (state.best_val_elbo, state.best_epoch)
+            saved["best"] = (state.best_score, state.best_epoch)
             return False
 
     fit(c, sample_data, on_epoch=stop_after_two)
     rest = fit(c, sample_data, model=saved["model"], optimizer_state=saved["opt"], start_epoch=3,
-               best_val_elbo=saved["best"][0], best_epoch=saved["best"][1])
+               best_score=saved["best"][0], best_epoch=saved["best"][1])
     for a, b in zip(full.history[2:], rest.history):
         assert a["epoch"] == b["epoch"]
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-6)
         assert a["val_elbo"] == pytest.approx(b["val_elbo"], rel=1e-6)
+
+
+def test_the_best_epoch_follows_the_selected_metric(sample_data):
+    """At beta 0.002 the -ELBO is best at epoch 1 and rises while the MSE keeps falling: selecting by
+    val_mse keeps the lowest-MSE epoch's weights, the default still the lowest -ELBO's."""
+    from vae.train import best_epoch, evaluate_loss
+
+    c = TrainConfig(dataset="mnist-sample", epochs=4, latent_dim=32, beta=0.002, lr=3e-3, max_train_images=1200)
+    by_mse, by_elbo = fit(c, sample_data, select="val_mse"), fit(c, sample_data)
+    assert [h["val_mse"] for h in by_mse.history] == [h["val_mse"] for h in by_elbo.history]  # the same run
+    mse = [h["val_mse"] for h in by_mse.history]
+    elbo = [h["val_elbo"] for h in by_elbo.history]
+    assert by_mse.best_epoch == 1 + mse.index(min(mse)) != by_elbo.best_epoch == 1 + elbo.index(min(elbo))
+    x_val = sample_data.val.pixels()
+    assert evaluate_loss(by_mse.model, x_val, c.beta)["mse"] == pytest.approx(min(mse), rel=1e-5)
+    assert evaluate_loss(by_elbo.model, x_val, c.beta)["elbo"] == pytest.approx(min(elbo), rel=1e-5)
+    assert best_epoch(by_mse.history, "val_mse")["epoch"] == by_mse.best_epoch
+    assert best_epoch(by_mse.history, "val_mse", "max")["epoch"] == 1 + mse.index(max(mse))
+    with pytest.raises(ValueError, match="select='val_loss'"):
+        fit(c, sample_data, select="val_loss")
+
+
+def test_a_run_resumed_by_its_selected_metric_is_exact(sample_data):
+    """Resumed from epoch 2's state with state.best_score, a run selecting by val_mse ends with the
+    uninterrupted run's best epoch and weights."""
+    c = TrainConfig(dataset="mnist-sample", epochs=4, latent_dim=32, beta=0.002, lr=3e-3, max_train_images=1200)
+    full = fit(c, sample_data, select="val_mse")
+    saved = {}
+
+    def stop_after_two(m, state):
+        if m["epoch"] == 2:
+            saved.update(model=copy.deepcopy(state.model), opt=copy.deepcopy(state.optimizer.state_dict()),
+                         best=(state.best_score, state.best_epoch))
+            return False
+
+    fit(c, sample_data, on_epoch=stop_after_two, select="val_mse")
+    assert saved["best"][0] == pytest.approx(min(h["val_mse"] for h in full.history[:2]))
+    rest = fit(c, sample_data, model=saved["model"], optimizer_state=saved["opt"], start_epoch=3,
+               best_score=saved["best"][0], best_epoch=saved["best"][1], select="val_mse")
+    assert rest.best_epoch == full.best_epoch
+    for k, v in full.model.state_dict().items():
+        assert torch.allclose(v, rest.model.state_dict()[k], rtol=1e-5, atol=1e-6), k
 
 
 def test_deeper_mlp_and_pytorch_examples_names():

@@ -42,7 +42,7 @@ from vae.config import ConfigError, TrainConfig
 from vae.data import Data
 from vae.loss import kl_terms
 from vae.model import N_PIXELS, BetaVAE
-from vae.train import augment_batch, evaluate_loss, improves, lr_at, resolve_device
+from vae.train import augment_batch, check_select, evaluate_loss, improves, lr_at, resolve_device, score
 
 # Adam's defaults, as torch.optim.Adam's
 BETAS, EPS = (0.9, 0.999), 1e-8
@@ -205,10 +205,13 @@ class Pack:
     Args:
         configs: the members' configurations (``check_packable``).
         data: the loaded splits, shared by every member (one dataset, one split).
+        select, mode: the validation metric that chooses each member's best epoch, as ``fit``'s.
     """
 
-    def __init__(self, configs: list[TrainConfig], data: Data) -> None:
+    def __init__(self, configs: list[TrainConfig], data: Data, select: str = "val_elbo", mode: str = "min") -> None:
         check_packable(configs)
+        check_select(select, mode)
+        self.select, self.mode = select, mode
         self.configs = list(configs)
         self.device = resolve_device(configs[0].device)
         models = []
@@ -297,8 +300,9 @@ class Pack:
                        "val_seconds": time.perf_counter() - v0,
                        "images_per_second": n / seconds if seconds > 0 else float("nan")}
             res.history.append(metrics)
-            if improves(metrics["val_elbo"], self.best[k]):
-                self.best[k], res.best_epoch, res.model = metrics["val_elbo"], epoch, member.cpu()
+            this = score(metrics, self.select, self.mode)
+            if improves(this, self.best[k]):
+                self.best[k], res.best_epoch, res.model = this, epoch, member.cpu()
             out[k] = metrics
         if failed:
             self.drop(failed)

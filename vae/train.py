@@ -27,20 +27,41 @@ EVAL_BATCH = 2048
 FINITE_CHECK_EVERY = 25
 
 
-def improves(val_elbo: float | None, best_val_elbo: float) -> bool:
-    """The one definition of a better epoch: a finite validation -ELBO strictly below the best so
-    far (a tie keeps the earlier epoch). ``fit`` keeps those weights; a study's trials row reports
-    the metrics of that epoch (``best_epoch``), and its objective is read there too."""
-    return val_elbo is not None and math.isfinite(val_elbo) and val_elbo < best_val_elbo
+# The validation metrics an epoch can be chosen by (lower is better for each).
+SELECTABLE = ("val_elbo", "val_recon", "val_kl", "val_mse")
 
 
-def best_epoch(history: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """The best epoch's row of an epoch history (rows with ``epoch`` and ``val_elbo``), or None."""
-    best, best_val = None, math.inf
+def score(metrics: dict[str, Any], select: str = "val_elbo", mode: str = "min") -> float | None:
+    """An epoch's selection score, lower is better: its ``select`` metric, negated for ``mode='max'``."""
+    value = metrics.get(select)
+    if value is None:
+        return None
+    return float(value) if mode == "min" else -float(value)
+
+
+def improves(score: float | None, best_score: float) -> bool:
+    """The one definition of a better epoch: a finite score strictly below the best so far (a tie
+    keeps the earlier epoch). ``fit`` keeps those weights; a study's trials row reports the
+    metrics of that epoch (``best_epoch``). The score is the validation -ELBO unless a study
+    selects by its objective (:func:`score`)."""
+    return score is not None and math.isfinite(score) and score < best_score
+
+
+def best_epoch(history: list[dict[str, Any]], select: str = "val_elbo", mode: str = "min") -> dict[str, Any] | None:
+    """The best epoch's row of an epoch history (rows with ``epoch`` and ``select``), or None."""
+    best, best_score = None, math.inf
     for row in sorted(history, key=lambda r: r["epoch"]):
-        if improves(row.get("val_elbo"), best_val):
-            best, best_val = row, row["val_elbo"]
+        s = score(row, select, mode)
+        if improves(s, best_score):
+            best, best_score = row, s
     return best
+
+
+def check_select(select: str, mode: str = "min") -> None:
+    if select not in SELECTABLE:
+        raise ValueError(f"select={select!r}: choose one of {', '.join(SELECTABLE)}")
+    if mode not in ("min", "max"):
+        raise ValueError(f"mode={mode!r}: choose min or max")
 
 
 def lr_at(schedule: str, lr: float, step: int, total_steps: int) -> float:
@@ -102,7 +123,7 @@ class EpochState:
     optimizer: torch.optim.Optimizer
     is_best: bool
     best_epoch: int | None
-    best_val_elbo: float
+    best_score: float  # the best epoch's selection score (``score``: its validation -ELBO by default)
     best_state: dict[str, torch.Tensor] | None  # weights of the best epoch (None: before any, this run)
 
 
@@ -166,9 +187,11 @@ def fit(
     model: BetaVAE | None = None,
     optimizer_state: dict[str, Any] | None = None,
     start_epoch: int = 1,
-    best_val_elbo: float = math.inf,
+    best_score: float = math.inf,
     best_epoch: int | None = None,
     keep: str = "best",
+    select: str = "val_elbo",
+    mode: str = "min",
 ) -> FitResult:
     """Train a beta-VAE on ``data.train``, validating on ``data.val`` after every epoch.
 
@@ -177,17 +200,21 @@ def fit(
         data: the loaded splits (``vae.data.load(config)``).
         on_epoch: called after each epoch as ``on_epoch(metrics, state)`` (an ``EpochState``);
             ``state.model`` then holds the current epoch's weights. Returning ``False`` stops.
-        model, optimizer_state, start_epoch, best_val_elbo, best_epoch: resume a run from a
-            checkpoint taken after epoch ``start_epoch - 1``.
+        model, optimizer_state, start_epoch, best_score, best_epoch: resume a run from a
+            checkpoint taken after epoch ``start_epoch - 1`` (``best_score``: ``state.best_score``).
         keep: ``best`` returns the weights of the best validation epoch; ``last`` those of the
             last epoch (a refit on train+validation, where validation cannot choose).
+        select, mode: the validation metric that chooses the best epoch, and whether lower
+            (``min``) or higher is better: by default the lowest validation -ELBO. A study selects
+            by its objective, so that a trial reports its objective at that objective's best epoch.
 
     Returns:
-        FitResult with the history, the best epoch (lowest validation -ELBO) and its weights.
+        FitResult with the history, the best epoch and its weights.
         A NaN or infinite loss ends training with ``status='failed'`` and a reason; it does not raise.
     """
     if keep not in ("best", "last"):
         raise ValueError(f"keep={keep!r}: choose best or last")
+    check_select(select, mode)
     device = resolve_device(config.device)
     torch.manual_seed(config.seed)
     if device.type == "cuda":
@@ -208,7 +235,7 @@ def fit(
     n_steps = (n + bs - 1) // bs
     total_steps = n_steps * config.epochs
     result = FitResult(model=model, config=config, device=str(device), best_epoch=best_epoch)
-    best_elbo, best_state = best_val_elbo, None
+    best, best_state = best_score, None
     train_seconds = 0.0
 
     for epoch in range(start_epoch, config.epochs + 1):
@@ -268,13 +295,14 @@ def fit(
             result.status = "failed"
             result.error = f"non-finite validation -ELBO at epoch {epoch} (lr={config.lr:g}); try a lower lr"
             break
-        is_best = improves(metrics["val_elbo"], best_elbo)
+        this = score(metrics, select, mode)
+        is_best = improves(this, best)
         if is_best:
-            best_elbo = metrics["val_elbo"]
+            best = this
             best_state = copy.deepcopy(model.state_dict()) if keep == "best" else None
             result.best_epoch = epoch
         result.history.append(metrics)
-        state = EpochState(epoch, model, opt, is_best, result.best_epoch, best_elbo, best_state)
+        state = EpochState(epoch, model, opt, is_best, result.best_epoch, best, best_state)
         if on_epoch is not None and on_epoch(metrics, state) is False:
             break
 

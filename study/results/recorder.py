@@ -180,7 +180,8 @@ class ResultsRecorder(Callback):
         values = {**trial.config, **(log.meta.get("trained_with") or {})}  # what it trained with
         row = rows.trials_row(
             status=status, error=error, values=values, facts=log.meta,
-            results=rows.trial_results(epochs, status=status, objective=self.spec.objective[0]),
+            results=rows.trial_results(epochs, status=status, objective=self.spec.objective[0],
+                                       select=self.spec.select),
             # num_failures counts every failure, a final one included
             attempts=int(trial.num_failures) + (0 if status == "failed" else 1),
             checkpoint=checkpoint_path(trial, self.study), started_at=log.meta.get("started_at"),

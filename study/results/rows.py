@@ -21,7 +21,8 @@ TEST_KEYS = ("test_elbo", "test_mse", "test_psnr")
 META_KEYS = ("setup_seconds", "restored_from_epoch", "report_seconds", "checkpoint_seconds")
 
 
-def trial_results(epochs: list[dict[str, Any]], *, status: str, objective: str) -> dict[str, Any]:
+def trial_results(epochs: list[dict[str, Any]], *, status: str, objective: str,
+                  select: tuple[str, str] = ("val_elbo", "min")) -> dict[str, Any]:
     """A trial's results from its epoch rows: the best epoch (``vae.train.best_epoch``, the one
     definition of it), that epoch's validation metrics, and the objective read at that epoch.
 
@@ -29,8 +30,9 @@ def trial_results(epochs: list[dict[str, Any]], *, status: str, objective: str) 
         epochs: one dict per epoch with ``epoch``, ``val_*``, ``seconds``, ``images_per_second``.
         status: completed, pruned or failed.
         objective: the metric the study ranks on (its first objective), e.g. ``val_elbo``.
+        select: (metric, mode) that chooses the best epoch, as the trial chose it (``StudySpec.select``).
     """
-    best = best_epoch(epochs)
+    best = best_epoch(epochs, *select)
     seconds = sum(r.get("seconds") or 0 for r in epochs)
     images = sum((r.get("images_per_second") or 0) * (r.get("seconds") or 0) for r in epochs)
     return {

@@ -82,7 +82,7 @@ def make_trainable(spec: StudySpec) -> Any:
     from study.search import asha_rungs
     from study.runner.trainable import train_trial
 
-    runtime = {"beta_times_latent": spec.beta_times_latent, "cpus_per_trial": spec.cpus_per_trial,
+    runtime = {"beta_times_latent": spec.beta_times_latent, "cpus_per_trial": spec.cpus_per_trial, "select": spec.select,
                "persist_epochs": asha_rungs(spec), "report_every_s": report_every_s()}
     fn = tune.with_parameters(train_trial, runtime=runtime)
     return tune.with_resources(fn, {"cpu": spec.cpus_per_trial, "gpu": spec.gpus_per_trial})

@@ -48,7 +48,7 @@ def train_trial(config: dict[str, Any], runtime: dict[str, Any]) -> None:
     from vae import checkpoint as ckpt_io
     from vae.config import ConfigError, TrainConfig
     from vae.data import load
-    from vae.train import fit, resolve_device
+    from vae.train import fit, resolve_device, score
 
     torch.set_num_threads(max(1, int(runtime.get("cpus_per_trial", 1))))
     try:
@@ -58,7 +58,8 @@ def train_trial(config: dict[str, Any], runtime: dict[str, Any]) -> None:
     device = resolve_device(tc.device)
     data = load(tc)  # memoised per worker process: a reused actor never parses twice
 
-    start_epoch, model, opt_state, best_elbo, best_epoch = 1, None, None, math.inf, None
+    select, mode = tuple(runtime.get("select") or ("val_elbo", "min"))
+    start_epoch, model, opt_state, best, best_epoch = 1, None, None, math.inf, None
     best_values: dict[str, Any] = {}
     restored = tune.get_checkpoint()
     if restored is not None:
@@ -68,9 +69,9 @@ def train_trial(config: dict[str, Any], runtime: dict[str, Any]) -> None:
             model, _, payload = ckpt_io.load(Path(d) / "state.pt", device)
         start_epoch = int(payload["epoch"]) + 1
         opt_state = payload.get("optimizer")
-        best_elbo = float(payload["best_val_elbo"])
         best_epoch = int(payload["best_epoch"])
         best_values = dict(payload.get("best_values", {}))
+        best = _restored_score(payload, best_values, select, mode, score)
         if start_epoch > tc.epochs:
             return
 
@@ -85,10 +86,10 @@ def train_trial(config: dict[str, Any], runtime: dict[str, Any]) -> None:
     }
     reporter = _Reporter(tc, data.test, device, static, best_values, restored,
                          persist_at=set(runtime.get("persist_epochs") or ()) | {tc.epochs},
-                         report_every_s=float(runtime.get("report_every_s", 0.0)))
+                         report_every_s=float(runtime.get("report_every_s", 0.0)), select=(select, mode))
     result = fit(
         tc, data, on_epoch=reporter, model=model, optimizer_state=opt_state,
-        start_epoch=start_epoch, best_val_elbo=best_elbo, best_epoch=best_epoch,
+        start_epoch=start_epoch, best_score=best, best_epoch=best_epoch, select=select, mode=mode,
     )
     if result.status == "failed":
         reporter.flush()  # the epochs it trained before it failed are recorded
@@ -109,15 +110,18 @@ class _Reporter:
         persist_at: epochs at which a checkpoint is persisted (ASHA's rungs and the last epoch);
             a report is made there too.
         report_every_s: the longest it goes without a report (0: a report every epoch).
+        select: (metric, mode) that chose the best epoch (``StudySpec.select``), saved with the
+            optimiser state so that a resumed attempt continues the same rule.
     """
 
     def __init__(self, tc: Any, test: Any, device: Any, static: dict[str, Any], best_values: dict[str, Any],
-                 restored: Any, *, persist_at: set[int], report_every_s: float) -> None:
+                 restored: Any, *, persist_at: set[int], report_every_s: float,
+                 select: tuple[str, str] = ("val_elbo", "min")) -> None:
         from vae.model import BetaVAE
 
         self.tc, self.test, self.device, self.static = tc, test, device, static
         self.best_values, self.restored, self.persist_at = best_values, restored, persist_at
-        self.report_every_s = report_every_s
+        self.report_every_s, self._select = report_every_s, select
         self.last_persist = self.last_report = time.monotonic()
         self.dirty = False  # a new best since the last persisted checkpoint
         self.pending: list[dict[str, Any]] = []  # epochs trained since the last report, oldest first
@@ -197,8 +201,22 @@ class _Reporter:
             _copy_best(self.restored, folder)
         if epoch < self.tc.epochs:
             ckpt_io.save(folder / "state.pt", state.model, self.tc, epoch=epoch,
-                         optimizer=state.optimizer.state_dict(), best_val_elbo=state.best_val_elbo,
-                         best_epoch=state.best_epoch, best_values=dict(self.best_values))
+                         optimizer=state.optimizer.state_dict(), best_score=state.best_score,
+                         select=list(self._select), best_epoch=state.best_epoch,
+                         best_values=dict(self.best_values))
+
+
+def _restored_score(payload: dict[str, Any], best_values: dict[str, Any], select: str, mode: str,
+                    score: Any) -> float:
+    """The best epoch's selection score a checkpoint continues from. A checkpoint written before
+    trials selected by their objective holds ``best_val_elbo`` only: its best epoch's value of
+    ``select`` is then read from its best values (every objective's value at that epoch)."""
+    if tuple(payload.get("select") or ("val_elbo", "min")) == (select, mode) and "best_score" in payload:
+        return float(payload["best_score"])
+    if (select, mode) == ("val_elbo", "min") and "best_val_elbo" in payload:
+        return float(payload["best_val_elbo"])
+    value = score({select: best_values.get(f"best_{select}")}, select, mode)
+    return math.inf if value is None else value
 
 
 def _copy_best(checkpoint: Any, dest: Path) -> None:

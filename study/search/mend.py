@@ -24,6 +24,7 @@ from study.results import tables
 from study.search.samplers import optuna_space
 from study.search.searcher import TUNE_TRIAL, objective_metrics, tell_from_row
 from study.store import Location, OptunaDB
+from vae.train import improves, score
 
 
 @dataclass
@@ -125,18 +126,20 @@ def _steps(storage: Any, trial: Any, steps: dict[int, float]) -> None:
 
 def _epochs(study: Location, spec: Any, trial_ids: set[str]) -> dict[str, dict[int, float]]:
     """Optuna's intermediate values of these trials, from the epochs table: at each epoch, the
-    objective at the best -ELBO epoch so far (what the trials report as ``best_<objective>``).
-    None for a study of two objectives (Optuna keeps none)."""
+    objective at the best epoch so far (what the trials report as ``best_<objective>``; a study of
+    one objective selects its best epoch by it, ``StudySpec.select``). None for a study of two
+    objectives (Optuna keeps none)."""
     if spec.multi_objective or not trial_ids or not study.is_dir("epochs"):
         return {}
     objective = spec.objective[0]
     ep = tables.load(study, "epochs")
     out: dict[str, dict[int, float]] = {}
     for tid, rows in ep[ep["trial_id"].isin(trial_ids)].sort_values("epoch").groupby("trial_id"):
-        best_elbo, value, steps = math.inf, None, {}
+        best, value, steps = math.inf, None, {}
         for r in rows.to_dict("records"):
-            if r["val_elbo"] < best_elbo:
-                best_elbo, value = r["val_elbo"], r[objective]
+            this = score(r, *spec.select)
+            if improves(this, best):
+                best, value = this, r[objective]
             if value is not None and not (isinstance(value, float) and math.isnan(value)):
                 steps[int(r["epoch"])] = float(value)
         out[str(tid)] = steps

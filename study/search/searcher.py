@@ -25,7 +25,7 @@ TUNE_TRIAL = "vae_study_tune_trial"
 
 
 def objective_metrics(spec: StudySpec) -> list[str]:
-    """Tune metric names: the best-so-far value of each objective (at the best -ELBO epoch)."""
+    """Tune metric names: each objective's value at the trial's best epoch so far (``StudySpec.select``)."""
     return [f"best_{m}" for m in spec.objective]
 
 

@@ -114,6 +114,13 @@ class StudySpec:
         return len(self.objective) > 1
 
     @property
+    def select(self) -> tuple[str, str]:
+        """What chooses a trial's best epoch, the one it keeps and reports: (metric, mode). A study
+        of one objective selects by it, so that each trial reports its objective at that
+        objective's best epoch; a Pareto study by the validation -ELBO (one epoch for both values)."""
+        return ("val_elbo", "min") if self.multi_objective else (self.objective[0], self.mode)
+
+    @property
     def n_trials(self) -> int:
         """Trials the study will run: the grid's size when there is a grid, else ``trials``."""
         if self.grid:
