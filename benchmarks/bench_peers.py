@@ -152,7 +152,10 @@ def run_vae_study(seed: int, log: Log, tmp: str) -> dict:
             if log.spent:
                 raise Budget()  # a study has no budget in trial-epochs: this run's ends here
 
-    spec = study.build_spec(None, {"name": f"ours{seed}", "storage": tmp, "trials": TRIALS, "epochs": EPOCHS,
+    # every peer searches SPACE: vae-study's own default for a val_mse study is wider (README)
+    space = {k: {"type": "int", "low": lo, "high": hi} if k == "latent_dim" else
+             {"type": "float", "low": lo, "high": hi, "log": True} for k, (lo, hi) in SPACE.items()}
+    spec = study.build_spec({"space": space}, {"name": f"ours{seed}", "storage": tmp, "trials": TRIALS, "epochs": EPOCHS,
                                    "seed": seed, "num_cpus": SLOTS, "refit": False, "objective": OBJECTIVE,
                                    **OURS})
     try:

@@ -51,6 +51,9 @@ def summarise(folder: str) -> dict:
     counts = trials["status"].value_counts().to_dict()
     return {"winner": entry(win), "refit": entry(refit.iloc[0]) if len(refit) else None,
             "counts": {k: int(v) for k, v in counts.items()},
+            "failed": [{"trial_id": r["trial_id"], "latent_dim": int(r["param_latent_dim"]), "beta": float(r["param_beta"]),
+                        "lr": float(r["param_lr"]), "error": r["error"]}
+                       for r in trials[trials["status"] == "failed"].to_dict("records")],
             "trial_epochs": int(trials.loc[trials["status"] != "refit", "epochs_run"].sum())}
 
 

@@ -406,3 +406,21 @@ def test_every_sampler_pickles_as_tune_pickles_the_searcher(sampler):
         space = optuna_space(spec)
         draws.append([study.ask(space).params for _ in range(3)])
     assert draws[0] == draws[1]
+
+
+def test_a_val_mse_study_searches_the_reconstruction_space_by_default():
+    """One objective val_mse: d up to 128 and beta down to 0.001 (the study's first lines say so);
+    every other study keeps the default space, and a file's [space], a preset or a fixed value wins."""
+    from study.spec.space import DEFAULT_SPACE, RECONSTRUCTION_SPACE, describe
+
+    mse = build_spec(None, {**BASE, "objective": ["val_mse"]})
+    assert mse.space == RECONSTRUCTION_SPACE != DEFAULT_SPACE
+    assert mse.space["latent_dim"]["high"] == 128 and mse.space["beta"]["low"] == 0.001
+    assert mse.space["lr"] == DEFAULT_SPACE["lr"]
+    assert describe(mse.space) == "latent_dim 2-128, beta 0.001-10 (log), lr 0.0001-0.003 (log)"
+    for objective in (["val_elbo"], ["val_recon"], ["val_mse", "val_kl"]):
+        assert build_spec(None, {**BASE, "objective": objective}).space == DEFAULT_SPACE, objective
+    own = {"space": {"beta": {"type": "float", "low": 0.05, "high": 5.0, "log": True}}}
+    assert build_spec(own, {**BASE, "objective": ["val_mse"]}).space == own["space"]
+    assert "beta" not in build_spec(None, {**BASE, "objective": ["val_mse"], "beta": 0.01}).space
+    assert build_spec(None, {**BASE, "objective": ["val_mse"], "preset": "seed-replication"}).space == {}

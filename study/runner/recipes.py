@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterator, Sequence
 from study import cluster, results
 from study.errors import StorageUnreachable, StudyError, StudyInterrupted
 from study.spec import StudySpec, read_spec, write_spec
+from study.spec.space import RECONSTRUCTION_SPACE, describe
 from study.store import TUNE_DIR, Location, OptunaDB, outage, study_location
 
 Printer = Callable[[str], None]
@@ -269,6 +270,8 @@ def _new_tuner(spec: StudySpec, study: Location, view: cluster.ClusterView, db: 
             f"{concurrent} at a time{grow}, objective {'+'.join(spec.objective)} ({spec.mode}), "
             f"sampler {spec.sampler}{liar}, scheduler {spec.scheduler if not spec.multi_objective else 'none'}; "
             f"results in {study}")
+    if not spec.grid and spec.space == RECONSTRUCTION_SPACE:
+        printer(f"space: {describe(spec.space)}, a val_mse study's default ([space] in a config file changes it)")
     for line in sampler_notes(spec):
         printer(line)
     if db.rdb:

@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from study.errors import StudyError
-from study.spec.space import BY_NAME, DEFAULT_SPACE, PRESETS, SEARCHABLE
+from study.spec.space import BY_NAME, DEFAULT_SPACE, PRESETS, SEARCHABLE, default_space
 from study.store.outage import PATIENCE_S
 from vae.config import ARCHS, ConfigError, TrainConfig
 
@@ -197,8 +197,11 @@ def build_spec(toml: dict[str, Any] | None, overrides: dict[str, Any]) -> StudyS
     flag_train = {k: v for k, v in o.items() if k in BY_NAME and BY_NAME[k].run_flag}
     file_train = {**toml.get("data", {}), **toml.get("train", {})}
     train = {**preset.get("train", {}), **file_train, **flag_train}
+    objective = o.get("objective", study.get("objective", "val_elbo"))
+    objective = tuple([objective] if isinstance(objective, str) else objective)
     explicit_space = "space" in toml
-    space = {k: dict(v) for k, v in (toml["space"] if explicit_space else preset.get("space", DEFAULT_SPACE)).items()}
+    space = {k: dict(v) for k, v in (toml["space"] if explicit_space
+                                     else preset.get("space", default_space(objective))).items()}
     for k in list(space):  # a value fixed by the user is not searched
         if k in flag_train or (k in train and not explicit_space):
             del space[k]
@@ -208,9 +211,6 @@ def build_spec(toml: dict[str, Any] | None, overrides: dict[str, Any]) -> StudyS
     grid = {k: list(v) for k, v in {**preset.get("grid", {}), **toml.get("grid", {}), **o.get("grid", {})}.items()}
     scheduler = toml.get("scheduler", {})
     resources = toml.get("resources", {})
-
-    objective = o.get("objective", study.get("objective", "val_elbo"))
-    objective = tuple([objective] if isinstance(objective, str) else objective)
 
     values: dict[str, Any] = {
         "name": o.get("name", study.get("name")),
