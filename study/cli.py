@@ -460,7 +460,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--startup-trials", type=int, help="TPE: start-up trials before it models, spread over the space "
                    "by a seeded Sobol sequence (default: min(10, max(2, trials/4)))")
     g.add_argument("--grid", action="append", metavar="NAME=V1,V2", help="plain grid, e.g. latent_dim=5,10,15,20 (repeatable)")
-    g.add_argument("--objective", help="val_elbo (default), val_mse, ...; two, comma-separated, for a Pareto study")
+    g.add_argument("--objective", help="val_elbo (default), val_mse (then d 2-128 and beta 0.001-10 by default), ...; "
+                   "two, comma-separated, for a Pareto study; each trial keeps its best epoch by the objective (a Pareto study: by -ELBO)")
     g.add_argument("--mode", choices=("min", "max"))
     g.add_argument("--no-early-stopping", action="store_true", help="turn ASHA off")
     g.add_argument("--grace-period", type=int, help="ASHA: epochs before a trial may be stopped")
