@@ -78,3 +78,60 @@ def test_what_cannot_share_a_pack_is_refused():
         check_packable([TrainConfig(arch="conv", **base)])
     with pytest.raises(ConfigError, match="differ in hidden, batch_size"):
         check_packable([TrainConfig(**base), TrainConfig(hidden=64, batch_size=64, **base)])
+
+
+def test_members_join_at_their_own_epochs_and_each_equals_its_run_alone(sample_data):
+    """Continuous batching: a member that joins while others are at epoch 2 trains its epoch 1
+    beside their epoch 3; each still equals its configuration trained alone."""
+    from vae.pack import PackTrainer
+
+    configs = _configs()
+    trainer = PackTrainer(sample_data)
+    trainer.add("a", configs[0])
+    trainer.add("b", configs[1])
+    got = {"a": [], "b": [], "c": []}
+    for r in range(5):
+        if r == 2:
+            trainer.add("c", configs[2])
+        asked = [k for k in ("a", "b", "c") if k in trainer.members and trainer.members[k].status == "training"]
+        for k, m in trainer.round(asked).items():
+            got[k].append(m)
+    for key, c in zip(("a", "b", "c"), configs):
+        alone = fit(c, sample_data)
+        assert [m["epoch"] for m in got[key]] == [1, 2, 3]
+        for a, b in zip(alone.history, got[key]):
+            assert b["val_elbo"] == pytest.approx(a["val_elbo"], rel=REL), (key, a["epoch"])
+
+
+def test_a_member_moves_between_fit_and_a_pack_through_a_checkpoint(sample_data):
+    """fit's state after epoch 1 joins a pack, whose snapshot after epoch 2 resumes fit for epoch 3:
+    every epoch equals the uninterrupted run's (weights, Adam's moments and step count carried)."""
+    from vae.pack import PackTrainer
+
+    c = _configs()[1]
+    whole = fit(c, sample_data)
+    saved = {}
+
+    def stop_after_1(m, state):
+        saved.update(model=state.model.state_dict(), optimizer=state.optimizer.state_dict(),
+                     best_score=state.best_score, best_epoch=state.best_epoch)
+        return False
+
+    fit(c, sample_data, on_epoch=stop_after_1)
+    model = BetaVAE.from_config(c)
+    model.load_state_dict(saved["model"])
+    trainer = PackTrainer(sample_data)
+    trainer.add("m", c, model=model, optimizer_state=saved["optimizer"], epoch=1,
+                best_score=saved["best_score"], best_epoch=saved["best_epoch"])
+    trainer.add("other", _configs()[0])  # a neighbour at its own epoch 1
+    second = trainer.round(["m", "other"])["m"]
+    assert second["epoch"] == 2 and second["val_elbo"] == pytest.approx(whole.history[1]["val_elbo"], rel=REL)
+    snap = trainer.snapshot("m")
+    steps = -(-len(sample_data.train) // c.batch_size)  # per epoch
+    assert snap["epoch"] == 2 and snap["optimizer"]["state"][0]["step"].item() == 2 * steps
+    resumed_model = BetaVAE.from_config(c)
+    resumed_model.load_state_dict(snap["model"])
+    third = fit(c, sample_data, model=resumed_model, optimizer_state=snap["optimizer"], start_epoch=3,
+                best_score=snap["best_score"], best_epoch=snap["best_epoch"])
+    assert third.history[0]["val_elbo"] == pytest.approx(whole.history[2]["val_elbo"], rel=REL)
+    assert third.best_epoch == whole.best_epoch

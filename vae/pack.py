@@ -23,8 +23,13 @@ differ in latent size d, beta, learning rate (and its schedule), augmentation an
 - **Each member has its own Adam**: the update is elementwise, so one update over the stacked
   weights with a learning rate per member (a (K, 1, 1) tensor) is K updates. It follows
   ``torch.optim.Adam``'s own arithmetic.
-- **A member leaves** (:meth:`Pack.drop`, a pruned trial): its slices of every weight and of
-  Adam's state are taken out, so it stops costing compute and the others go on unchanged.
+- **Members join and leave at their own epochs** (:class:`PackTrainer`, continuous batching as
+  inference servers do it): each round trains the members that ask for their next epoch, each at
+  its own epoch (its own seed stream, learning-rate schedule and Adam step count), stacked for as
+  long as the set does not change. A member that leaves (a pruned trial) stops costing compute,
+  and the others go on unchanged. A member can join from a checkpoint of ``fit``'s (its weights
+  and ``torch.optim.Adam`` state) and hands back the same (:meth:`PackTrainer.snapshot`), so a
+  trial moves between a pack and ``fit`` at any epoch.
 
 No Ray here: ``vae/`` never imports it.
 """
@@ -103,10 +108,10 @@ class PackedMLP(torch.nn.Module):
                     b[k, 0, :o] = linear.bias
         return pack
 
-    def member(self, k: int) -> BetaVAE:
-        """Member ``k`` as a single ``BetaVAE`` of its own latent size (a copy, on the CPU)."""
+    def member(self, k: int, device: torch.device | str = "cpu") -> BetaVAE:
+        """Member ``k`` as a single ``BetaVAE`` of its own latent size (a copy, on ``device``)."""
         d = self.latent_dims[k]
-        model = BetaVAE("mlp", d, self.hidden, self.layers)
+        model = BetaVAE("mlp", d, self.hidden, self.layers).to(device)
         with torch.no_grad():
             for name, linear in _linears(model):
                 o, i = linear.weight.shape
@@ -152,55 +157,313 @@ def _linears(model: BetaVAE) -> list[tuple[str, torch.nn.Linear]]:
 
 
 class StackedAdam:
-    """Adam on stacked weights with a learning rate per member: ``torch.optim.Adam``'s update
-    (its single-tensor arithmetic, default betas and eps), elementwise, so member k's slices
-    move exactly as its own Adam would move them."""
+    """Adam on stacked weights with a learning rate and a step count per member:
+    ``torch.optim.Adam``'s update (its single-tensor arithmetic, default betas and eps),
+    elementwise, so member k's slices move exactly as its own Adam would move them."""
 
-    def __init__(self, params: list[torch.nn.Parameter]) -> None:
+    def __init__(self, params: list[torch.nn.Parameter], exp_avg: list[torch.Tensor] | None = None,
+                 exp_avg_sq: list[torch.Tensor] | None = None, steps: list[int] | None = None) -> None:
         self.params = params
-        self.exp_avg = [torch.zeros_like(p) for p in params]
-        self.exp_avg_sq = [torch.zeros_like(p) for p in params]
-        self.steps = 0
+        self.exp_avg = exp_avg if exp_avg is not None else [torch.zeros_like(p) for p in params]
+        self.exp_avg_sq = exp_avg_sq if exp_avg_sq is not None else [torch.zeros_like(p) for p in params]
+        self.steps = list(steps) if steps is not None else [0] * params[0].shape[0]
 
     @torch.no_grad()
     def step(self, lr: torch.Tensor) -> None:
         """``lr``: (K,) learning rates, one per member."""
-        self.steps += 1
+        self.steps = [s + 1 for s in self.steps]
         beta1, beta2 = BETAS
-        bias_correction1 = 1 - beta1 ** self.steps
-        bias_correction2_sqrt = math.sqrt(1 - beta2 ** self.steps)
+        dev = self.params[0].device
+        bias_correction1 = torch.tensor([1 - beta1 ** s for s in self.steps], device=dev, dtype=lr.dtype)
+        bias_correction2_sqrt = torch.tensor([math.sqrt(1 - beta2 ** s) for s in self.steps], device=dev,
+                                             dtype=lr.dtype)
         step_size = (lr / bias_correction1).neg()
         for p, m, v in zip(self.params, self.exp_avg, self.exp_avg_sq):
             g = p.grad
+            shape = (-1, *([1] * (p.dim() - 1)))
             m.lerp_(g, 1 - beta1)
             v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-            denom = (v.sqrt() / bias_correction2_sqrt).add_(EPS)
-            p.addcdiv_(m * step_size.view(-1, *([1] * (p.dim() - 1))), denom)
-
-    def take(self, keep: list[int]) -> None:
-        index = torch.tensor(keep, device=self.params[0].device)
-        self.exp_avg = [m.index_select(0, index) for m in self.exp_avg]
-        self.exp_avg_sq = [v.index_select(0, index) for v in self.exp_avg_sq]
+            denom = (v.sqrt() / bias_correction2_sqrt.view(shape)).add_(EPS)
+            p.addcdiv_(m * step_size.view(shape), denom)
 
 
 @dataclass
-class MemberResult:
-    """One member's run: its configuration, its per-epoch metrics (as ``fit``'s history), why it
-    ended (``completed``, ``dropped``, ``failed``), and its best epoch's weights."""
+class Member:
+    """One member of a pack: its configuration, its own weights and Adam state (in the pack's
+    layout, one slice at its own d), where it stands (epochs trained, Adam steps), its best
+    epoch by the pack's rule and that epoch's weights, and its history as ``fit``'s.
+
+    ``status``: ``training``, ``completed`` (its last epoch trained), ``dropped`` (left before it),
+    ``failed`` (a non-finite loss; ``error`` says why)."""
 
     config: TrainConfig
-    history: list[dict[str, Any]] = field(default_factory=list)
-    status: str = "completed"
-    error: str | None = None
+    params: dict[str, torch.Tensor]
+    exp_avg: dict[str, torch.Tensor]
+    exp_avg_sq: dict[str, torch.Tensor]
+    steps: int = 0
+    epoch: int = 0
+    best_score: float = math.inf
     best_epoch: int | None = None
-    model: BetaVAE | None = None
+    best_state: dict[str, torch.Tensor] | None = None  # the best epoch's weights (None: none this run)
+    history: list[dict[str, Any]] = field(default_factory=list)
+    status: str = "training"
+    error: str | None = None
+    gen: torch.Generator | None = None
+
+    @property
+    def model(self) -> BetaVAE | None:
+        """The best epoch's weights as a single ``BetaVAE`` on the CPU (None before any)."""
+        if self.best_state is None:
+            return None
+        model = BetaVAE.from_config(self.config)
+        model.load_state_dict({k: v.cpu() for k, v in self.best_state.items()})
+        return model
+
+
+def _member_tensors(model: BetaVAE, optimizer_state: dict[str, Any] | None, device: torch.device
+                    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor], int]:
+    """A single model's weights and its ``torch.optim.Adam`` state (``fit``'s, or None: fresh)
+    in the pack's layout: weight (1, in, out), bias (1, 1, out)."""
+    order = {id(p): i for i, p in enumerate(model.parameters())}
+    state = (optimizer_state or {}).get("state", {})
+    params, m1, m2, steps = {}, {}, {}, 0
+    for name, linear in _linears(model):
+        for suffix, p in (("w", linear.weight), ("b", linear.bias)):
+            lay = (lambda t: t.detach().T.unsqueeze(0)) if suffix == "w" else (lambda t: t.detach().view(1, 1, -1))
+            key = f"{name}_{suffix}"
+            params[key] = lay(p).to(device, torch.float32).contiguous()
+            s = state.get(order[id(p)]) or state.get(str(order[id(p)]))
+            if s:
+                m1[key] = lay(s["exp_avg"]).to(device, torch.float32).contiguous()
+                m2[key] = lay(s["exp_avg_sq"]).to(device, torch.float32).contiguous()
+                steps = int(float(s["step"]))
+            else:
+                m1[key], m2[key] = torch.zeros_like(params[key]), torch.zeros_like(params[key])
+    return params, m1, m2, steps
 
 
 OnMemberEpoch = Callable[[int, dict[str, Any], BetaVAE], Any]
 
 
+class PackTrainer:
+    """Members that train together, joining and leaving at their own epochs.
+
+    Each :meth:`round` trains one epoch of each member asked for, each at its own next epoch,
+    as one stacked model; the stack is kept between rounds while the set of members is the
+    same, and rebuilt when it changes. A round's D is the largest d among its members.
+
+    Args:
+        data: the loaded splits, shared by every member (one dataset, one split).
+        device: where the stacked model trains.
+        select, mode: the validation metric that chooses each member's best epoch, as ``fit``'s.
+    """
+
+    def __init__(self, data: Data, device: torch.device | str = "cpu", select: str = "val_elbo",
+                 mode: str = "min") -> None:
+        check_select(select, mode)
+        self.select, self.mode = select, mode
+        self.device = torch.device(device)
+        self.x_train = data.train.pixels(self.device).reshape(-1, N_PIXELS)  # (N, 784)
+        self.x_val = data.val.pixels(self.device)
+        self.members: dict[Any, Member] = {}
+        self._stack: tuple[Any, ...] = ()  # the members the stacked model holds, in order
+        self._model: PackedMLP | None = None
+        self._opt: StackedAdam | None = None
+        self.train_seconds = 0.0
+        self.rounds = 0
+
+    def add(self, key: Any, config: TrainConfig, *, model: BetaVAE | None = None,
+            optimizer_state: dict[str, Any] | None = None, epoch: int = 0, best_score: float = math.inf,
+            best_epoch: int | None = None) -> Member:
+        """A member joins: fresh (initialised as ``fit`` initialises it, from its seed), or from a
+        checkpoint taken after ``epoch`` (its weights, Adam state and best score, as ``fit``'s)."""
+        if key in self.members:
+            raise ValueError(f"member {key!r} is already in the pack")
+        others = [m.config for m in self.members.values()]
+        check_packable([config, *others[:1]])
+        if model is None:
+            torch.manual_seed(config.seed)  # as fit does before it builds the model
+            model = BetaVAE.from_config(config)
+        params, m1, m2, steps = _member_tensors(model, optimizer_state, self.device)
+        member = Member(config, params, m1, m2, steps=steps, epoch=epoch, best_score=best_score,
+                        best_epoch=best_epoch, gen=torch.Generator(device=self.device))
+        self.members[key] = member
+        return member
+
+    def remove(self, key: Any, status: str = "dropped") -> Member | None:
+        """A member leaves (pruned, finished or gone): it no longer costs compute or memory here."""
+        if key in self._stack:
+            self._unstack()
+        member = self.members.pop(key, None)
+        if member is not None and member.status == "training":
+            member.status = status
+        return member
+
+    def _unstack(self) -> None:
+        """Write the stacked model's slices back to their members and forget the stack."""
+        if self._model is None:
+            return
+        model, opt = self._model, self._opt
+        names = [n for n, _ in model.named_parameters()]
+        for k, key in enumerate(self._stack):
+            member = self.members.get(key)
+            if member is None:
+                continue
+            for name, p, m1, m2 in zip(names, model.parameters(), opt.exp_avg, opt.exp_avg_sq):
+                _, i, o = member.params[name].shape
+                member.params[name] = p.data[k:k + 1, :i, :o].clone()
+                member.exp_avg[name] = m1[k:k + 1, :i, :o].clone()
+                member.exp_avg_sq[name] = m2[k:k + 1, :i, :o].clone()
+            member.steps = opt.steps[k]
+        self._stack, self._model, self._opt = (), None, None
+
+    def _stacked(self, keys: tuple[Any, ...]) -> tuple[PackedMLP, StackedAdam]:
+        if keys == self._stack and self._model is not None:
+            return self._model, self._opt
+        self._unstack()
+        members = [self.members[k] for k in keys]
+        c = members[0].config
+        model = PackedMLP([m.config.latent_dim for m in members], c.hidden, c.layers).to(self.device)
+        m1s, m2s = [], []
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                m1, m2 = torch.zeros_like(p), torch.zeros_like(p)
+                for k, m in enumerate(members):
+                    _, i, o = m.params[name].shape
+                    p[k, :i, :o] = m.params[name][0]
+                    m1[k, :i, :o] = m.exp_avg[name][0]
+                    m2[k, :i, :o] = m.exp_avg_sq[name][0]
+                m1s.append(m1)
+                m2s.append(m2)
+        opt = StackedAdam(list(model.parameters()), m1s, m2s, [m.steps for m in members])
+        self._stack, self._model, self._opt = keys, model, opt
+        return model, opt
+
+    def model_of(self, key: Any, device: torch.device | str | None = None) -> BetaVAE:
+        """Member ``key``'s current weights as a single ``BetaVAE`` (a copy)."""
+        device = self.device if device is None else device
+        if key in self._stack:
+            return self._model.member(self._stack.index(key), device)
+        member = self.members[key]
+        model = BetaVAE.from_config(member.config).to(device)
+        with torch.no_grad():
+            for name, linear in _linears(model):
+                linear.weight.copy_(member.params[f"{name}_w"][0].T)
+                linear.bias.copy_(member.params[f"{name}_b"][0, 0])
+        return model
+
+    def snapshot(self, key: Any) -> dict[str, Any]:
+        """What a checkpoint of member ``key`` holds, as ``fit``'s (on the CPU): its current
+        weights (``model``), a ``torch.optim.Adam`` state dict that ``fit`` resumes from
+        (``optimizer``), its epoch, best score and epoch, and the best epoch's weights."""
+        from vae.train import make_optimizer
+
+        if key in self._stack:
+            self._unstack()
+        member = self.members[key]
+        model = self.model_of(key, "cpu")
+        opt = make_optimizer(model, member.config.lr)
+        for name, linear in _linears(model):
+            for suffix, p in (("w", linear.weight), ("b", linear.bias)):
+                back = (lambda t: t[0].T.contiguous()) if suffix == "w" else (lambda t: t[0, 0].clone())
+                opt.state[p] = {"step": torch.tensor(float(member.steps)),
+                                "exp_avg": back(member.exp_avg[f"{name}_{suffix}"].cpu()),
+                                "exp_avg_sq": back(member.exp_avg_sq[f"{name}_{suffix}"].cpu())}
+        return {"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": member.epoch,
+                "best_score": member.best_score, "best_epoch": member.best_epoch,
+                "best_state": None if member.best_state is None
+                else {k: v.detach().cpu() for k, v in member.best_state.items()}}
+
+    def round(self, keys: list[Any]) -> dict[Any, dict[str, Any] | None]:
+        """Train one epoch of each of these members (each its own next epoch), then validate each.
+
+        Returns each member's epoch metrics (as ``fit``'s, with ``is_best``), or None for a member
+        whose loss went non-finite (it leaves with ``status='failed'`` and a reason)."""
+        keys = tuple(k for k in keys if k in self.members)
+        if not keys:
+            return {}
+        model, opt = self._stacked(keys)
+        members = [self.members[k] for k in keys]
+        for m in members:
+            m.epoch += 1
+        cfgs = [m.config for m in members]
+        n = self.x_train.shape[0]
+        bs = min(cfgs[0].batch_size, n)
+        n_steps = (n + bs - 1) // bs
+        total_steps = n_steps * cfgs[0].epochs
+        betas = torch.tensor([c.beta for c in cfgs], device=self.device)
+        t0 = time.perf_counter()
+        for m in members:  # each member's batches and noise depend only on (seed, epoch)
+            m.gen.manual_seed(m.config.seed + 1_000_003 * m.epoch)
+        order = torch.stack([torch.randperm(n, generator=m.gen, device=self.device) for m in members])  # (K, N)
+        sums = torch.zeros(len(members), 3, device=self.device)
+        d_max = model.mask.shape[-1]
+        for step in range(n_steps):
+            idx = order[:, step * bs:(step + 1) * bs]  # (K, B)
+            xb = self.x_train[idx]  # (K, B, 784)
+            b = xb.shape[1]
+            eps = torch.zeros(len(members), b, d_max, device=self.device)
+            moved = []
+            for i, m in enumerate(members):  # drawn as fit draws them: augment, then noise
+                moved.append(augment_batch(xb[i].reshape(b, 1, 28, 28), m.config.augment, m.gen).reshape(b, N_PIXELS))
+                d = m.config.latent_dim
+                eps[i, :, :d] = torch.randn((b, d), generator=m.gen, device=self.device)
+            xb = torch.stack(moved)
+            mu, logvar = model.encode(xb)
+            logits = model.decode(model.reparameterize(mu, logvar, eps))
+            recon = F.binary_cross_entropy_with_logits(logits, xb, reduction="none").sum(dim=(1, 2)) / b  # (K,)
+            kl = kl_terms(mu, logvar).sum(dim=(1, 2)) / b  # (K,)
+            total = recon + betas * kl
+            for p in model.parameters():
+                p.grad = None
+            total.sum().backward()  # members' weights are disjoint: each gets its own gradient
+            lrs = torch.tensor([lr_at(c.lr_schedule, c.lr, (m.epoch - 1) * n_steps + step, total_steps)
+                                for c, m in zip(cfgs, members)], device=self.device)
+            opt.step(lrs)
+            sums += torch.stack([total.detach(), recon.detach(), kl.detach()], dim=1) * b
+        train = (sums / n).tolist()
+        seconds = time.perf_counter() - t0
+        self.train_seconds += seconds
+        self.rounds += 1
+        out: dict[Any, dict[str, Any] | None] = {}
+        failed = []
+        for i, (key, m) in enumerate(zip(keys, members)):
+            c = m.config
+            if not all(math.isfinite(v) for v in train[i]):
+                m.error = f"non-finite loss at epoch {m.epoch} (lr={c.lr:g}, beta={c.beta:g}); try a lower lr"
+                failed.append(key)
+                out[key] = None
+                continue
+            single = model.member(i, self.device)
+            v0 = time.perf_counter()
+            val = evaluate_loss(single, self.x_val, c.beta)
+            metrics = {"epoch": m.epoch, "train_loss": train[i][0], "train_recon": train[i][1], "train_kl": train[i][2],
+                       **{f"val_{k}": v for k, v in val.items()}, "seconds": seconds,
+                       "val_seconds": time.perf_counter() - v0,
+                       "images_per_second": n / seconds if seconds > 0 else float("nan")}
+            m.history.append(metrics)
+            if not math.isfinite(metrics["val_elbo"]):
+                m.error = f"non-finite validation -ELBO at epoch {m.epoch} (lr={c.lr:g}); try a lower lr"
+                failed.append(key)
+                out[key] = None
+                continue
+            this = score(metrics, self.select, self.mode)
+            is_best = improves(this, m.best_score)
+            if is_best:
+                m.best_score, m.best_epoch = this, m.epoch
+                m.best_state = {k: v.detach().clone() for k, v in single.state_dict().items()}
+            if m.epoch >= c.epochs:
+                m.status = "completed"
+            out[key] = {**metrics, "is_best": is_best}
+        for key in failed:
+            self.members[key].status = "failed"
+            self.remove(key)
+        return out
+
+
 class Pack:
-    """K configurations trained as one stacked model, epoch by epoch, in lockstep.
+    """K configurations trained as one stacked model from epoch 1, in lockstep (a
+    :class:`PackTrainer` whose members are 0..K-1 and stay until they end or are dropped).
 
     Args:
         configs: the members' configurations (``check_packable``).
@@ -210,108 +473,33 @@ class Pack:
 
     def __init__(self, configs: list[TrainConfig], data: Data, select: str = "val_elbo", mode: str = "min") -> None:
         check_packable(configs)
-        check_select(select, mode)
-        self.select, self.mode = select, mode
         self.configs = list(configs)
-        self.device = resolve_device(configs[0].device)
-        models = []
-        for c in configs:
-            torch.manual_seed(c.seed)  # as fit does before it builds the model
-            models.append(BetaVAE.from_config(c))
-        self.model = PackedMLP.from_models(models).to(self.device)
-        self.opt = StackedAdam(list(self.model.parameters()))
-        self.gens = [torch.Generator(device=self.device) for _ in configs]
-        self.x_train = data.train.pixels(self.device).reshape(-1, N_PIXELS)  # (N, 784)
-        self.x_val = data.val.pixels(self.device)
-        self.results = [MemberResult(c) for c in configs]
-        self.live = list(range(len(configs)))  # positions in self.results of the pack's members, in order
-        self.best = [math.inf] * len(configs)
-        self.epoch = 0
-        self.train_seconds = 0.0
+        self.trainer = PackTrainer(data, resolve_device(configs[0].device), select, mode)
+        self.results = [self.trainer.add(k, c) for k, c in enumerate(configs)]
+        self.live = list(range(len(configs)))  # members still training, in order
+
+    @property
+    def model(self) -> PackedMLP | None:
+        return self.trainer._model
+
+    @property
+    def train_seconds(self) -> float:
+        return self.trainer.train_seconds
 
     def drop(self, members: list[int]) -> None:
-        """Take these members (indices into ``configs``) out: a pruned trial stops costing compute."""
-        gone = set(members)
-        keep = [i for i, k in enumerate(self.live) if k not in gone]
-        for k in gone & set(self.live):
-            self.results[k].status = "dropped"
-        self.live = [self.live[i] for i in keep]
-        if keep:
-            self.model.take(keep)
-            self.opt.take(keep)
-            self.gens = [self.gens[i] for i in keep]
+        """Take these members out: a pruned trial stops costing compute."""
+        for k in members:
+            self.trainer.remove(k)
+        self.live = [k for k in self.live if k not in set(members)]
 
     def run_epoch(self) -> dict[int, dict[str, Any]]:
         """Train every member for one epoch, then validate each; returns their metrics by member."""
-        self.epoch += 1
-        epoch, cfgs = self.epoch, [self.configs[k] for k in self.live]
-        n = self.x_train.shape[0]
-        bs = min(cfgs[0].batch_size, n)
-        n_steps = (n + bs - 1) // bs
-        total_steps = n_steps * cfgs[0].epochs
-        betas = torch.tensor([c.beta for c in cfgs], device=self.device)
-        t0 = time.perf_counter()
-        perms = []
-        for c, g in zip(cfgs, self.gens):  # each member's batches and noise depend only on (seed, epoch)
-            g.manual_seed(c.seed + 1_000_003 * epoch)
-            perms.append(torch.randperm(n, generator=g, device=self.device))
-        order = torch.stack(perms)  # (K, N)
-        sums = torch.zeros(len(cfgs), 3, device=self.device)
-        d_max = self.model.mask.shape[-1]  # the pack's D (kept when its widest member leaves)
-        for step in range(n_steps):
-            idx = order[:, step * bs:(step + 1) * bs]  # (K, B)
-            xb = self.x_train[idx]  # (K, B, 784)
-            b = xb.shape[1]
-            eps = torch.zeros(len(cfgs), b, d_max, device=self.device)
-            moved = []
-            for i, (c, g) in enumerate(zip(cfgs, self.gens)):  # drawn as fit draws them: augment, then noise
-                moved.append(augment_batch(xb[i].reshape(b, 1, 28, 28), c.augment, g).reshape(b, N_PIXELS))
-                d = self.model.latent_dims[i]
-                eps[i, :, :d] = torch.randn((b, d), generator=g, device=self.device)
-            xb = torch.stack(moved)
-            mu, logvar = self.model.encode(xb)
-            logits = self.model.decode(self.model.reparameterize(mu, logvar, eps))
-            recon = F.binary_cross_entropy_with_logits(logits, xb, reduction="none").sum(dim=(1, 2)) / b  # (K,)
-            kl = kl_terms(mu, logvar).sum(dim=(1, 2)) / b  # (K,)
-            total = recon + betas * kl
-            for p in self.model.parameters():
-                p.grad = None
-            total.sum().backward()  # members' weights are disjoint: each gets its own gradient
-            lrs = torch.tensor([lr_at(c.lr_schedule, c.lr, (epoch - 1) * n_steps + step, total_steps) for c in cfgs],
-                               device=self.device)
-            self.opt.step(lrs)
-            sums += torch.stack([total.detach(), recon.detach(), kl.detach()], dim=1) * b
-        seconds = time.perf_counter() - t0
-        self.train_seconds += seconds
-        out: dict[int, dict[str, Any]] = {}
-        train = (sums / n).tolist()
-        failed = []
-        for i, k in enumerate(self.live):
-            res, c = self.results[k], self.configs[k]
-            if not all(math.isfinite(v) for v in train[i]):
-                res.status, res.error = "failed", f"non-finite loss at epoch {epoch} (lr={c.lr:g}, beta={c.beta:g}); try a lower lr"
-                failed.append(k)
-                continue
-            member = self.model.member(i)
-            v0 = time.perf_counter()
-            val = evaluate_loss(member.to(self.device), self.x_val, c.beta)
-            metrics = {"epoch": epoch, "train_loss": train[i][0], "train_recon": train[i][1], "train_kl": train[i][2],
-                       **{f"val_{key}": v for key, v in val.items()}, "seconds": seconds,
-                       "val_seconds": time.perf_counter() - v0,
-                       "images_per_second": n / seconds if seconds > 0 else float("nan")}
-            res.history.append(metrics)
-            this = score(metrics, self.select, self.mode)
-            if improves(this, self.best[k]):
-                self.best[k], res.best_epoch, res.model = this, epoch, member.cpu()
-            out[k] = metrics
-        if failed:
-            self.drop(failed)
-            for k in failed:
-                self.results[k].status = "failed"
-        return out
+        out = self.trainer.round(self.live)
+        self.live = [k for k in self.live if k in self.trainer.members and out.get(k) is not None]
+        return {k: m for k, m in out.items() if m is not None}
 
 
-def fit_pack(configs: list[TrainConfig], data: Data, on_epoch: OnMemberEpoch | None = None) -> list[MemberResult]:
+def fit_pack(configs: list[TrainConfig], data: Data, on_epoch: OnMemberEpoch | None = None) -> list[Member]:
     """Train ``configs`` as one pack to their last epoch; ``on_epoch(k, metrics, model)`` after each
     member's epoch (``model``: its current weights as a single BetaVAE); returning ``False``
     drops that member (an early stop). Returns one result per configuration, in order."""
@@ -320,10 +508,10 @@ def fit_pack(configs: list[TrainConfig], data: Data, on_epoch: OnMemberEpoch | N
         if not pack.live:
             break
         metrics = pack.run_epoch()
-        leaving = []
-        for k, m in metrics.items():
-            if on_epoch is not None and on_epoch(k, m, pack.model.member(pack.live.index(k))) is False:
-                leaving.append(k)
+        leaving = [k for k, m in metrics.items()
+                   if on_epoch is not None and on_epoch(k, m, pack.trainer.model_of(k, "cpu")) is False]
         if leaving:
             pack.drop(leaving)
+    for k in pack.live:
+        pack.trainer.remove(k, status="completed")
     return pack.results
