@@ -483,7 +483,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(g, for_run=True)
     g = p.add_argument_group("resources")
     g.add_argument("--cpus-per-trial", type=float)
-    g.add_argument("--gpus-per-trial", type=float, help="fractions pack trials on one GPU, e.g. 0.25")
+    g.add_argument("--gpus-per-trial", type=float,
+                   help="a fraction shares a GPU, e.g. 0.25; the trials sharing one train as one pack (--pack)")
+    g.add_argument("--pack", type=int, metavar="K",
+                   help="train up to K trials of one device as one stacked model (mlp only); default: "
+                        "1/--gpus-per-trial when that is a fraction, else off")
+    g.add_argument("--no-pack", action="store_true", help="train every trial alone, also on a shared GPU")
     g.add_argument("--max-concurrent", type=int, help="trials at once (default: the free slots)")
     g.add_argument("--max-failures", type=int, help="retries of a trial whose worker died or raised")
     g.add_argument("--address", help="Ray cluster to join ('auto' works); default: a local runtime")

@@ -420,3 +420,38 @@ def test_optuna_dashboard_opens_the_journal_the_summary_names(four):
         err = dash.communicate(timeout=30)[1].decode(errors="replace")
     assert shown is not None, err[-2000:]
     assert len(shown["trials"]) == 4
+
+
+@pytest.mark.slow
+def test_a_packed_study_trains_each_trial_as_it_would_alone(ray_local, tmp_path):
+    """--pack 2 on the CPU: two trials at a time train as one stacked model in a pack actor, and
+    each is still a trial everywhere: its own rows, checkpoint and Optuna trial, and every
+    epoch's validation -ELBO equals its configuration trained alone by fit (same seed)."""
+    from vae import checkpoint as ckpt_io
+    from vae.config import TrainConfig
+    from vae.data import load
+    from vae.train import fit
+
+    spec = build_spec(None, {"name": "packed", "storage": str(tmp_path), "trials": 4, "epochs": 3,
+                             "max_train_images": 300, "num_cpus": 2, "pack": 2, "scheduler": "none",
+                             "refit": False})
+    assert spec.pack == 2
+    lines: list[str] = []
+    res = run(spec, printer=lines.append)
+    assert any(line.startswith("pack: up to 2") for line in lines)
+    df = res.trials
+    assert len(df) == 4 and (df["status"] == "completed").all()
+    assert df["pack"].notna().all() and df["pack"].str.startswith("vae-pack:packed:").all()
+    epochs = results.load(res.folder, "epochs")
+    assert epochs["pack_members"].max() == 2  # two trials trained in one round
+    study = optuna.load_study(study_name="packed", storage=open_optuna(str(res.folder / OPTUNA_LOG)))
+    assert len(study.trials) == 4
+    for _, row in df.iterrows():
+        _, config, payload = ckpt_io.load(res.folder / row["checkpoint"])
+        alone = fit(TrainConfig.from_dict(config.to_dict()), load(config))
+        ep = epochs[epochs.trial_id == row["trial_id"]].sort_values("epoch")
+        assert ep["val_elbo"].tolist() == pytest.approx([h["val_elbo"] for h in alone.history], rel=2e-4)
+        assert row["best_epoch"] == alone.best_epoch == payload["epoch"]
+    import ray
+
+    assert not [a for a in ray.util.list_named_actors() if str(a).startswith("vae-pack")]  # removed at the end

@@ -60,6 +60,11 @@ def pack_key(config: TrainConfig) -> tuple:
     return tuple(getattr(config, k) for k in SHARED)
 
 
+def packable(config: TrainConfig) -> bool:
+    """Whether a configuration can train in a pack (the MLP; the conv net trains alone)."""
+    return config.arch == "mlp"
+
+
 def check_packable(configs: list[TrainConfig]) -> None:
     """Raise ConfigError unless ``configs`` can train as one pack (MLP, one shape)."""
     if not configs:
@@ -352,23 +357,37 @@ class PackTrainer:
                 linear.bias.copy_(member.params[f"{name}_b"][0, 0])
         return model
 
+    def _current(self, key: Any) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor], int]:
+        """Member ``key``'s weights, Adam moments and step count now (its stack slices where stacked)."""
+        member = self.members[key]
+        if key not in self._stack:
+            return member.params, member.exp_avg, member.exp_avg_sq, member.steps
+        k = self._stack.index(key)
+        params, m1, m2 = {}, {}, {}
+        for (name, p), a, b in zip(self._model.named_parameters(), self._opt.exp_avg, self._opt.exp_avg_sq):
+            _, i, o = member.params[name].shape
+            params[name], m1[name], m2[name] = p.data[k:k + 1, :i, :o], a[k:k + 1, :i, :o], b[k:k + 1, :i, :o]
+        return params, m1, m2, self._opt.steps[k]
+
     def snapshot(self, key: Any) -> dict[str, Any]:
         """What a checkpoint of member ``key`` holds, as ``fit``'s (on the CPU): its current
         weights (``model``), a ``torch.optim.Adam`` state dict that ``fit`` resumes from
         (``optimizer``), its epoch, best score and epoch, and the best epoch's weights."""
         from vae.train import make_optimizer
 
-        if key in self._stack:
-            self._unstack()
         member = self.members[key]
-        model = self.model_of(key, "cpu")
+        params, exp_avg, exp_avg_sq, steps = self._current(key)
+        model = BetaVAE.from_config(member.config)
         opt = make_optimizer(model, member.config.lr)
-        for name, linear in _linears(model):
-            for suffix, p in (("w", linear.weight), ("b", linear.bias)):
-                back = (lambda t: t[0].T.contiguous()) if suffix == "w" else (lambda t: t[0, 0].clone())
-                opt.state[p] = {"step": torch.tensor(float(member.steps)),
-                                "exp_avg": back(member.exp_avg[f"{name}_{suffix}"].cpu()),
-                                "exp_avg_sq": back(member.exp_avg_sq[f"{name}_{suffix}"].cpu())}
+        with torch.no_grad():
+            for name, linear in _linears(model):
+                linear.weight.copy_(params[f"{name}_w"][0].T)
+                linear.bias.copy_(params[f"{name}_b"][0, 0])
+                for suffix, p in (("w", linear.weight), ("b", linear.bias)):
+                    back = (lambda t: t[0].T.contiguous()) if suffix == "w" else (lambda t: t[0, 0].clone())
+                    opt.state[p] = {"step": torch.tensor(float(steps)),
+                                    "exp_avg": back(exp_avg[f"{name}_{suffix}"].cpu()),
+                                    "exp_avg_sq": back(exp_avg_sq[f"{name}_{suffix}"].cpu())}
         return {"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": member.epoch,
                 "best_score": member.best_score, "best_epoch": member.best_epoch,
                 "best_state": None if member.best_state is None

@@ -15,7 +15,7 @@ from typing import Any
 from study.spec import RECORDED
 from vae.train import best_epoch
 
-NODE_KEYS = ("node", "hostname", "device", "precision", "torch_version")
+NODE_KEYS = ("node", "hostname", "device", "pack", "precision", "torch_version")
 TEST_KEYS = ("test_elbo", "test_mse", "test_psnr")
 # Facts a trial reports about itself, kept in its row as they are.
 META_KEYS = ("setup_seconds", "restored_from_epoch", "report_seconds", "checkpoint_seconds")

@@ -62,6 +62,7 @@ TRIAL_COLUMNS: dict[str, pa.DataType] = {
     "node": pa.string(),
     "hostname": pa.string(),
     "device": pa.string(),
+    "pack": pa.string(),  # the pack it trained in (study.runner.packing); null: it trained alone
     "precision": pa.string(),
     "torch_version": pa.string(),
     "ray_version": pa.string(),
@@ -87,6 +88,7 @@ EPOCH_COLUMNS: dict[str, pa.DataType] = {
     "seconds": pa.float64(),
     "val_seconds": pa.float64(),
     "images_per_second": pa.float64(),
+    "pack_members": pa.int64(),  # members trained in the pack's round beside this epoch (null: alone)
 }
 DIGIT_COLUMNS: dict[str, pa.DataType] = {
     "study": pa.string(),

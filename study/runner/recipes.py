@@ -76,6 +76,14 @@ def fixed_params(spec: StudySpec) -> dict[str, Any]:
     return {k: v for k, v in spec.base_config().to_dict().items() if k not in spec.varied}
 
 
+def pack_line(spec: StudySpec) -> str:
+    """How a packed study trains, said in its first lines."""
+    where = (f"the trials sharing a GPU ({spec.gpus_per_trial:g} each)" if spec.gpus_per_trial
+             else "the trials on one node's CPUs")
+    return (f"pack: up to {spec.pack} of {where} train as one stacked model, each still its own trial "
+            "(--no-pack trains each alone; conv trials always do)")
+
+
 def make_trainable(spec: StudySpec) -> Any:
     from ray import tune
 
@@ -84,7 +92,8 @@ def make_trainable(spec: StudySpec) -> Any:
     from study.runner.trainable import train_trial
 
     runtime = {"beta_times_latent": spec.beta_times_latent, "cpus_per_trial": spec.cpus_per_trial, "select": spec.select,
-               "persist_epochs": asha_rungs(spec), "report_every_s": report_every_s()}
+               "persist_epochs": asha_rungs(spec), "report_every_s": report_every_s(), "pack": spec.pack,
+               "study": spec.name}
     fn = tune.with_parameters(train_trial, runtime=runtime)
     return tune.with_resources(fn, {"cpu": spec.cpus_per_trial, "gpu": spec.gpus_per_trial})
 
@@ -270,6 +279,8 @@ def _new_tuner(spec: StudySpec, study: Location, view: cluster.ClusterView, db: 
             f"{concurrent} at a time{grow}, objective {'+'.join(spec.objective)} ({spec.mode}), "
             f"sampler {spec.sampler}{liar}, scheduler {spec.scheduler if not spec.multi_objective else 'none'}; "
             f"results in {study}")
+    if spec.pack:
+        printer(pack_line(spec))
     if not spec.grid and spec.space == RECONSTRUCTION_SPACE:
         printer(f"space: {describe(spec.space)}, a val_mse study's default ([space] in a config file changes it)")
     for line in sampler_notes(spec):
@@ -317,6 +328,10 @@ def _complete(spec: StudySpec, study: Location, tuner: Any, recorder: Any, warme
             import ray
 
             ray.kill(leftover)
+        if spec.pack:  # detached: they would outlive the study on a cluster that goes on
+            from study.runner.packing import remove_packs
+
+            remove_packs(spec.name)
 
 
 def _finish(spec: StudySpec, study: Location, tuner: Any, recorder: Any, warmer: Any, db: OptunaDB,

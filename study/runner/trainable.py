@@ -48,6 +48,7 @@ def train_trial(config: dict[str, Any], runtime: dict[str, Any]) -> None:
     from vae import checkpoint as ckpt_io
     from vae.config import ConfigError, TrainConfig
     from vae.data import load
+    from vae.pack import packable
     from vae.train import fit, resolve_device, score
 
     torch.set_num_threads(max(1, int(runtime.get("cpus_per_trial", 1))))
@@ -55,7 +56,9 @@ def train_trial(config: dict[str, Any], runtime: dict[str, Any]) -> None:
         tc = TrainConfig.from_dict(trial_values(config, runtime.get("beta_times_latent")))
     except ConfigError as exc:
         raise TrialFailed(f"invalid trial config: {exc}") from None
-    device = resolve_device(tc.device)
+    # A packed trial trains in its pack's process: its own holds no CUDA context, and evaluates
+    # its checkpoints' test metrics on the CPU.
+    device = resolve_device("cpu" if runtime.get("pack") and packable(tc) else tc.device)
     data = load(tc)  # memoised per worker process: a reused actor never parses twice
 
     select, mode = tuple(runtime.get("select") or ("val_elbo", "min"))
@@ -84,6 +87,12 @@ def train_trial(config: dict[str, Any], runtime: dict[str, Any]) -> None:
         # imports, data (memoised in a reused worker) and model set-up, before the first step
         "setup_seconds": time.perf_counter() - entered,
     }
+    if runtime.get("pack") and packable(tc):
+        _train_in_pack(tc, data, runtime, static, best_values, restored, (select, mode),
+                       resume=None if model is None else {"model": model.state_dict(), "optimizer": opt_state,
+                                                          "epoch": start_epoch - 1, "best_score": best,
+                                                          "best_epoch": best_epoch})
+        return
     reporter = _Reporter(tc, data.test, device, static, best_values, restored,
                          persist_at=set(runtime.get("persist_epochs") or ()) | {tc.epochs},
                          report_every_s=float(runtime.get("report_every_s", 0.0)), select=(select, mode))
@@ -94,6 +103,32 @@ def train_trial(config: dict[str, Any], runtime: dict[str, Any]) -> None:
     if result.status == "failed":
         reporter.flush()  # the epochs it trained before it failed are recorded
         raise TrialFailed(result.error)
+
+
+def _train_in_pack(tc: Any, data: Any, runtime: dict[str, Any], static: dict[str, Any], best_values: dict[str, Any],
+                   restored: Any, select: tuple[str, str], resume: dict[str, Any] | None) -> None:
+    """A trial whose epochs train in its device's pack (``study.runner.packing``): each epoch is
+    asked of the pack and reported as ``fit``'s on_epoch would report it."""
+    import torch
+
+    from study.runner.packing import PackClient, RemoteEpochState
+
+    t0 = time.perf_counter()
+    client = PackClient(runtime["study"], tc, runtime, resume)
+    static = {**static, **client.facts, "setup_seconds": static["setup_seconds"] + time.perf_counter() - t0}
+    reporter = _Reporter(tc, data.test, torch.device("cpu"), static, best_values, restored,
+                         persist_at=set(runtime.get("persist_epochs") or ()) | {tc.epochs},
+                         report_every_s=float(runtime.get("report_every_s", 0.0)), select=select)
+    try:
+        for _ in range(static["restored_from_epoch"] + 1, tc.epochs + 1):
+            got = client.epoch()
+            if "error" in got:
+                reporter.flush()  # the epochs it trained before it failed are recorded
+                raise TrialFailed(got["error"])
+            metrics = {k: v for k, v in got.items() if k not in ("is_best", "best_epoch", "best_score")}
+            reporter(metrics, RemoteEpochState(client, got, tc))
+    finally:
+        client.leave()
 
 
 class _Reporter:

@@ -32,7 +32,8 @@ Example TOML (every key optional)::
 
     [resources]
     cpus_per_trial = 1
-    gpus_per_trial = 0            # fractions pack trials on a GPU, e.g. 0.25
+    gpus_per_trial = 0            # fractions share a GPU, e.g. 0.25 (and pack those trials: `pack`)
+    pack = 0                      # trials per pack, trained as one stacked model (0: each alone)
     max_concurrent = 0            # 0: as many as there are slots
     max_failures = 0              # retries of a trial whose worker died or raised
     shared_storage = false        # a local --storage folder is mounted on every node (autoscaling clusters)
@@ -69,7 +70,7 @@ _SECTIONS = {
     "space": None,  # checked per entry
     "grid": None,
     "scheduler": {"type", "grace_period", "reduction_factor"},
-    "resources": {"cpus_per_trial", "gpus_per_trial", "max_concurrent", "max_failures", "shared_storage"},
+    "resources": {"cpus_per_trial", "gpus_per_trial", "pack", "max_concurrent", "max_failures", "shared_storage"},
 }
 
 
@@ -93,6 +94,7 @@ class StudySpec:
     reduction_factor: float = 2.0
     cpus_per_trial: float = 1.0
     gpus_per_trial: float = 0.0
+    pack: int = 0  # trials per pack on one device (study.runner.packing); 0: each trains alone
     max_concurrent: int = 0
     max_failures: int = 0
     address: str | None = None
@@ -227,6 +229,7 @@ def build_spec(toml: dict[str, Any] | None, overrides: dict[str, Any]) -> StudyS
         "reduction_factor": o.get("reduction_factor", scheduler.get("reduction_factor", 2.0)),
         "cpus_per_trial": o.get("cpus_per_trial", resources.get("cpus_per_trial", 1.0)),
         "gpus_per_trial": o.get("gpus_per_trial", resources.get("gpus_per_trial", 0.0)),
+        "pack": o.get("pack", resources.get("pack")),
         "max_concurrent": o.get("max_concurrent", resources.get("max_concurrent", 0)),
         "max_failures": o.get("max_failures", resources.get("max_failures", 0)),
         "address": o.get("address"),
@@ -261,6 +264,15 @@ def build_spec(toml: dict[str, Any] | None, overrides: dict[str, Any]) -> StudyS
     return validate(values)
 
 
+def default_pack(gpus_per_trial: float) -> int:
+    """Trials per pack when no ``--pack``/``--no-pack`` says: trials that share a GPU (a fraction of
+    one each) train as one pack of as many as fit on it; every other study trains each alone (on
+    a CPU a pack was measured slower than its members one after another: BENCHMARKS §7)."""
+    if 0 < gpus_per_trial < 1:
+        return max(1, round(1 / gpus_per_trial))
+    return 0
+
+
 def trial_values(config: dict[str, Any], beta_times_latent: float | None) -> dict[str, Any]:
     """A trial's TrainConfig values: what Tune hands it, plus the values a spec derives from them
     (the seed-replication preset's beta = beta_times_latent / latent_dim)."""
@@ -273,7 +285,7 @@ def trial_values(config: dict[str, Any], beta_times_latent: float | None) -> dic
 # `vae-study run`'s options that are the study's own (the training values come from study.spec.space).
 SPEC_OPTIONS = frozenset({
     "name", "storage", "trials", "epochs", "seed", "startup_trials", "mode", "preset", "grace_period",
-    "reduction_factor", "cpus_per_trial", "gpus_per_trial", "max_concurrent", "max_failures", "address",
+    "reduction_factor", "cpus_per_trial", "gpus_per_trial", "pack", "max_concurrent", "max_failures", "address",
     "num_cpus", "smoke", "refit", "shared_storage", "startup", "sampler", "constant_liar", "log_to",
     "optuna_storage", "keep", "storage_patience",
 })
@@ -289,6 +301,8 @@ def overrides_from_flags(flags: dict[str, Any]) -> dict[str, Any]:
         o["objective"] = flags["objective"].split(",")
     if flags.get("no_early_stopping"):
         o["scheduler"] = "none"
+    if flags.get("no_pack"):
+        o["pack"] = 0
     if not flags.get("shared_storage"):
         o.pop("shared_storage", None)  # a missing flag is not a "no": the file may say yes
     return o
@@ -322,6 +336,9 @@ def validate(v: dict[str, Any]) -> StudySpec:
         raise StudyError(f"--gpus-per-trial {v['gpus_per_trial']} must be a whole number when above 1")
     if v["num_cpus"] is not None:
         _int(v, "num_cpus", 1, 100000)
+    if v["pack"] is None:
+        v["pack"] = default_pack(v["gpus_per_trial"])
+    _int(v, "pack", 0, 4096)
     if v["startup_trials"] is not None:
         _int(v, "startup_trials", 1, 100000)
     given = v.pop("sampler_given", False)
