@@ -21,11 +21,11 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 
-def configs(k: int, images: int) -> list:
+def configs(k: int, images: int, device: str = "cpu") -> list:
     from vae.config import TrainConfig
 
     return [TrainConfig(dataset="mnist-sample", max_train_images=images, epochs=1, latent_dim=2 + (7 * i) % 63,
-                        beta=0.1 * (1.5 ** (i % 12)), lr=1e-4 * (1.2 ** (i % 20)), seed=i) for i in range(k)]
+                        beta=0.1 * (1.5 ** (i % 12)), lr=1e-4 * (1.2 ** (i % 20)), seed=i, device=device) for i in range(k)]
 
 
 def separate(cfgs: list, data) -> float:
@@ -50,6 +50,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--images", type=int, default=2000)
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
     import torch
 
@@ -59,7 +60,7 @@ def main() -> None:
     for threads in map(int, args.threads.split(",")):
         torch.set_num_threads(threads)
         for k in map(int, args.ks.split(",")):
-            cfgs = configs(k, args.images)
+            cfgs = configs(k, args.images, args.device)
             data = load(cfgs[0])
             got: dict[str, list[float]] = {"separate": [], "stacked": []}
             for _ in range(args.rounds):

@@ -179,6 +179,9 @@ def summary_lines(res: Any, spec: Any) -> list[str]:
         f"study {res.name!r} finished in {res.wall_seconds:.1f} s: "
         + ", ".join(f"{counts.get(s, 0)} {s}" for s in ("completed", "pruned", "failed")),
     ]
+    if getattr(spec, "pack", 0) and "pack" in df:
+        packed = df[df["status"] != "refit"]["pack"].dropna()
+        lines.append(f"packed: {len(packed)} trials trained in {packed.nunique()} pack(s) of up to {spec.pack}")
     b = res.best
     if b:
         params = " ".join(

@@ -85,6 +85,28 @@ def test_a_study_killed_at_any_moment_resumes_whole(tmp_path):
     assert not problems, problems
 
 
+def test_a_packed_study_killed_at_any_moment_resumes_whole(tmp_path):
+    """The same with --pack 2 (two trials train as one stacked model in a pack actor): killed at
+    6 times spread over the run and at every event once; resume packs again (study.json)."""
+    storage = str(tmp_path / "studies")
+    packed = ("--pack", "2")
+    t0 = time.monotonic()
+    whole = run_until(["run", "--name", "whole", "--storage", storage, *STUDY, *packed], None, {})
+    whole_s = time.monotonic() - t0
+    assert whole.returncode == 0, "\n".join(whole.lines[-30:])
+    assert any(line.startswith("pack: up to 2") for line in whole.lines), whole.lines[:6]
+    assert check_whole(Location(f"{storage}/whole"), f"{storage}/whole/optuna.log", "whole",
+                       trials=N, epochs=EPOCHS) == []
+    report, problems = [], {}
+    for i, moment in enumerate(_moments(whole_s, seeds=(2,))):
+        what, wrong = _kill_and_resume(storage, f"p{i}", moment, _local_optuna, extra=packed)
+        report.append(f"{what}: {'; '.join(wrong) or 'whole'}")
+        if wrong:
+            problems[what] = wrong
+    print("\n".join(report))
+    assert not problems, problems
+
+
 def test_a_study_killed_the_instant_tune_deletes_a_checkpoint_its_saved_state_names_resumes_whole(tmp_path):
     """Tune deletes a trial's oldest checkpoint the instant a newer one registers, and saves the
     state that names the newer one later. With Tune's periodic save turned down, its saves come

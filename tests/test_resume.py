@@ -72,8 +72,8 @@ def _epochs_run(path) -> int:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("objective", ["val_elbo", "val_mse"])
-def test_a_resumed_trial_continues_from_its_checkpoint_exactly(tmp_path, objective):
+@pytest.mark.parametrize("objective, packed", [("val_elbo", False), ("val_mse", False), ("val_elbo", True)])
+def test_a_resumed_trial_continues_from_its_checkpoint_exactly(tmp_path, objective, packed):
     """Kill the driver after the trial persisted a checkpoint at epoch k (an ASHA rung); after
     `resume` the trial continues at k+1 (restored_from_epoch = k), its epoch rows are 1..N once
     each, and every epoch equals an uninterrupted run of the same configuration: the restored
@@ -85,7 +85,7 @@ def test_a_resumed_trial_continues_from_its_checkpoint_exactly(tmp_path, objecti
     storage = tmp_path / "studies"
     args = [str(toml), "--storage", str(storage), "--grid", "lr=0.001", "--epochs", "12", "--num-cpus", "1",
             "--grace-period", "1", "--reduction-factor", "2", "--no-refit",  # the refit is not what is tested
-            "--objective", objective]
+            "--objective", objective, *(["--pack", "1"] if packed else [])]
     ref = run_cli("run", "--name", "ref", *args)
     assert ref.returncode == 0, ref.stderr[-2000:]
 
@@ -106,6 +106,7 @@ def test_a_resumed_trial_continues_from_its_checkpoint_exactly(tmp_path, objecti
     r = run_cli("resume", "--name", "cut", "--storage", str(storage), "--num-cpus", "1")
     assert r.returncode == 0, r.stderr[-2000:]
     trial = results.load(storage / "cut").iloc[0]
+    assert (trial["pack"] or "").startswith("vae-pack:cut:") if packed else trial["pack"] is None
     k = int(trial["restored_from_epoch"])
     assert k in (1, 2, 4, 8) and k <= seen, k  # continued from a persisted rung, not from scratch
     assert trial["status"] == "completed" and trial["epochs_run"] == 12

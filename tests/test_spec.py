@@ -11,7 +11,7 @@ import pytest
 
 from conftest import REPO
 from study.errors import StudyError
-from study.spec.spec import build_spec, parse_grid, read_toml
+from study.spec.spec import StudySpec, build_spec, overrides_from_flags, parse_grid, read_toml
 from study.search.schedulers import make_scheduler
 from study.search.samplers import optuna_space
 from study.runner.recipes import fixed_params
@@ -102,6 +102,8 @@ grace_period = 2
         (None, {"dataset": "cifar"}, "dataset='cifar'"),
         (None, {"preset": "nope"}, "unknown preset"),
         (None, {"gpus_per_trial": -1.0}, "gpus_per_trial"),
+        (None, {"pack": -1}, "pack=-1"),
+        ({"resources": {"pack": "many"}}, {}, "pack='many' has the wrong type"),
         (None, {"grid": {"latent_dim": [0, 5]}}, "latent_dim=0"),
     ],
 )
@@ -109,6 +111,18 @@ def test_bad_specs(toml, overrides, words):
     with pytest.raises(StudyError) as err:
         build_spec(toml, {**BASE, **overrides})
     assert words in str(err.value) and "\n" not in str(err.value)
+
+
+def test_trials_sharing_a_gpu_pack_by_default_and_flags_or_files_say_otherwise():
+    assert build_spec(None, dict(BASE)).pack == 0  # a CPU study trains each trial alone
+    assert build_spec(None, {**BASE, "gpus_per_trial": 0.125}).pack == 8  # 8 share a GPU: one pack of 8
+    assert build_spec(None, {**BASE, "gpus_per_trial": 1.0}).pack == 0
+    assert build_spec(None, {**BASE, "gpus_per_trial": 0.25, "pack": 0}).pack == 0  # --no-pack
+    assert build_spec({"resources": {"pack": 3}}, dict(BASE)).pack == 3
+    flags = overrides_from_flags({"name": "s", "no_pack": True, "gpus_per_trial": 0.5})
+    assert build_spec(None, {**flags, "storage": "/tmp/s"}).pack == 0
+    spec = build_spec(None, {**BASE, "pack": 4})
+    assert StudySpec.from_dict(spec.to_dict()).pack == 4  # study.json keeps it for resume
 
 
 def test_malformed_toml(tmp_path):

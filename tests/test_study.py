@@ -425,33 +425,80 @@ def test_optuna_dashboard_opens_the_journal_the_summary_names(four):
 @pytest.mark.slow
 def test_a_packed_study_trains_each_trial_as_it_would_alone(ray_local, tmp_path):
     """--pack 2 on the CPU: two trials at a time train as one stacked model in a pack actor, and
-    each is still a trial everywhere: its own rows, checkpoint and Optuna trial, and every
-    epoch's validation -ELBO equals its configuration trained alone by fit (same seed)."""
+    each is still a trial everywhere: its own rows, checkpoint and Optuna trial, ASHA's stops,
+    and every epoch's validation -ELBO equals its configuration trained alone by fit (same
+    seed). A stopped trial stops costing compute: the packs trained exactly the epochs recorded."""
     from vae import checkpoint as ckpt_io
     from vae.config import TrainConfig
     from vae.data import load
     from vae.train import fit
 
-    spec = build_spec(None, {"name": "packed", "storage": str(tmp_path), "trials": 4, "epochs": 3,
-                             "max_train_images": 300, "num_cpus": 2, "pack": 2, "scheduler": "none",
+    spec = build_spec(None, {"name": "packed", "storage": str(tmp_path), "trials": 6, "epochs": 4,
+                             "max_train_images": 300, "num_cpus": 2, "pack": 2, "grace_period": 1,
                              "refit": False})
     assert spec.pack == 2
     lines: list[str] = []
     res = run(spec, printer=lines.append)
     assert any(line.startswith("pack: up to 2") for line in lines)
+    said = next(line for line in lines if line.startswith("packs: "))  # what the packs did, counted by them
+    assert f"trained {len(results.load(res.folder, 'epochs'))} trial-epochs" in said, said
     df = res.trials
-    assert len(df) == 4 and (df["status"] == "completed").all()
+    assert len(df) == 6 and set(df["status"]) == {"completed", "pruned"}, df["status"]
     assert df["pack"].notna().all() and df["pack"].str.startswith("vae-pack:packed:").all()
     epochs = results.load(res.folder, "epochs")
     assert epochs["pack_members"].max() == 2  # two trials trained in one round
     study = optuna.load_study(study_name="packed", storage=open_optuna(str(res.folder / OPTUNA_LOG)))
-    assert len(study.trials) == 4
+    assert len(study.trials) == 6 and {t.state.name for t in study.trials} == {"COMPLETE", "PRUNED"}
     for _, row in df.iterrows():
         _, config, payload = ckpt_io.load(res.folder / row["checkpoint"])
         alone = fit(TrainConfig.from_dict(config.to_dict()), load(config))
         ep = epochs[epochs.trial_id == row["trial_id"]].sort_values("epoch")
-        assert ep["val_elbo"].tolist() == pytest.approx([h["val_elbo"] for h in alone.history], rel=2e-4)
-        assert row["best_epoch"] == alone.best_epoch == payload["epoch"]
-    import ray
+        assert len(ep) == row["epochs_run"]
+        want = [h["val_elbo"] for h in alone.history[:len(ep)]]
+        assert ep["val_elbo"].tolist() == pytest.approx(want, rel=2e-4)
+        assert row["best_epoch"] == payload["epoch"] == 1 + int(np.argmin(want))
+    from study.runner.packing import pack_actors
 
-    assert not [a for a in ray.util.list_named_actors() if str(a).startswith("vae-pack")]  # removed at the end
+    assert pack_actors("packed") == []  # removed at the end
+
+
+@pytest.mark.slow
+def test_a_pack_whose_worker_is_killed_mid_study_retries_its_members_from_their_checkpoints(ray_local, tmp_path):
+    """SIGKILL the pack actor's process while its members train: each member's trial fails as a
+    trial whose worker died, Tune retries it (--max-failures) from its last checkpoint in a new
+    pack, and the study ends whole: every trial completed, every epoch recorded once."""
+    import os
+    import signal
+    import threading
+
+    import ray
+    from ray import tune
+
+    from study.runner.packing import pack_actors
+
+    killed: list[int] = []
+
+    class KillPackOnce(tune.Callback):
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            if killed or result.get("epoch", 0) < 2:
+                return
+            actors = pack_actors("packkill")
+            if actors:
+                pid = ray.get(actors[0].info.remote())["pid"]
+                killed.append(pid)
+                threading.Timer(0.3, os.kill, (pid, signal.SIGKILL)).start()  # mid-round, not mid-report
+
+    # ASHA's rungs (1, 2, 4) are where checkpoints persist: a retried trial continues from one
+    spec = build_spec(None, {"name": "packkill", "storage": str(tmp_path), "trials": 4, "epochs": 5,
+                             "max_train_images": 600, "num_cpus": 2, "pack": 2, "grace_period": 1,
+                             "refit": False, "max_failures": 3, "hidden": 1000})
+    res = run(spec, printer=lambda s: None, callbacks=[KillPackOnce()])
+    assert killed, "the pack was never killed"
+    df = res.trials
+    assert len(df) == 4 and df["status"].isin(["completed", "pruned"]).all(), df[["status", "error"]]
+    retried = df[df["attempts"] > 1]
+    assert len(retried) and (retried["restored_from_epoch"] >= 1).any(), df[["attempts", "restored_from_epoch"]]
+    epochs = results.load(res.folder, "epochs")
+    counts = epochs.groupby("trial_id")["epoch"].agg(["count", "nunique", "max"])
+    runs = df.set_index("trial_id")["epochs_run"]
+    assert (counts["count"] == runs[counts.index]).all() and (counts["nunique"] == counts["count"]).all()

@@ -52,7 +52,8 @@ from vae.train import augment_batch, check_select, evaluate_loss, improves, lr_a
 # Adam's defaults, as torch.optim.Adam's
 BETAS, EPS = (0.9, 0.999), 1e-8
 # The settings every member of one pack shares: the shape of the stacked model and its batches.
-SHARED = ("arch", "hidden", "layers", "batch_size", "epochs", "dataset", "device", "precision")
+SHARED = ("arch", "hidden", "layers", "batch_size", "epochs", "dataset", "data_dir", "val_fraction", "split_seed",
+          "max_train_images", "device", "precision")
 
 
 def pack_key(config: TrainConfig) -> tuple:

@@ -33,6 +33,7 @@ IDLE_S = 600.0
 # A round waits at most this long for the members of the previous round to ask again.
 GATHER_MAX_S = 1.0
 NAME_PREFIX = "vae-pack"
+NAMESPACE = "vae-study-packs"  # detached actors need a namespace of their own to be found again
 
 
 class PackServer:
@@ -196,7 +197,7 @@ def pack_actor(name: str, *, node_id: str, env: dict[str, str], args: tuple) -> 
 
     remote = ray.remote(PackServer)
     return remote.options(
-        name=name, get_if_exists=True, lifetime="detached", num_cpus=0, num_gpus=0, max_restarts=0,
+        name=name, namespace=NAMESPACE, get_if_exists=True, lifetime="detached", num_cpus=0, num_gpus=0, max_restarts=0,
         max_concurrency=1000, scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
         runtime_env={"env_vars": env} if env else None,
     ).remote(*args)
@@ -294,18 +295,35 @@ class RemoteEpochState:
         return _Saved()
 
 
-def remove_packs(study: str) -> int:
-    """Kill this study's pack actors (detached: they outlive their trials). Returns how many."""
+def pack_actors(study: str) -> list[Any]:
+    """This study's live pack actors (handles)."""
     import ray
 
-    gone = 0
     prefix = f"{NAME_PREFIX}:{study}:"
-    for entry in ray.util.list_named_actors(all_namespaces=False):
-        name = entry if isinstance(entry, str) else entry.get("name", "")
-        if name.startswith(prefix):
+    out = []
+    for entry in ray.util.list_named_actors(all_namespaces=True):
+        if entry.get("namespace") == NAMESPACE and entry.get("name", "").startswith(prefix):
             try:
-                ray.kill(ray.get_actor(name))
-                gone += 1
-            except Exception:  # noqa: BLE001 - it ended on its own
+                out.append(ray.get_actor(entry["name"], namespace=NAMESPACE))
+            except ValueError:  # it ended meanwhile
                 pass
-    return gone
+    return out
+
+
+def remove_packs(study: str) -> dict[str, Any]:
+    """Kill this study's pack actors (detached: they outlive their trials). Returns what they did,
+    summed: packs, rounds, member_epochs, train_seconds, largest_round."""
+    import ray
+
+    actors = pack_actors(study)
+    done = {"packs": len(actors), "rounds": 0, "member_epochs": 0, "train_seconds": 0.0, "largest_round": 0}
+    for actor in actors:
+        try:
+            info = ray.get(actor.info.remote(), timeout=30)
+        except Exception:  # noqa: BLE001 - it died: what it did is lost, not the study
+            info = {}
+        for k in ("rounds", "member_epochs", "train_seconds"):
+            done[k] += info.get(k, 0)
+        done["largest_round"] = max(done["largest_round"], info.get("largest_round", 0))
+        ray.kill(actor)
+    return done

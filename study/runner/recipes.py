@@ -331,7 +331,10 @@ def _complete(spec: StudySpec, study: Location, tuner: Any, recorder: Any, warme
         if spec.pack:  # detached: they would outlive the study on a cluster that goes on
             from study.runner.packing import remove_packs
 
-            remove_packs(spec.name)
+            done = remove_packs(spec.name)
+            if done["packs"]:
+                printer(f"packs: {done['packs']} trained {done['member_epochs']} trial-epochs in {done['rounds']} rounds "
+                        f"(largest {done['largest_round']}), {done['train_seconds']:.1f} s of training")
 
 
 def _finish(spec: StudySpec, study: Location, tuner: Any, recorder: Any, warmer: Any, db: OptunaDB,
