@@ -21,11 +21,11 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 
-def configs(k: int, images: int, device: str = "cpu") -> list:
+def configs(k: int, images: int, device: str = "cpu", arch: str = "mlp") -> list:
     from vae.config import TrainConfig
 
     return [TrainConfig(dataset="mnist-sample", max_train_images=images, epochs=1, latent_dim=2 + (7 * i) % 63,
-                        beta=0.1 * (1.5 ** (i % 12)), lr=1e-4 * (1.2 ** (i % 20)), seed=i, device=device) for i in range(k)]
+                        beta=0.1 * (1.5 ** (i % 12)), lr=1e-4 * (1.2 ** (i % 20)), seed=i, device=device, arch=arch) for i in range(k)]
 
 
 def separate(cfgs: list, data) -> float:
@@ -51,6 +51,7 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=2000)
     ap.add_argument("--json", type=Path)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--arch", default="mlp", help="mlp (batched matmuls) or conv (torch.func)")
     args = ap.parse_args()
     import torch
 
@@ -60,7 +61,7 @@ def main() -> None:
     for threads in map(int, args.threads.split(",")):
         torch.set_num_threads(threads)
         for k in map(int, args.ks.split(",")):
-            cfgs = configs(k, args.images, args.device)
+            cfgs = configs(k, args.images, args.device, args.arch)
             data = load(cfgs[0])
             got: dict[str, list[float]] = {"separate": [], "stacked": []}
             for _ in range(args.rounds):
@@ -73,7 +74,7 @@ def main() -> None:
             print(f"threads {threads}  K {k:>3}  separate {med['separate']:>9,.0f} img/s  stacked "
                   f"{med['stacked']:>9,.0f} img/s  ratio {row['stacked_over_separate']:.2f}x", flush=True)
     if args.json:
-        args.json.write_text(json.dumps({"images": args.images, "rounds": args.rounds, "rows": rows,
+        args.json.write_text(json.dumps({"arch": args.arch, "device": args.device, "images": args.images, "rounds": args.rounds, "rows": rows,
                                          "torch": torch.__version__}, indent=2) + "\n")
 
 

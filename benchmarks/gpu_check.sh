@@ -11,7 +11,7 @@
 #    README study on the GPU (16 trials x 15 epochs, 0.25 GPU each), and 64 trials x 15 epochs
 #    with 8 and 16 at once (0.125 / 0.0625 GPU each), no refit; each one's wall, summed training
 #    and images/s (benchmarks/study_wall.py), the packs' round sizes;
-# 4. benchmarks/bench_pack.py on the GPU: K stacked against K separate, K = 1..128.
+# 4. benchmarks/bench_pack.py on the GPU: K stacked against K separate, K = 1..128 (MLP), 1..32 (conv).
 # Set-up is the README's: a venv with the project installed (CUDA torch from pip on Linux).
 # Without a GPU, DRY_RUN=1 runs the same steps on the CPU at small sizes (the script's own check).
 set -uo pipefail
@@ -30,11 +30,11 @@ start=$(date +%s)
   command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 } > "$out/gpu_check.txt" 2>&1
 # 1. CUDA cases of the suite
-timeout 90 "$py" -m pytest -q -p no:cacheprovider -k "cuda or gpu" tests/test_cli_core.py tests/test_cluster.py \
+timeout 60 "$py" -m pytest -q -p no:cacheprovider -k "cuda or gpu" tests/test_cli_core.py tests/test_cluster.py \
   tests/test_train_evaluate.py > "$out/pytest_cuda.txt" 2>&1
 echo "pytest CUDA cases: exit $? ($(tail -1 "$out/pytest_cuda.txt"))" >> "$out/gpu_check.txt"
 # 2. the benchmarks
-timeout 150 "$py" benchmarks/bench_gpu.py --device "$device" "${quick[@]}" --json "$out/gpu.json" \
+timeout 120 "$py" benchmarks/bench_gpu.py --device "$device" "${quick[@]}" --json "$out/gpu.json" \
   > "$out/bench_gpu.txt" 2>&1
 echo "bench_gpu: exit $? (benchmarks/results: $out/gpu.json)" >> "$out/gpu_check.txt"
 # 3. studies, packed and not
@@ -45,21 +45,23 @@ else size=(--trials 64 --epochs 15); gpu=(--device cuda); readme=(--trials 16 --
 for pack in "" "--no-pack"; do
   [ "${DRY_RUN:-0}" = 1 ] && [ -z "$pack" ] && pack="--pack 2"
   shr=0.25; [ "${DRY_RUN:-0}" = 1 ] && shr=0
-  timeout 120 "$py" benchmarks/study_wall.py --label "readme $pack" -- run --name readme --storage "$out/studies" \
+  timeout 90 "$py" benchmarks/study_wall.py --label "readme $pack" -- run --name readme --storage "$out/studies" \
     --overwrite "${readme[@]}" "${gpu[@]}" --gpus-per-trial $shr $pack >> "$out/studies.txt" 2>&1
 done
 for share in "${shares[@]}"; do
   # shellcheck disable=SC2086
-  timeout 120 "$py" benchmarks/study_wall.py --label "64x15 gpus-per-trial $share" -- run --name big --storage \
+  timeout 75 "$py" benchmarks/study_wall.py --label "64x15 gpus-per-trial $share" -- run --name big --storage \
     "$out/studies" --overwrite "${size[@]}" "${gpu[@]}" --no-refit --cpus-per-trial 1 --gpus-per-trial $share \
     >> "$out/studies.txt" 2>&1
 done
 echo "studies: $(grep -c '^study ' "$out/studies.txt") measured ($out/studies.txt)" >> "$out/gpu_check.txt"
-# 4. K stacked against K separate on the device
-if [ "${DRY_RUN:-0}" = 1 ]; then ks=1,4; else ks=1,8,32,128; fi
-timeout 120 "$py" benchmarks/bench_pack.py --device "$device" --ks "$ks" --threads 1 --rounds 1 \
-  --json "$out/pack.json" > "$out/bench_pack.txt" 2>&1
-echo "bench_pack: exit $? ($(tail -1 "$out/bench_pack.txt"))" >> "$out/gpu_check.txt"
+# 4. K stacked against K separate on the device: the MLP (batched matmuls), the conv net (torch.func)
+if [ "${DRY_RUN:-0}" = 1 ]; then ks=(1,4 1,2); else ks=(1,8,32,128 1,8,32); fi
+for i in 0 1; do arch=(mlp conv); a=${arch[$i]}
+  timeout 75 "$py" benchmarks/bench_pack.py --device "$device" --arch "$a" --ks "${ks[$i]}" --threads 1 --rounds 1 \
+    --json "$out/pack_$a.json" > "$out/bench_pack_$a.txt" 2>&1
+  echo "bench_pack $a: exit $? ($(tail -1 "$out/bench_pack_$a.txt"))" >> "$out/gpu_check.txt"
+done
 cat "$out/studies.txt" >> "$out/gpu_check.txt"
 echo "seconds: $(( $(date +%s) - start ))" >> "$out/gpu_check.txt"
 cat "$out/gpu_check.txt"

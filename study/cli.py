@@ -489,7 +489,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--gpus-per-trial", type=float,
                    help="a fraction shares a GPU, e.g. 0.25; the trials sharing one train as one pack (--pack)")
     g.add_argument("--pack", type=int, metavar="K",
-                   help="train up to K trials of one device as one stacked model (mlp only); default: "
+                   help="train up to K trials of one device as one stacked model; default: "
                         "1/--gpus-per-trial when that is a fraction, else off")
     g.add_argument("--no-pack", action="store_true", help="train every trial alone, also on a shared GPU")
     g.add_argument("--max-concurrent", type=int, help="trials at once (default: the free slots)")

@@ -81,7 +81,7 @@ def pack_line(spec: StudySpec) -> str:
     where = (f"the trials sharing a GPU ({spec.gpus_per_trial:g} each)" if spec.gpus_per_trial
              else "the trials on one node's CPUs")
     return (f"pack: up to {spec.pack} of {where} train as one stacked model, each still its own trial "
-            "(--no-pack trains each alone; conv trials always do)")
+            "(--no-pack trains each alone)")
 
 
 def make_trainable(spec: StudySpec) -> Any:
