@@ -303,7 +303,8 @@ def test_killed_worker_node_trial_is_retried_and_study_completes(two_nodes, tmp_
 @pytest.mark.slow
 def test_fractional_gpus_pack_trials_on_one_gpu(tmp_path):
     """Placement only: the node declares 1 GPU (there is no CUDA here), trials ask for 0.5 each,
-    so two share it at once; each then falls back to the CPU, and says so in its record."""
+    so two share it at once, and train as one pack of two there (the default for trials sharing
+    a GPU); the pack falls back to the CPU, and each trial says so in its record."""
     from ray.cluster_utils import Cluster
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "num_gpus": 1, "include_dashboard": False})
@@ -322,6 +323,7 @@ def test_fractional_gpus_pack_trials_on_one_gpu(tmp_path):
     # the declared GPU is real on a CUDA machine (Ray hands its id 0 to the trials), else the CPU
     expect = "cuda" if torch.cuda.is_available() else "cpu"
     assert len(df) == 4 and df["device"].str.startswith(expect).all() and (df["precision"] == "fp32").all()
+    assert df["pack"].str.startswith("vae-pack:gpu:").all() and df["pack"].str.contains(":gpu0:").all()
     # two trials held the one GPU at the same time
     first, second = df.iloc[0], df.iloc[1]
     assert second["started_at"] < first["finished_at"]

@@ -224,9 +224,11 @@ class PackClient:
         except Exception:  # noqa: BLE001 - outside Tune (a test): any unique key will do
             trial = "trial"
         self.key = f"{trial}:{uuid.uuid4().hex[:8]}"
-        args_base = (tc.to_dict(), "cuda" if device_key != "cpu" else "cpu", tuple(runtime.get("select") or
-                                                                                     ("val_elbo", "min")),
-                     int(runtime["pack"]), threads)
+        # the trial's own device setting, resolved in the pack's process under this trial's GPUs:
+        # "auto" on a node that declares a GPU but has no CUDA trains on the CPU, as the trial would
+        device = tc.device if device_key != "cpu" else "cpu"
+        args_base = (tc.to_dict(), device, tuple(runtime.get("select") or ("val_elbo", "min")), int(runtime["pack"]),
+                     threads)
         for slot in range(10_000):
             name = pack_name(study, node_id, device_key, tc, slot)
             actor = pack_actor(name, node_id=node_id, env=env, args=(name, *args_base))
