@@ -248,10 +248,14 @@ def test_a_fixed_cluster_without_gpus_refuses_them(two_nodes, tmp_path):
 
 
 @pytest.mark.slow
-def test_study_runs_on_both_nodes(two_nodes, tmp_path):
+@pytest.mark.parametrize("packed", [False, True])
+def test_study_runs_on_both_nodes(two_nodes, tmp_path, packed):
+    """Trials run on the head and on the worker; packed, each node's trials train in that node's
+    own pack (placed there, beside them)."""
     cluster, _ = two_nodes
     p = _run(["run", "--name", "multi", "--storage", str(tmp_path), "--trials", "4", "--epochs", "3",
-              "--max-train-images", "400", "--address", cluster.address, "--no-early-stopping"])
+              "--max-train-images", "400", "--address", cluster.address, "--no-early-stopping",
+              *(["--pack", "2"] if packed else [])])
     out, err = p.communicate(timeout=600)
     assert p.returncode == 0, err[-3000:]
     df = results.search_trials(results.load(tmp_path / "multi"))
@@ -259,6 +263,11 @@ def test_study_runs_on_both_nodes(two_nodes, tmp_path):
     assert df["node"].nunique() == 2  # Ray node ids: trials ran on the head and on the worker
     assert df["hostname"].nunique() == 1  # both "nodes" are this machine
     assert len(results.load(tmp_path / "multi", "epochs")) == 12
+    if packed:  # a pack's name holds its node: vae-pack:<study>:<node id[:12]>:<device>:...
+        assert df["pack"].str.split(":").str[2].tolist() == df["node"].str[:12].tolist()
+        assert df["pack"].nunique() == 2
+    else:
+        assert df["pack"].isna().all()
 
 
 @pytest.mark.slow
