@@ -255,7 +255,7 @@ def test_study_runs_on_both_nodes(two_nodes, tmp_path, packed):
     cluster, _ = two_nodes
     p = _run(["run", "--name", "multi", "--storage", str(tmp_path), "--trials", "4", "--epochs", "3",
               "--max-train-images", "400", "--address", cluster.address, "--no-early-stopping",
-              *(["--pack", "2"] if packed else [])])
+              *(["--pack", "2"] if packed else ["--no-pack"])])
     out, err = p.communicate(timeout=600)
     assert p.returncode == 0, err[-3000:]
     df = results.search_trials(results.load(tmp_path / "multi"))

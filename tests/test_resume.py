@@ -85,7 +85,7 @@ def test_a_resumed_trial_continues_from_its_checkpoint_exactly(tmp_path, objecti
     storage = tmp_path / "studies"
     args = [str(toml), "--storage", str(storage), "--grid", "lr=0.001", "--epochs", "12", "--num-cpus", "1",
             "--grace-period", "1", "--reduction-factor", "2", "--no-refit",  # the refit is not what is tested
-            "--objective", objective, *(["--pack", "1"] if packed else [])]
+            "--objective", objective, *(["--pack", "1"] if packed else ["--no-pack"])]
     ref = run_cli("run", "--name", "ref", *args)
     assert ref.returncode == 0, ref.stderr[-2000:]
 

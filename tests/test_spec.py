@@ -113,7 +113,8 @@ def test_bad_specs(toml, overrides, words):
     assert words in str(err.value) and "\n" not in str(err.value)
 
 
-def test_trials_sharing_a_gpu_pack_by_default_and_flags_or_files_say_otherwise():
+def test_trials_sharing_a_gpu_pack_by_default_and_flags_or_files_say_otherwise(monkeypatch):
+    monkeypatch.delenv("VAE_STUDY_PACK", raising=False)
     assert build_spec(None, dict(BASE)).pack == 0  # a CPU study trains each trial alone
     assert build_spec(None, {**BASE, "gpus_per_trial": 0.125}).pack == 8  # 8 share a GPU: one pack of 8
     assert build_spec(None, {**BASE, "gpus_per_trial": 1.0}).pack == 0
@@ -123,6 +124,11 @@ def test_trials_sharing_a_gpu_pack_by_default_and_flags_or_files_say_otherwise()
     assert build_spec(None, {**flags, "storage": "/tmp/s"}).pack == 0
     spec = build_spec(None, {**BASE, "pack": 4})
     assert StudySpec.from_dict(spec.to_dict()).pack == 4  # study.json keeps it for resume
+    monkeypatch.setenv("VAE_STUDY_PACK", "3")  # the suite's packed lane
+    assert build_spec(None, dict(BASE)).pack == 3 and build_spec(None, {**BASE, "pack": 0}).pack == 0
+    monkeypatch.setenv("VAE_STUDY_PACK", "lots")
+    with pytest.raises(StudyError, match="VAE_STUDY_PACK='lots' must be a whole number"):
+        build_spec(None, dict(BASE))
 
 
 def test_malformed_toml(tmp_path):

@@ -267,7 +267,15 @@ def build_spec(toml: dict[str, Any] | None, overrides: dict[str, Any]) -> StudyS
 def default_pack(gpus_per_trial: float) -> int:
     """Trials per pack when no ``--pack``/``--no-pack`` says: trials that share a GPU (a fraction of
     one each) train as one pack of as many as fit on it; every other study trains each alone (on
-    a CPU a pack was measured slower than its members one after another: BENCHMARKS §7)."""
+    a CPU a pack was measured slower than its members one after another: BENCHMARKS §7).
+    ``$VAE_STUDY_PACK`` (a whole number) sets the default for every study instead: the test suite
+    runs with packing on that way as well as off."""
+    forced = os.environ.get("VAE_STUDY_PACK")
+    if forced:
+        try:
+            return int(forced)
+        except ValueError:
+            raise StudyError(f"VAE_STUDY_PACK={forced!r} must be a whole number (trials per pack; 0: off)") from None
     if 0 < gpus_per_trial < 1:
         return max(1, round(1 / gpus_per_trial))
     return 0
