@@ -47,10 +47,13 @@ class PackServer:
         select: (metric, mode) choosing each member's best epoch (``StudySpec.select``).
         capacity: the most members at once (``--pack K``).
         threads: torch's CPU threads for the rounds.
+        gpus: the members' ``CUDA_VISIBLE_DEVICES`` (empty: the CPU).
     """
 
     def __init__(self, name: str, data_config: dict[str, Any], device: str, select: tuple[str, str],
-                 capacity: int, threads: int) -> None:
+                 capacity: int, threads: int, gpus: str = "") -> None:
+        if gpus:  # the members' GPUs, before CUDA starts here: Ray gives an actor holding no GPU none
+            os.environ["CUDA_VISIBLE_DEVICES"] = gpus
         import torch
 
         from vae.config import TrainConfig
@@ -188,10 +191,10 @@ def pack_name(study: str, node_id: str, device_key: str, config: Any, slot: int)
     return f"{NAME_PREFIX}:{study}:{node_id[:12]}:{device_key}:{shape}:{slot}"
 
 
-def pack_actor(name: str, *, node_id: str, env: dict[str, str], args: tuple) -> Any:
+def pack_actor(name: str, *, node_id: str, args: tuple) -> Any:
     """The named pack actor, created where it does not exist yet: detached (a member's worker
-    ending does not end it), on this node, with this trial's view of the GPUs, holding no
-    resources of its own (its members' trials hold them)."""
+    ending does not end it), on this node, holding no resources of its own (its members' trials
+    hold them; it takes their view of the GPUs from ``args``)."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -199,7 +202,6 @@ def pack_actor(name: str, *, node_id: str, env: dict[str, str], args: tuple) -> 
     return remote.options(
         name=name, namespace=NAMESPACE, get_if_exists=True, lifetime="detached", num_cpus=0, num_gpus=0, max_restarts=0,
         max_concurrency=1000, scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
-        runtime_env={"env_vars": env} if env else None,
     ).remote(*args)
 
 
@@ -217,7 +219,6 @@ class PackClient:
         node_id = ctx.get_node_id()
         visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
         device_key = f"gpu{visible.replace(',', '+')}" if visible and tc.device != "cpu" else "cpu"
-        env = {"CUDA_VISIBLE_DEVICES": visible} if device_key != "cpu" else {}
         threads = max(1, min(os.cpu_count() or 1, int(math.ceil(runtime["pack"] * runtime.get("cpus_per_trial", 1)))))
         try:
             trial = tune.get_context().get_trial_id()
@@ -228,10 +229,10 @@ class PackClient:
         # "auto" on a node that declares a GPU but has no CUDA trains on the CPU, as the trial would
         device = tc.device if device_key != "cpu" else "cpu"
         args_base = (tc.to_dict(), device, tuple(runtime.get("select") or ("val_elbo", "min")), int(runtime["pack"]),
-                     threads)
+                     threads, visible if device_key != "cpu" else "")
         for slot in range(10_000):
             name = pack_name(study, node_id, device_key, tc, slot)
-            actor = pack_actor(name, node_id=node_id, env=env, args=(name, *args_base))
+            actor = pack_actor(name, node_id=node_id, args=(name, *args_base))
             joined = ray.get(actor.join.remote(self.key, tc.to_dict(), resume))
             if joined is not None:
                 self.actor, self.facts = actor, joined
