@@ -8,6 +8,7 @@ import sys
 import time
 
 import optuna
+import pandas as pd
 import pytest
 import pyarrow.parquet as pq
 
@@ -106,7 +107,7 @@ def test_a_resumed_trial_continues_from_its_checkpoint_exactly(tmp_path, objecti
     r = run_cli("resume", "--name", "cut", "--storage", str(storage), "--num-cpus", "1")
     assert r.returncode == 0, r.stderr[-2000:]
     trial = results.load(storage / "cut").iloc[0]
-    assert (trial["pack"] or "").startswith("vae-pack:cut:") if packed else trial["pack"] is None
+    assert str(trial["pack"]).startswith("vae-pack:cut:") if packed else pd.isna(trial["pack"])
     k = int(trial["restored_from_epoch"])
     assert k in (1, 2, 4, 8) and k <= seen, k  # continued from a persisted rung, not from scratch
     assert trial["status"] == "completed" and trial["epochs_run"] == 12
