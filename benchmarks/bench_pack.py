@@ -7,7 +7,13 @@ sample. Reported: training images per second summed over the K members (the trai
 validation left out, as ``fit`` times it), for each K, thread count and way, and the pack's
 ratio to the separate runs. Rounds alternate the two ways; medians of ``--rounds``.
 
+With ``--what validation``: a pack's validation after a round, its K members one after another
+(each taken out as a single model and run through ``vae.train.evaluate_loss``, as packs did
+before) against one stacked pass (``vae.pack.evaluate_stacked``), over the sample's 1,000
+validation images; reported as validation images per second summed over the members.
+
     python benchmarks/bench_pack.py --ks 1,4,16,64 --threads 1,2 --rounds 3 --json benchmarks/results/pack_cpu.json
+    python benchmarks/bench_pack.py --what validation --ks 1,4,16 --threads 1,2 --rounds 3
 """
 from __future__ import annotations
 
@@ -43,6 +49,42 @@ def stacked(cfgs: list, data) -> float:
     return len(cfgs) * len(data.train) / pack.train_seconds
 
 
+def validation_pair(cfgs: list, data):
+    """Two ways of validating a freshly built pack of these members: (separate, stacked),
+    each returning validation images per second summed over the members."""
+    import time
+
+    from vae.pack import evaluate_stacked, stacked_model
+    from vae.train import evaluate_loss
+
+    c = cfgs[0]
+    x = data.val.pixels(c.device)
+    model = stacked_model(c.arch, [m.latent_dim for m in cfgs], c.hidden, c.layers).to(x.device)
+    betas = [m.beta for m in cfgs]
+
+    def sync() -> None:
+        if x.device.type == "cuda":
+            import torch
+            torch.cuda.synchronize()
+
+    def separate_val() -> float:
+        sync()
+        t0 = time.perf_counter()
+        for i, beta in enumerate(betas):
+            evaluate_loss(model.member(i, x.device), x, beta)
+        sync()
+        return len(betas) * x.shape[0] / (time.perf_counter() - t0)
+
+    def stacked_val() -> float:
+        sync()
+        t0 = time.perf_counter()
+        evaluate_stacked(model, x, betas)
+        sync()
+        return len(betas) * x.shape[0] / (time.perf_counter() - t0)
+
+    return separate_val, stacked_val
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--ks", default="1,4,16,64")
@@ -52,6 +94,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--arch", default="mlp", help="mlp (batched matmuls) or conv (torch.func)")
+    ap.add_argument("--what", choices=["training", "validation"], default="training")
     args = ap.parse_args()
     import torch
 
@@ -64,7 +107,14 @@ def main() -> None:
             cfgs = configs(k, args.images, args.device, args.arch)
             data = load(cfgs[0])
             got: dict[str, list[float]] = {"separate": [], "stacked": []}
+            if args.what == "validation":
+                sep, stk = validation_pair(cfgs, data)
+                stk()  # warm-up: the first call pays for allocation
             for _ in range(args.rounds):
+                if args.what == "validation":
+                    got["separate"].append(sep())
+                    got["stacked"].append(stk())
+                    continue
                 got["separate"].append(separate(cfgs, data))
                 got["stacked"].append(stacked(cfgs, data))
             med = {way: statistics.median(v) for way, v in got.items()}
@@ -74,7 +124,7 @@ def main() -> None:
             print(f"threads {threads}  K {k:>3}  separate {med['separate']:>9,.0f} img/s  stacked "
                   f"{med['stacked']:>9,.0f} img/s  ratio {row['stacked_over_separate']:.2f}x", flush=True)
     if args.json:
-        args.json.write_text(json.dumps({"arch": args.arch, "device": args.device, "images": args.images, "rounds": args.rounds, "rows": rows,
+        args.json.write_text(json.dumps({"what": args.what, "arch": args.arch, "device": args.device, "images": args.images, "rounds": args.rounds, "rows": rows,
                                          "torch": torch.__version__}, indent=2) + "\n")
 
 

@@ -11,7 +11,8 @@
 #    README study on the GPU (16 trials x 15 epochs, 0.25 GPU each), and 64 trials x 15 epochs
 #    with 8 and 16 at once (0.125 / 0.0625 GPU each), no refit; each one's wall, summed training
 #    and images/s (benchmarks/study_wall.py), the packs' round sizes;
-# 4. benchmarks/bench_pack.py on the GPU: K stacked against K separate, K = 1..128 (MLP), 1..32 (conv).
+# 4. benchmarks/bench_pack.py on the GPU: K stacked against K separate, K = 1..128 (MLP), 1..32 (conv),
+#    training, and validation (members one by one against one stacked pass).
 # Set-up is the README's: a venv with the project installed (CUDA torch from pip on Linux).
 # Without a GPU, DRY_RUN=1 runs the same steps on the CPU at small sizes (the script's own check).
 set -uo pipefail
@@ -61,6 +62,9 @@ for i in 0 1; do arch=(mlp conv); a=${arch[$i]}
   timeout 75 "$py" benchmarks/bench_pack.py --device "$device" --arch "$a" --ks "${ks[$i]}" --threads 1 --rounds 1 \
     --json "$out/pack_$a.json" > "$out/bench_pack_$a.txt" 2>&1
   echo "bench_pack $a: exit $? ($(tail -1 "$out/bench_pack_$a.txt"))" >> "$out/gpu_check.txt"
+  timeout 30 "$py" benchmarks/bench_pack.py --what validation --device "$device" --arch "$a" --ks "${ks[$i]}" \
+    --threads 1 --rounds 3 --json "$out/pack_val_$a.json" > "$out/bench_pack_val_$a.txt" 2>&1
+  echo "bench_pack validation $a: exit $? ($(tail -1 "$out/bench_pack_val_$a.txt"))" >> "$out/gpu_check.txt"
 done
 cat "$out/studies.txt" >> "$out/gpu_check.txt"
 echo "seconds: $(( $(date +%s) - start ))" >> "$out/gpu_check.txt"

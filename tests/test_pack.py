@@ -8,8 +8,8 @@ import torch
 
 from vae.config import ConfigError, TrainConfig
 from vae.model import BetaVAE
-from vae.pack import Pack, PackedMLP, check_packable, fit_pack
-from vae.train import fit
+from vae.pack import Pack, PackedMLP, check_packable, evaluate_stacked, fit_pack, stacked_model
+from vae.train import evaluate_loss, fit
 
 # Relative tolerance on a validation -ELBO: the pack sums a loss in another order than fit does
 # (per member, then over the batch), and Adam's fused kernel rounds otherwise than its arithmetic here.
@@ -54,6 +54,40 @@ def test_masking_d_to_the_packs_largest_is_the_smaller_model():
     # the masked weights never move: their gradient is 0
     (pack.decode(pack.reparameterize(mu, logvar, torch.randn_like(mu)))[0].sum() + logvar.sum()).backward()
     assert not pack.dec_fc_w.grad[0, 3:].any() and not pack.enc_mu_w.grad[0, :, 3:].any()
+
+
+@pytest.mark.parametrize("arch", ["mlp", "conv"])
+def test_a_stacked_validation_equals_each_members_own(arch, monkeypatch):
+    """All members validated in one stacked pass (two evaluation batches, several image chunks,
+    two members sharing a d and its noise) give each member's ``evaluate_loss``."""
+    import vae.pack as pack_module
+    import vae.train as train_module
+
+    monkeypatch.setattr(pack_module, "EVAL_BATCH", 48)
+    monkeypatch.setattr(train_module, "EVAL_BATCH", 48)
+    monkeypatch.setattr(pack_module, "EVAL_MEMBER_IMAGES", {"mlp": 80})
+    monkeypatch.setattr(pack_module, "EVAL_MEMBER_IMAGES_OTHER", 80)
+    dims, betas = [3, 7, 3, 5], [1.0, 0.3, 2.0, 4.0]
+    torch.manual_seed(0)
+    singles = [BetaVAE(arch, d, 32) for d in dims]
+    stacked = stacked_model(arch, dims, 32, 1)
+    with torch.no_grad():
+        for k, m in enumerate(singles):
+            for name, p in stacked.named_parameters():  # each member's own weights, small ones 0-padded
+                src = m.state_dict()
+                if arch == "mlp":
+                    layer, kind = name.rsplit("_", 1)
+                    linear = dict(pack_module._linears(m))[layer]
+                    t = linear.weight.T if kind == "w" else linear.bias.view(1, -1)
+                else:
+                    t = src[name.replace("__", ".")]
+                p[(k, *(slice(0, n) for n in t.shape))] = t
+    x = torch.rand(100, 1, 28, 28)
+    got = evaluate_stacked(stacked, x, betas)
+    for m, beta, g in zip(singles, betas, got):
+        want = evaluate_loss(m, x, beta)
+        for key in ("loss", "elbo", "recon", "kl", "mse"):
+            assert g[key] == pytest.approx(want[key], rel=1e-5), (arch, m.latent_dim, key)
 
 
 def test_a_member_that_leaves_leaves_the_others_unchanged(sample_data):
@@ -155,3 +189,19 @@ def test_the_conv_net_packs_through_torch_func_and_each_member_equals_its_run_al
         for a, b in zip(alone.history, member.history):
             assert b["val_elbo"] == pytest.approx(a["val_elbo"], rel=REL), (c.latent_dim, a["epoch"])
         assert member.model.latent_dim == c.latent_dim and member.model.arch == "conv"
+
+
+@pytest.mark.parametrize("kind", ["shift", "affine"])
+def test_batches_moved_together_equal_each_moved_alone(kind):
+    """A pack moves its members' images in one call, each image by its own member's draws:
+    exactly what ``augment_batch`` gives each member's batch alone."""
+    from vae.train import augment_apply, augment_batch, augment_draws
+
+    x = torch.rand(3, 16, 1, 28, 28)
+    alone = [augment_batch(x[i], kind, torch.Generator().manual_seed(i)) for i in range(3)]
+    draws = [augment_draws(16, kind, torch.Generator().manual_seed(i), "cpu") for i in range(3)]
+    together = augment_apply(x.reshape(48, 1, 28, 28), kind, torch.cat([s for s, _ in draws]),
+                             torch.cat([u for _, u in draws])).reshape(3, 16, 1, 28, 28)
+    for i in range(3):
+        assert torch.equal(together[i], alone[i]), i
+    assert not torch.equal(alone[0], x[0])  # it moved something

@@ -17,9 +17,13 @@ differ in latent size d, beta, learning rate (and its schedule), augmentation an
   columns are the smaller model's weights, the rest stay at 0 (:meth:`PackedMLP.member`).
 - **Each member draws as it would alone.** Its initialisation is a ``BetaVAE`` made under its own
   seed; each epoch its batch order, augmentation and noise come from its own generator, seeded
-  by (seed, epoch) and drawn in the order ``vae.train.fit`` draws them. So a member trained in a
-  pack equals the same configuration trained alone, up to the order of floating-point sums
-  (``tests/test_pack.py``).
+  by (seed, epoch) and drawn in the order ``vae.train.fit`` draws them. Only the draws are made
+  member by member; every member's images are then moved in one call (``augment_apply``: per
+  image, so exactly as alone), and the host's per-step numbers (learning rates, Adam's bias
+  corrections) are copied to the device once a round. So a member trained in a pack equals the
+  same configuration trained alone, up to the order of floating-point sums (``tests/test_pack.py``).
+- **Members are validated together** (:func:`evaluate_stacked`): one stacked pass over the
+  validation split, each member with the validation noise it would draw alone.
 - **Each member has its own Adam**: the update is elementwise, so one update over the stacked
   weights with a learning rate per member (a (K, 1, 1) tensor) is K updates. It follows
   ``torch.optim.Adam``'s own arithmetic.
@@ -47,7 +51,8 @@ from vae.config import ConfigError, TrainConfig
 from vae.data import Data
 from vae.loss import kl_terms
 from vae.model import N_PIXELS, BetaVAE
-from vae.train import augment_batch, check_select, evaluate_loss, improves, lr_at, resolve_device, score
+from vae.train import (EVAL_BATCH, VAL_SEED, augment_apply, augment_draws, check_select, evaluate_loss, improves, lr_at,
+                       resolve_device, score)
 
 # Adam's defaults, as torch.optim.Adam's
 BETAS, EPS = (0.9, 0.999), 1e-8
@@ -266,15 +271,26 @@ class StackedAdam:
         self.exp_avg_sq = exp_avg_sq if exp_avg_sq is not None else [torch.zeros_like(p) for p in params]
         self.steps = list(steps) if steps is not None else [0] * params[0].shape[0]
 
-    @torch.no_grad()
-    def step(self, lr: torch.Tensor) -> None:
-        """``lr``: (K,) learning rates, one per member."""
-        self.steps = [s + 1 for s in self.steps]
+    def corrections(self, n: int, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        """Adam's bias corrections for each member's next ``n`` steps, (n, K) each: (1 - beta1^t,
+        sqrt(1 - beta2^t)), computed on the host as ``torch.optim.Adam`` computes them and copied to
+        the device once (a copy a step would make the host wait for the device every step)."""
         beta1, beta2 = BETAS
         dev = self.params[0].device
-        bias_correction1 = torch.tensor([1 - beta1 ** s for s in self.steps], device=dev, dtype=lr.dtype)
-        bias_correction2_sqrt = torch.tensor([math.sqrt(1 - beta2 ** s) for s in self.steps], device=dev,
-                                             dtype=lr.dtype)
+        bc1 = [[1 - beta1 ** (s + j) for s in self.steps] for j in range(1, n + 1)]
+        bc2 = [[math.sqrt(1 - beta2 ** (s + j)) for s in self.steps] for j in range(1, n + 1)]
+        return torch.tensor(bc1, device=dev, dtype=dtype), torch.tensor(bc2, device=dev, dtype=dtype)
+
+    @torch.no_grad()
+    def step(self, lr: torch.Tensor, bias_correction1: torch.Tensor | None = None,
+             bias_correction2_sqrt: torch.Tensor | None = None) -> None:
+        """``lr``: (K,) learning rates, one per member; the bias corrections for this step (K,)
+        each, a row of :meth:`corrections` (None: computed here)."""
+        if bias_correction1 is None or bias_correction2_sqrt is None:
+            bc1, bc2 = self.corrections(1, lr.dtype)
+            bias_correction1, bias_correction2_sqrt = bc1[0], bc2[0]
+        self.steps = [s + 1 for s in self.steps]
+        beta1, beta2 = BETAS
         step_size = (lr / bias_correction1).neg()
         for p, m, v in zip(self.params, self.exp_avg, self.exp_avg_sq):
             g = p.grad
@@ -302,7 +318,7 @@ class Member:
     epoch: int = 0
     best_score: float = math.inf
     best_epoch: int | None = None
-    best_state: dict[str, torch.Tensor] | None = None  # the best epoch's weights (None: none this run)
+    best_params: dict[str, torch.Tensor] | None = None  # the best epoch's weights, pack layout (None: none this run)
     history: list[dict[str, Any]] = field(default_factory=list)
     status: str = "training"
     error: str | None = None
@@ -311,11 +327,79 @@ class Member:
     @property
     def model(self) -> BetaVAE | None:
         """The best epoch's weights as a single ``BetaVAE`` on the CPU (None before any)."""
-        if self.best_state is None:
-            return None
-        model = BetaVAE.from_config(self.config)
-        model.load_state_dict({k: v.cpu() for k, v in self.best_state.items()})
-        return model
+        return None if self.best_params is None else _single(self.config, self.best_params, "cpu")
+
+    @property
+    def best_state(self) -> dict[str, torch.Tensor] | None:
+        """The best epoch's weights as a single model's ``state_dict`` on the CPU (None before any)."""
+        model = self.model
+        return None if model is None else model.state_dict()
+
+
+def _single(config: TrainConfig, params: dict[str, torch.Tensor], device: torch.device | str) -> BetaVAE:
+    """One member's weights in the pack's layout (``_layout``) as a single ``BetaVAE`` on ``device``."""
+    model = BetaVAE.from_config(config).to(device)
+    with torch.no_grad():
+        for k, p, _, back in _layout(model):
+            p.copy_(back(params[k]))
+    return model
+
+
+# Images x members validated at once: the stacked forward's activations are about this many
+# images' worth per member-layer (the conv net's are 25,088 floats an image at its widest).
+EVAL_MEMBER_IMAGES = {"mlp": 1 << 16}
+EVAL_MEMBER_IMAGES_OTHER = 1 << 12
+
+
+def evaluate_members(model: torch.nn.Module, x: torch.Tensor, betas: list[float]) -> list[dict[str, float]]:
+    """A stacked model's members validated: in one stacked pass (:func:`evaluate_stacked`), except
+    the conv net on a CPU, which validates member by member (``evaluate_loss`` of each as a single
+    model: measured faster there than ``torch.func``'s stacked convolutions, BENCHMARKS §7)."""
+    if isinstance(model, PackedFunc) and x.device.type == "cpu":
+        return [evaluate_loss(model.member(i, x.device), x, beta) for i, beta in enumerate(betas)]
+    return evaluate_stacked(model, x, betas)
+
+
+@torch.no_grad()
+def evaluate_stacked(model: torch.nn.Module, x: torch.Tensor, betas: list[float], seed: int = VAL_SEED
+                     ) -> list[dict[str, float]]:
+    """``vae.train.evaluate_loss`` for every member of a stacked model at once.
+
+    Each member draws its validation noise as it would alone (a generator seeded ``seed``, one
+    ``(B, d)`` draw per evaluation batch of ``EVAL_BATCH`` images, at its own d; members of
+    one d share the draw), so each member's numbers equal its single model's up to the order of
+    floating-point sums. Returns one dict per member: loss, elbo, recon, kl, mse."""
+    was_training = model.training
+    model.eval()
+    dims = list(model.latent_dims)
+    k, d_max = len(dims), model.mask.shape[-1]
+    dev = x.device
+    arch = getattr(model, "arch", "mlp")
+    chunk = max(1, EVAL_MEMBER_IMAGES.get(arch, EVAL_MEMBER_IMAGES_OTHER) // k)
+    gens = {d: torch.Generator(device=dev).manual_seed(seed) for d in sorted(set(dims))}
+    sums = torch.zeros(k, 3, dtype=torch.float64, device=dev)  # recon, kl, mse
+    flat = x.reshape(x.shape[0], N_PIXELS)
+    for i in range(0, x.shape[0], EVAL_BATCH):
+        xb = flat[i: i + EVAL_BATCH]
+        b = xb.shape[0]
+        drawn = {d: torch.randn((b, d), generator=g, device=dev) for d, g in gens.items()}
+        eps = torch.zeros(k, b, d_max, device=dev)
+        for j, d in enumerate(dims):
+            eps[j, :, :d] = drawn[d]
+        for a in range(0, b, chunk):
+            xc = xb[a: a + chunk].unsqueeze(0).expand(k, -1, -1)  # (K, c, 784)
+            mu, logvar = model.encode(xc)
+            logits = model.decode(model.reparameterize(mu, logvar, eps[:, a: a + chunk]))
+            recon = F.binary_cross_entropy_with_logits(logits, xc, reduction="none").sum(2)  # (K, c)
+            kl = kl_terms(mu, logvar).sum(2)
+            mse = (torch.sigmoid(model.decode(mu)) - xc).pow(2).mean(2)
+            sums += torch.stack([recon.sum(1), kl.sum(1), mse.sum(1)], dim=1).double()
+    model.train(was_training)
+    n = x.shape[0]
+    out = []
+    for (recon, kl, mse), beta in zip((sums / n).tolist(), betas):
+        out.append({"loss": recon + beta * kl, "elbo": recon + kl, "recon": recon, "kl": kl, "mse": mse})
+    return out
 
 
 def _member_tensors(model: BetaVAE, optimizer_state: dict[str, Any] | None, device: torch.device
@@ -440,11 +524,7 @@ class PackTrainer:
         if key in self._stack:
             return self._model.member(self._stack.index(key), device)
         member = self.members[key]
-        model = BetaVAE.from_config(member.config).to(device)
-        with torch.no_grad():
-            for k, p, _, back in _layout(model):
-                p.copy_(back(member.params[k]))
-        return model
+        return _single(member.config, member.params, device)
 
     def _current(self, key: Any) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor], int]:
         """Member ``key``'s weights, Adam moments and step count now (its stack slices where stacked)."""
@@ -476,8 +556,7 @@ class PackTrainer:
                                 "exp_avg_sq": back(exp_avg_sq[k].cpu()).contiguous().clone()}
         return {"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": member.epoch,
                 "best_score": member.best_score, "best_epoch": member.best_epoch,
-                "best_state": None if member.best_state is None
-                else {k: v.detach().cpu() for k, v in member.best_state.items()}}
+                "best_state": member.best_state}
 
     def round(self, keys: list[Any]) -> dict[Any, dict[str, Any] | None]:
         """Train one epoch of each of these members (each its own next epoch), then validate each.
@@ -503,17 +582,32 @@ class PackTrainer:
         order = torch.stack([torch.randperm(n, generator=m.gen, device=self.device) for m in members])  # (K, N)
         sums = torch.zeros(len(members), 3, device=self.device)
         d_max = model.mask.shape[-1]
+        # what each step needs from the host, copied once a round: learning rates, Adam's corrections
+        lrs = torch.tensor([[lr_at(c.lr_schedule, c.lr, (m.epoch - 1) * n_steps + step, total_steps)
+                             for c, m in zip(cfgs, members)] for step in range(n_steps)], device=self.device)
+        bc1, bc2 = opt.corrections(n_steps)
+        groups: dict[str, list[int]] = {}  # members by augmentation, moved together
+        for i, c in enumerate(cfgs):
+            if c.augment != "none":
+                groups.setdefault(c.augment, []).append(i)
+        where = {kind: torch.tensor(pos, device=self.device) for kind, pos in groups.items()}
+        everyone = list(range(len(members)))
         for step in range(n_steps):
             idx = order[:, step * bs:(step + 1) * bs]  # (K, B)
             xb = self.x_train[idx]  # (K, B, 784)
             b = xb.shape[1]
             eps = torch.zeros(len(members), b, d_max, device=self.device)
-            moved = []
+            draws = {}
             for i, m in enumerate(members):  # drawn as fit draws them: augment, then noise
-                moved.append(augment_batch(xb[i].reshape(b, 1, 28, 28), m.config.augment, m.gen).reshape(b, N_PIXELS))
-                d = m.config.latent_dim
-                eps[i, :, :d] = torch.randn((b, d), generator=m.gen, device=self.device)
-            xb = torch.stack(moved)
+                if m.config.augment != "none":
+                    draws[i] = augment_draws(b, m.config.augment, m.gen, self.device)
+                eps[i, :, :m.config.latent_dim] = torch.randn((b, m.config.latent_dim), generator=m.gen,
+                                                              device=self.device)
+            for kind, pos in groups.items():  # each image moved by its member's draws, all at once
+                shift = torch.cat([draws[i][0] for i in pos])
+                u = torch.cat([draws[i][1] for i in pos])
+                moved = augment_apply(xb[where[kind]].reshape(-1, 1, 28, 28), kind, shift, u).reshape(len(pos), b, N_PIXELS)
+                xb = moved if pos == everyone else xb.index_copy(0, where[kind], moved)
             mu, logvar = model.encode(xb)
             logits = model.decode(model.reparameterize(mu, logvar, eps))
             recon = F.binary_cross_entropy_with_logits(logits, xb, reduction="none").sum(dim=(1, 2)) / b  # (K,)
@@ -522,29 +616,27 @@ class PackTrainer:
             for p in model.parameters():
                 p.grad = None
             total.sum().backward()  # members' weights are disjoint: each gets its own gradient
-            lrs = torch.tensor([lr_at(c.lr_schedule, c.lr, (m.epoch - 1) * n_steps + step, total_steps)
-                                for c, m in zip(cfgs, members)], device=self.device)
-            opt.step(lrs)
+            opt.step(lrs[step], bc1[step], bc2[step])
             sums += torch.stack([total.detach(), recon.detach(), kl.detach()], dim=1) * b
         train = (sums / n).tolist()
         seconds = time.perf_counter() - t0
         self.train_seconds += seconds
         self.rounds += 1
+        v0 = time.perf_counter()
+        vals = evaluate_members(model, self.x_val, [c.beta for c in cfgs])
+        val_seconds = time.perf_counter() - v0
         out: dict[Any, dict[str, Any] | None] = {}
         failed = []
-        for i, (key, m) in enumerate(zip(keys, members)):
+        for i, (key, m, val) in enumerate(zip(keys, members, vals)):
             c = m.config
             if not all(math.isfinite(v) for v in train[i]):
                 m.error = f"non-finite loss at epoch {m.epoch} (lr={c.lr:g}, beta={c.beta:g}); try a lower lr"
                 failed.append(key)
                 out[key] = None
                 continue
-            single = model.member(i, self.device)
-            v0 = time.perf_counter()
-            val = evaluate_loss(single, self.x_val, c.beta)
             metrics = {"epoch": m.epoch, "train_loss": train[i][0], "train_recon": train[i][1], "train_kl": train[i][2],
                        **{f"val_{k}": v for k, v in val.items()}, "seconds": seconds,
-                       "val_seconds": time.perf_counter() - v0,
+                       "val_seconds": val_seconds,
                        "images_per_second": n / seconds if seconds > 0 else float("nan")}
             m.history.append(metrics)
             if not math.isfinite(metrics["val_elbo"]):
@@ -556,7 +648,8 @@ class PackTrainer:
             is_best = improves(this, m.best_score)
             if is_best:
                 m.best_score, m.best_epoch = this, m.epoch
-                m.best_state = {k: v.detach().clone() for k, v in single.state_dict().items()}
+                m.best_params = {name: p.detach()[_slot(i, m.params[name].shape)].clone()
+                                 for name, p in model.named_parameters()}
             if m.epoch >= c.epochs:
                 m.status = "completed"
             out[key] = {**metrics, "is_best": is_best}

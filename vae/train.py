@@ -98,10 +98,24 @@ def augment_batch(x: torch.Tensor, kind: str, gen: torch.Generator) -> torch.Ten
     """
     if kind == "none":
         return x
-    max_shift, max_deg, max_scale = AUGMENT_RANGES[kind]
-    b, dev = x.shape[0], x.device
-    shift = torch.randint(-max_shift, max_shift + 1, (b, 2), generator=gen, device=dev).to(x.dtype)
-    u = torch.rand((b, 2), generator=gen, device=dev, dtype=x.dtype) * 2 - 1  # (B, 2) in [-1, 1)
+    return augment_apply(x, kind, *augment_draws(x.shape[0], kind, gen, x.device))
+
+
+def augment_draws(b: int, kind: str, gen: torch.Generator, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The random part of ``augment_batch`` for a batch of ``b`` (``kind`` not ``none``), drawn
+    from ``gen`` in this order: whole-pixel shifts (B, 2) and uniforms in [0, 1) (B, 2)."""
+    max_shift = AUGMENT_RANGES[kind][0]
+    shift = torch.randint(-max_shift, max_shift + 1, (b, 2), generator=gen, device=device)
+    u = torch.rand((b, 2), generator=gen, device=device)
+    return shift, u
+
+
+def augment_apply(x: torch.Tensor, kind: str, shift: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """The deterministic part of ``augment_batch``: each image moved by its own draws. Every
+    operation is per image, so images of several batches (a pack's members) moved at once come
+    out exactly as each batch alone."""
+    shift, u = shift.to(x.dtype), u.to(x.dtype) * 2 - 1  # u: (B, 2) in [-1, 1)
+    _, max_deg, max_scale = AUGMENT_RANGES[kind]
     angle = u[:, 0] * math.radians(max_deg)
     scale = 1.0 + u[:, 1] * max_scale
     cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
