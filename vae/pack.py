@@ -25,8 +25,9 @@ differ in latent size d, beta, learning rate (and its schedule), augmentation an
 - **Members are validated together** (:func:`evaluate_stacked`): one stacked pass over the
   validation split, each member with the validation noise it would draw alone.
 - **Each member has its own Adam**: the update is elementwise, so one update over the stacked
-  weights with a learning rate per member (a (K, 1, 1) tensor) is K updates. It follows
-  ``torch.optim.Adam``'s own arithmetic.
+  weights with a learning rate per member (a (K, 1) tensor) is K updates. It follows
+  ``torch.optim.Adam``'s own arithmetic, over one flat (K, P) buffer of every weight
+  (:class:`StackedAdam`), so a step is a few operations whatever the number of layers.
 - **Members join and leave at their own epochs** (:class:`PackTrainer`, continuous batching as
   inference servers do it): each round trains the members that ask for their next epoch, each at
   its own epoch (its own seed stream, learning-rate schedule and Adam step count), stacked for as
@@ -151,14 +152,6 @@ class PackedMLP(torch.nn.Module):
             h = torch.relu(self._linear(f"dec_deeper{i}", h))
         return self._linear("dec_out", h)
 
-    def take(self, keep: list[int]) -> None:
-        """Keep only the members at positions ``keep`` (in that order)."""
-        index = torch.tensor(keep, device=self.mask.device)
-        for p in self.parameters():
-            p.data = p.data.index_select(0, index)
-        self.mask = self.mask.index_select(0, index)
-        self.latent_dims = [self.latent_dims[k] for k in keep]
-
 
 def _linears(model: BetaVAE) -> list[tuple[str, torch.nn.Linear]]:
     enc, dec = model.encoder, model.decoder
@@ -262,14 +255,31 @@ def stacked_model(arch: str, latent_dims: list[int], hidden: int, layers: int) -
 class StackedAdam:
     """Adam on stacked weights with a learning rate and a step count per member:
     ``torch.optim.Adam``'s update (its single-tensor arithmetic, default betas and eps),
-    elementwise, so member k's slices move exactly as its own Adam would move them."""
+    elementwise, so member k's slices move exactly as its own Adam would move them.
+
+    The weights and both moments live in three flat (K, P) buffers, P a member's parameters
+    end to end: each parameter becomes a view of its columns (``.data`` repointed), so one
+    step is a handful of operations over the whole pack (the gradients gathered by one
+    ``torch.cat``), not that handful per parameter tensor."""
 
     def __init__(self, params: list[torch.nn.Parameter], exp_avg: list[torch.Tensor] | None = None,
                  exp_avg_sq: list[torch.Tensor] | None = None, steps: list[int] | None = None) -> None:
+        k = params[0].shape[0]
         self.params = params
-        self.exp_avg = exp_avg if exp_avg is not None else [torch.zeros_like(p) for p in params]
-        self.exp_avg_sq = exp_avg_sq if exp_avg_sq is not None else [torch.zeros_like(p) for p in params]
-        self.steps = list(steps) if steps is not None else [0] * params[0].shape[0]
+        self.flat = torch.cat([p.detach().reshape(k, -1) for p in params], dim=1)  # (K, P)
+        self.flat_exp_avg = (torch.cat([m.reshape(k, -1) for m in exp_avg], dim=1) if exp_avg is not None
+                             else torch.zeros_like(self.flat))
+        self.flat_exp_avg_sq = (torch.cat([v.reshape(k, -1) for v in exp_avg_sq], dim=1) if exp_avg_sq is not None
+                                else torch.zeros_like(self.flat))
+        self.exp_avg, self.exp_avg_sq = [], []
+        at = 0
+        for p in params:
+            n, shape = p[0].numel(), p.shape
+            p.data = self.flat[:, at:at + n].view(shape)
+            self.exp_avg.append(self.flat_exp_avg[:, at:at + n].view(shape))
+            self.exp_avg_sq.append(self.flat_exp_avg_sq[:, at:at + n].view(shape))
+            at += n
+        self.steps = list(steps) if steps is not None else [0] * k
 
     def corrections(self, n: int, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
         """Adam's bias corrections for each member's next ``n`` steps, (n, K) each: (1 - beta1^t,
@@ -291,14 +301,14 @@ class StackedAdam:
             bias_correction1, bias_correction2_sqrt = bc1[0], bc2[0]
         self.steps = [s + 1 for s in self.steps]
         beta1, beta2 = BETAS
-        step_size = (lr / bias_correction1).neg()
-        for p, m, v in zip(self.params, self.exp_avg, self.exp_avg_sq):
-            g = p.grad
-            shape = (-1, *([1] * (p.dim() - 1)))
-            m.lerp_(g, 1 - beta1)
-            v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-            denom = (v.sqrt() / bias_correction2_sqrt.view(shape)).add_(EPS)
-            p.addcdiv_(m * step_size.view(shape), denom)
+        step_size = (lr / bias_correction1).neg().view(-1, 1)
+        k = len(self.steps)
+        g = torch.cat([p.grad.reshape(k, -1) for p in self.params], dim=1)
+        m, v = self.flat_exp_avg, self.flat_exp_avg_sq
+        m.lerp_(g, 1 - beta1)
+        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        denom = (v.sqrt() / bias_correction2_sqrt.view(-1, 1)).add_(EPS)
+        self.flat.addcdiv_(m * step_size, denom)
 
 
 @dataclass
