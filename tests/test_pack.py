@@ -171,6 +171,24 @@ def test_a_member_moves_between_fit_and_a_pack_through_a_checkpoint(sample_data)
     assert third.best_epoch == whole.best_epoch
 
 
+def test_a_member_whose_loss_goes_non_finite_fails_alone_and_says_why(sample_data):
+    """A member that diverges leaves the pack as failed, its reason kept for its trial to report
+    (the pack's process names it in the trial's error); its neighbour trains on unchanged."""
+    from vae.pack import PackTrainer
+
+    good, bad = _configs()[0], _configs()[1].replace(beta=1000.0, lr=9.0)
+    trainer = PackTrainer(sample_data)
+    trainer.add("good", good)
+    trainer.add("bad", bad)
+    out = trainer.round(["good", "bad"])
+    assert out["bad"] is None and "bad" not in trainer.members
+    assert "non-finite" in trainer.errors["bad"] and "lr=9" in trainer.errors["bad"]
+    alone = fit(good, sample_data)
+    assert out["good"]["val_elbo"] == pytest.approx(alone.history[0]["val_elbo"], rel=REL)
+    trainer.add("bad", good)  # the same key joining again starts with no error
+    assert "bad" not in trainer.errors
+
+
 def test_the_conv_net_packs_through_torch_func_and_each_member_equals_its_run_alone(sample_data):
     """The reference's conv net stacked with torch.func (functional_call under vmap), members of
     different d masked to the largest: each member's epochs equal fit alone, and its weights

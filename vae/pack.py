@@ -460,6 +460,7 @@ class PackTrainer:
         self._opt: StackedAdam | None = None
         self.train_seconds = 0.0
         self.rounds = 0
+        self.errors: dict[Any, str] = {}  # why each member that failed a round left (until it joins again)
 
     def add(self, key: Any, config: TrainConfig, *, model: BetaVAE | None = None,
             optimizer_state: dict[str, Any] | None = None, epoch: int = 0, best_score: float = math.inf,
@@ -477,6 +478,7 @@ class PackTrainer:
         member = Member(config, params, m1, m2, steps=steps, epoch=epoch, best_score=best_score,
                         best_epoch=best_epoch, gen=torch.Generator(device=self.device))
         self.members[key] = member
+        self.errors.pop(key, None)
         return member
 
     def remove(self, key: Any, status: str = "dropped") -> Member | None:
@@ -572,7 +574,8 @@ class PackTrainer:
         """Train one epoch of each of these members (each its own next epoch), then validate each.
 
         Returns each member's epoch metrics (as ``fit``'s, with ``is_best``), or None for a member
-        whose loss went non-finite (it leaves with ``status='failed'`` and a reason)."""
+        whose loss went non-finite (it leaves with ``status='failed'``; the reason stays in
+        ``errors[key]`` until it joins again)."""
         keys = tuple(k for k in keys if k in self.members)
         if not keys:
             return {}
@@ -665,6 +668,7 @@ class PackTrainer:
             out[key] = {**metrics, "is_best": is_best}
         for key in failed:
             self.members[key].status = "failed"
+            self.errors[key] = self.members[key].error
             self.remove(key)
         return out
 

@@ -171,7 +171,7 @@ class PackServer:
                     m = out.get(k)
                     if m is None:
                         member = self.trainer.members.get(k)
-                        why = error or (member.error if member else None) or self._failure(k)
+                        why = error or (member.error if member else None) or self.trainer.errors.get(k) or self._failure(k)
                         self.results[k] = {"error": why}
                     else:
                         best_epoch, best_score = extra.get(k, (None, math.inf))
