@@ -25,7 +25,7 @@ if str(REPO) not in sys.path:
     sys.path.append(str(REPO))
 
 VIEWS = ("view", "slice", "select", "unsqueeze", "reshape", "expand", "detach", "_unsafe_view", "t.default", "alias",
-         "transpose")
+         "transpose", "resize_")
 
 
 def main() -> None:

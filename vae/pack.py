@@ -434,6 +434,51 @@ def _member_tensors(model: BetaVAE, optimizer_state: dict[str, Any] | None, devi
 OnMemberEpoch = Callable[[int, dict[str, Any], BetaVAE], Any]
 
 
+class _Draws:
+    """Where a round's members draw their randomness each step, so that a member's draws are one
+    operation each and reach the stacked batch together: each member's noise is drawn into its
+    own contiguous (B, d) block of one flat buffer (``normal_`` of a contiguous block gives the
+    numbers ``torch.randn`` gives), then placed in the (K, B, D) noise by one
+    indexed copy; each augmented member's shifts and uniforms into its rows of its group's
+    buffers, which ``augment_apply`` takes whole."""
+
+    def __init__(self, dims: list[int], d_max: int, groups: dict[str, list[int]], device: torch.device) -> None:
+        self.dims, self.d_max, self.groups, self.device = dims, d_max, groups, device
+        self._by_b: dict[int, tuple] = {}  # at most two batch sizes a round: the full and the last
+
+    def buffers(self, b: int) -> tuple[list[torch.Tensor], dict[int, tuple[torch.Tensor, torch.Tensor]],
+                                       dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+        """For a batch of ``b``: each member's noise block, each augmented member's (shift, u)
+        rows, and each augmentation group's whole (shift, u)."""
+        if b not in self._by_b:
+            flat = torch.empty(b * sum(self.dims), device=self.device)
+            noise, at = [], 0
+            for d in self.dims:
+                noise.append(flat[at:at + b * d].view(b, d))
+                at += b * d
+            # each member's (B, d) block, row by row, member after member: the (K, B, D) positions
+            # whose column is below the member's d, in order
+            inside = torch.arange(self.d_max, device=self.device) < torch.tensor(self.dims, device=self.device)[:, None, None]
+            where = inside.expand(len(self.dims), b, self.d_max).reshape(-1).nonzero().squeeze(1)
+            moves, into = {}, {}
+            for kind, pos in self.groups.items():
+                shift = torch.empty(len(pos) * b, 2, dtype=torch.int64, device=self.device)
+                u = torch.empty(len(pos) * b, 2, device=self.device)
+                into[kind] = (shift, u)
+                for j, i in enumerate(pos):
+                    moves[i] = (shift[j * b:(j + 1) * b], u[j * b:(j + 1) * b])
+            self._by_b[b] = (flat, noise, where, moves, into)
+        _, noise, _, moves, into = self._by_b[b]
+        return noise, moves, into
+
+    def eps(self, b: int) -> torch.Tensor:
+        """The noise just drawn as (K, B, D), 0 past each member's d."""
+        flat, _, where, _, _ = self._by_b[b]
+        eps = torch.zeros(len(self.dims) * b * self.d_max, device=self.device)
+        eps[where] = flat
+        return eps.view(len(self.dims), b, self.d_max)
+
+
 class PackTrainer:
     """Members that train together, joining and leaving at their own epochs.
 
@@ -605,20 +650,20 @@ class PackTrainer:
                 groups.setdefault(c.augment, []).append(i)
         where = {kind: torch.tensor(pos, device=self.device) for kind, pos in groups.items()}
         everyone = list(range(len(members)))
+        dims = [c.latent_dim for c in cfgs]
+        draws = _Draws(dims, d_max, groups, self.device)
         for step in range(n_steps):
             idx = order[:, step * bs:(step + 1) * bs]  # (K, B)
             xb = self.x_train[idx]  # (K, B, 784)
             b = xb.shape[1]
-            eps = torch.zeros(len(members), b, d_max, device=self.device)
-            draws = {}
+            noise, moves, into = draws.buffers(b)
             for i, m in enumerate(members):  # drawn as fit draws them: augment, then noise
-                if m.config.augment != "none":
-                    draws[i] = augment_draws(b, m.config.augment, m.gen, self.device)
-                eps[i, :, :m.config.latent_dim] = torch.randn((b, m.config.latent_dim), generator=m.gen,
-                                                              device=self.device)
+                if i in moves:
+                    augment_draws(b, m.config.augment, m.gen, self.device, out=moves[i])
+                noise[i].normal_(generator=m.gen)  # torch.randn's numbers: it is normal_ of a new tensor
+            eps = draws.eps(b)
             for kind, pos in groups.items():  # each image moved by its member's draws, all at once
-                shift = torch.cat([draws[i][0] for i in pos])
-                u = torch.cat([draws[i][1] for i in pos])
+                shift, u = into[kind]
                 moved = augment_apply(xb[where[kind]].reshape(-1, 1, 28, 28), kind, shift, u).reshape(len(pos), b, N_PIXELS)
                 xb = moved if pos == everyone else xb.index_copy(0, where[kind], moved)
             mu, logvar = model.encode(xb)

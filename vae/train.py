@@ -101,10 +101,17 @@ def augment_batch(x: torch.Tensor, kind: str, gen: torch.Generator) -> torch.Ten
     return augment_apply(x, kind, *augment_draws(x.shape[0], kind, gen, x.device))
 
 
-def augment_draws(b: int, kind: str, gen: torch.Generator, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+def augment_draws(b: int, kind: str, gen: torch.Generator, device: torch.device | str,
+                  out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The random part of ``augment_batch`` for a batch of ``b`` (``kind`` not ``none``), drawn
-    from ``gen`` in this order: whole-pixel shifts (B, 2) and uniforms in [0, 1) (B, 2)."""
+    from ``gen`` in this order: whole-pixel shifts (B, 2) and uniforms in [0, 1) (B, 2).
+    ``out``: contiguous (B, 2) int64 and float32 tensors to draw into, in place: the same
+    numbers (``randint`` and ``rand`` are ``random_`` and ``uniform_`` of a new tensor)."""
     max_shift = AUGMENT_RANGES[kind][0]
+    if out is not None:
+        out[0].random_(-max_shift, max_shift + 1, generator=gen)
+        out[1].uniform_(generator=gen)
+        return out
     shift = torch.randint(-max_shift, max_shift + 1, (b, 2), generator=gen, device=device)
     u = torch.rand((b, 2), generator=gen, device=device)
     return shift, u
