@@ -56,7 +56,10 @@ def main() -> None:
         cfgs = [TrainConfig(dataset="mnist-sample", max_train_images=images, epochs=2, latent_dim=2 + (7 * i) % 63,
                             beta=0.1 * (1.5 ** (i % 12)), lr=1e-4 * (1.2 ** (i % 20)), seed=i, augment="shift")
                 for i in range(k)]
-        trainer = vae.pack.PackTrainer(load(cfgs[0]))
+        try:  # what a GPU runs: Adam over one flat buffer (a CPU's default is per tensor)
+            trainer = vae.pack.PackTrainer(load(cfgs[0]), flat_adam=True)
+        except TypeError:  # a version from before the flat Adam
+            trainer = vae.pack.PackTrainer(load(cfgs[0]))
         for i, c in enumerate(cfgs):
             trainer.add(i, c)
         trainer.round(list(range(k)))  # the stack is built; the next round counts

@@ -171,6 +171,33 @@ def test_a_member_moves_between_fit_and_a_pack_through_a_checkpoint(sample_data)
     assert third.best_epoch == whole.best_epoch
 
 
+def test_the_flat_adam_moves_every_weight_as_the_per_tensor_one():
+    """StackedAdam over one flat (K, P) buffer (a GPU's default) and per parameter tensor (a
+    CPU's): the same weights and moments, bitwise, after steps with a learning rate per member."""
+    from vae.pack import StackedAdam
+
+    torch.manual_seed(0)
+    a, b = PackedMLP([3, 7, 5], hidden=16), PackedMLP([3, 7, 5], hidden=16)
+    with torch.no_grad():
+        for p, q in zip(a.parameters(), b.parameters()):
+            p.normal_()
+            q.copy_(p)
+    flat, per = StackedAdam(list(a.parameters()), flat=True), StackedAdam(list(b.parameters()), flat=False)
+    lr = torch.tensor([1e-3, 5e-3, 2e-2])
+    for _ in range(3):
+        grads = [torch.randn_like(p) for p in a.parameters()]
+        for model in (a, b):
+            for p, g in zip(model.parameters(), grads):
+                p.grad = g.clone()
+        flat.step(lr)
+        per.step(lr)
+    for p, q, m1, m2, v1, v2 in zip(a.parameters(), b.parameters(), flat.exp_avg, per.exp_avg, flat.exp_avg_sq,
+                                    per.exp_avg_sq):
+        assert torch.equal(p, q) and torch.equal(m1, m2) and torch.equal(v1, v2)
+    assert flat.steps == per.steps == [3, 3, 3]
+    assert not torch.equal(p, torch.zeros_like(p))
+
+
 def test_a_member_whose_loss_goes_non_finite_fails_alone_and_says_why(sample_data):
     """A member that diverges leaves the pack as failed, its reason kept for its trial to report
     (the pack's process names it in the trial's error); its neighbour trains on unchanged."""

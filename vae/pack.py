@@ -26,8 +26,8 @@ differ in latent size d, beta, learning rate (and its schedule), augmentation an
   validation split, each member with the validation noise it would draw alone.
 - **Each member has its own Adam**: the update is elementwise, so one update over the stacked
   weights with a learning rate per member (a (K, 1) tensor) is K updates. It follows
-  ``torch.optim.Adam``'s own arithmetic, over one flat (K, P) buffer of every weight
-  (:class:`StackedAdam`), so a step is a few operations whatever the number of layers.
+  ``torch.optim.Adam``'s own arithmetic; on a GPU over one flat (K, P) buffer of every weight
+  (:class:`StackedAdam`), so a step is a few launches whatever the number of layers.
 - **Members join and leave at their own epochs** (:class:`PackTrainer`, continuous batching as
   inference servers do it): each round trains the members that ask for their next epoch, each at
   its own epoch (its own seed stream, learning-rate schedule and Adam step count), stacked for as
@@ -257,29 +257,35 @@ class StackedAdam:
     ``torch.optim.Adam``'s update (its single-tensor arithmetic, default betas and eps),
     elementwise, so member k's slices move exactly as its own Adam would move them.
 
-    The weights and both moments live in three flat (K, P) buffers, P a member's parameters
-    end to end: each parameter becomes a view of its columns (``.data`` repointed), so one
-    step is a handful of operations over the whole pack (the gradients gathered by one
-    ``torch.cat``), not that handful per parameter tensor."""
+    ``flat`` (the default on a GPU): the weights and both moments live in three (K, P) buffers,
+    P a member's parameters end to end, each parameter a view of its columns (``.data``
+    repointed), so a step is 9 operations over the whole pack (the gradients gathered by one
+    ``torch.cat``) rather than 8 per parameter tensor: on a GPU each is a kernel launch. On a CPU,
+    where launches cost little and the gather is one more pass over every weight, the update
+    runs per parameter tensor. Both give the same numbers (``tests/test_pack.py``)."""
 
     def __init__(self, params: list[torch.nn.Parameter], exp_avg: list[torch.Tensor] | None = None,
-                 exp_avg_sq: list[torch.Tensor] | None = None, steps: list[int] | None = None) -> None:
+                 exp_avg_sq: list[torch.Tensor] | None = None, steps: list[int] | None = None,
+                 flat: bool | None = None) -> None:
         k = params[0].shape[0]
         self.params = params
-        self.flat = torch.cat([p.detach().reshape(k, -1) for p in params], dim=1)  # (K, P)
-        self.flat_exp_avg = (torch.cat([m.reshape(k, -1) for m in exp_avg], dim=1) if exp_avg is not None
-                             else torch.zeros_like(self.flat))
-        self.flat_exp_avg_sq = (torch.cat([v.reshape(k, -1) for v in exp_avg_sq], dim=1) if exp_avg_sq is not None
-                                else torch.zeros_like(self.flat))
+        self.steps = list(steps) if steps is not None else [0] * k
+        self.exp_avg = exp_avg if exp_avg is not None else [torch.zeros_like(p) for p in params]
+        self.exp_avg_sq = exp_avg_sq if exp_avg_sq is not None else [torch.zeros_like(p) for p in params]
+        self.flat = params[0].device.type != "cpu" if flat is None else flat
+        if not self.flat:
+            return
+        self._weights = torch.cat([p.detach().reshape(k, -1) for p in params], dim=1)  # (K, P)
+        self._m = torch.cat([m.reshape(k, -1) for m in self.exp_avg], dim=1)
+        self._v = torch.cat([v.reshape(k, -1) for v in self.exp_avg_sq], dim=1)
         self.exp_avg, self.exp_avg_sq = [], []
         at = 0
         for p in params:
             n, shape = p[0].numel(), p.shape
-            p.data = self.flat[:, at:at + n].view(shape)
-            self.exp_avg.append(self.flat_exp_avg[:, at:at + n].view(shape))
-            self.exp_avg_sq.append(self.flat_exp_avg_sq[:, at:at + n].view(shape))
+            p.data = self._weights[:, at:at + n].view(shape)
+            self.exp_avg.append(self._m[:, at:at + n].view(shape))
+            self.exp_avg_sq.append(self._v[:, at:at + n].view(shape))
             at += n
-        self.steps = list(steps) if steps is not None else [0] * k
 
     def corrections(self, n: int, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
         """Adam's bias corrections for each member's next ``n`` steps, (n, K) each: (1 - beta1^t,
@@ -301,14 +307,19 @@ class StackedAdam:
             bias_correction1, bias_correction2_sqrt = bc1[0], bc2[0]
         self.steps = [s + 1 for s in self.steps]
         beta1, beta2 = BETAS
-        step_size = (lr / bias_correction1).neg().view(-1, 1)
-        k = len(self.steps)
-        g = torch.cat([p.grad.reshape(k, -1) for p in self.params], dim=1)
-        m, v = self.flat_exp_avg, self.flat_exp_avg_sq
-        m.lerp_(g, 1 - beta1)
-        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-        denom = (v.sqrt() / bias_correction2_sqrt.view(-1, 1)).add_(EPS)
-        self.flat.addcdiv_(m * step_size, denom)
+        step_size = (lr / bias_correction1).neg()
+        if self.flat:
+            k = len(self.steps)
+            g = torch.cat([p.grad.reshape(k, -1) for p in self.params], dim=1)
+            parts = [(self._weights, g, self._m, self._v)]
+        else:
+            parts = [(p.data, p.grad, m, v) for p, m, v in zip(self.params, self.exp_avg, self.exp_avg_sq)]
+        for p, g, m, v in parts:
+            shape = (-1, *([1] * (p.dim() - 1)))
+            m.lerp_(g, 1 - beta1)
+            v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+            denom = (v.sqrt() / bias_correction2_sqrt.view(shape)).add_(EPS)
+            p.addcdiv_(m * step_size.view(shape), denom)
 
 
 @dataclass
@@ -490,10 +501,11 @@ class PackTrainer:
         data: the loaded splits, shared by every member (one dataset, one split).
         device: where the stacked model trains.
         select, mode: the validation metric that chooses each member's best epoch, as ``fit``'s.
+        flat_adam: Adam over one flat buffer (:class:`StackedAdam`); None: on a GPU only.
     """
 
     def __init__(self, data: Data, device: torch.device | str = "cpu", select: str = "val_elbo",
-                 mode: str = "min") -> None:
+                 mode: str = "min", flat_adam: bool | None = None) -> None:
         check_select(select, mode)
         self.select, self.mode = select, mode
         self.device = torch.device(device)
@@ -503,6 +515,7 @@ class PackTrainer:
         self._stack: tuple[Any, ...] = ()  # the members the stacked model holds, in order
         self._model: PackedMLP | None = None
         self._opt: StackedAdam | None = None
+        self.flat_adam = flat_adam
         self.train_seconds = 0.0
         self.rounds = 0
         self.errors: dict[Any, str] = {}  # why each member that failed a round left (until it joins again)
@@ -571,7 +584,7 @@ class PackTrainer:
                     m2[at] = m.exp_avg_sq[name]
                 m1s.append(m1)
                 m2s.append(m2)
-        opt = StackedAdam(list(model.parameters()), m1s, m2s, [m.steps for m in members])
+        opt = StackedAdam(list(model.parameters()), m1s, m2s, [m.steps for m in members], flat=self.flat_adam)
         self._stack, self._model, self._opt = keys, model, opt
         return model, opt
 
