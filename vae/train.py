@@ -105,16 +105,14 @@ def augment_draws(b: int, kind: str, gen: torch.Generator, device: torch.device 
                   out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The random part of ``augment_batch`` for a batch of ``b`` (``kind`` not ``none``), drawn
     from ``gen`` in this order: whole-pixel shifts (B, 2) and uniforms in [0, 1) (B, 2).
-    ``out``: contiguous (B, 2) int64 and float32 tensors to draw into, in place: the same
-    numbers (``randint`` and ``rand`` are ``random_`` and ``uniform_`` of a new tensor)."""
+    ``out``: contiguous (B, 2) int64 and float32 tensors to draw into, in place (a pack's
+    buffers); without it, new ones (``torch.randint`` and ``torch.rand`` draw exactly so)."""
     max_shift = AUGMENT_RANGES[kind][0]
-    if out is not None:
-        out[0].random_(-max_shift, max_shift + 1, generator=gen)
-        out[1].uniform_(generator=gen)
-        return out
-    shift = torch.randint(-max_shift, max_shift + 1, (b, 2), generator=gen, device=device)
-    u = torch.rand((b, 2), generator=gen, device=device)
-    return shift, u
+    if out is None:
+        out = (torch.empty((b, 2), dtype=torch.int64, device=device), torch.empty((b, 2), device=device))
+    out[0].random_(-max_shift, max_shift + 1, generator=gen)
+    out[1].uniform_(generator=gen)
+    return out
 
 
 def augment_apply(x: torch.Tensor, kind: str, shift: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
