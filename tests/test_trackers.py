@@ -70,6 +70,47 @@ def _wandb_history(run_dir) -> list[dict]:
     return rows
 
 
+def _wandb_story(run_dirs, trial_id: str, stderr: str) -> str:
+    """What to read when a W&B run misses epochs: its own log's end and the study's stderr."""
+    (d,) = [d for d in run_dirs if d.name.endswith(trial_id)]
+    log = d / "logs" / "debug.log"
+    tail = log.read_text().splitlines()[-15:] if log.exists() else ["(no debug.log)"]
+    sizes = {f.name: f.stat().st_size for f in d.glob("run-*.wandb")}
+    return "\n".join([f"run {d.name}, {sizes}", *tail, "--- study stderr:", stderr[-2000:]])
+
+
+def test_a_w_and_b_run_keeps_its_logged_epochs_when_its_logging_loop_fails(tmp_path, monkeypatch):
+    """The study's W&B logging actor, run in this process on a real offline W&B run: the loop
+    fails at its third item (a result Tune's loop cannot read), and the two epochs logged before
+    are in the run's file, the run finished (Tune's own loop lost them: an offline run writes
+    nothing until it finishes)."""
+    import queue
+
+    from ray.air.integrations.wandb import _QueueItem
+
+    from study.runner.trackers import _WandbRunActor
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    q = queue.Queue()
+    for epoch in (1, 2):
+        q.put((_QueueItem.RESULT, {"training_iteration": epoch, "val_elbo": 200.0 - epoch, "config": {"beta": 1.0}}))
+    q.put((_QueueItem.RESULT, None))  # _handle_result raises on it
+    (tmp_path / "trial").mkdir()
+    actor = _WandbRunActor(str(tmp_path / "trial"), q, [], [], project="vae-study-test", id="t0001", reinit=True)
+    cwd = os.getcwd()
+    try:
+        with pytest.raises(AttributeError):
+            actor.run()
+    finally:
+        os.chdir(cwd)  # Tune's actor moves into its trial's folder
+    (run_dir,) = (tmp_path / "wandb").glob("offline-run-*-t0001")
+    assert [r["val_elbo"] for r in _wandb_history(run_dir) if "val_elbo" in r] == [199.0, 198.0]
+    import wandb
+    assert wandb.run is None
+
+
 @pytest.mark.slow
 def test_mlflow_and_wandb_hold_every_trials_parameters_and_epochs_and_the_report(tmp_path):
     """One study logged to both: every trial is a run in each, with its parameters and one
@@ -84,6 +125,7 @@ def test_mlflow_and_wandb_hold_every_trials_parameters_and_epochs_and_the_report
                 "--max-train-images", "400", "--num-cpus", "2", "--no-refit", "--log-to", "mlflow",
                 "--log-to", "wandb", env=env, timeout=600, cwd=tmp_path)  # MLflow's artifacts: ./mlruns
     assert p.returncode == 0, p.stderr[-3000:]
+    assert "W&B:" not in p.stderr, p.stderr[-3000:]  # no trial's W&B run failed
     study = tmp_path / "studies" / "tracked"
     trials = results.load(study).set_index("trial_id")
     epochs = results.load(study, "epochs")
@@ -119,7 +161,7 @@ def test_mlflow_and_wandb_hold_every_trials_parameters_and_epochs_and_the_report
         assert set(seen) == set(trials.index)
         for tid, values in seen.items():
             mine = epochs[epochs["trial_id"] == tid].sort_values("epoch")
-            assert values == pytest.approx(list(mine["val_elbo"]))
+            assert values == pytest.approx(list(mine["val_elbo"])), _wandb_story(run_dirs, tid, p.stderr)
 
         # the report goes to the winner's run
         p = run_cli("report", str(study), "--tsne-points", "200", "--gap-images", "50", "--decoder-steps", "5",

@@ -14,11 +14,13 @@ driver's machine needs the variables and the network path to the tracker.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import ray
 from ray.air.integrations.mlflow import MLflowLoggerCallback
-from ray.air.integrations.wandb import WandbLoggerCallback
+from ray.air.integrations.wandb import WandbLoggerCallback, _WandbLoggingActor
 
 from study.errors import StudyError
 from study.runner.reports import PerEpoch
@@ -118,11 +120,44 @@ class MLflowCallback(PerEpoch, MLflowLoggerCallback):
     """Tune's MLflow callback, a metrics step per epoch (a trial's reports carry several)."""
 
 
+class _WandbRunActor(_WandbLoggingActor):
+    """Tune's W&B logging actor (one per trial), whose run is finished whatever stops its loop.
+    An offline run keeps its records in memory until ``finish()`` (measured: a run whose
+    process dies first leaves a .wandb file of its 7-byte header and no epoch), and Tune's loop
+    finishes only when it ends normally: an error in it lost every epoch already logged."""
+
+    def run(self) -> None:
+        try:
+            super().run()
+        except BaseException:
+            if self._wandb.run is not None:
+                self._wandb.finish(exit_code=1)
+            raise
+
+
 class WandbCallback(PerEpoch, WandbLoggerCallback):
     """Tune's W&B callback, a log entry per epoch (a trial's reports carry several), quiet at
-    interpreter exit. Its ``__del__`` calls
+    interpreter exit, and saying when a trial's W&B run failed (Tune drops its logging actors'
+    errors, and the study's workers do not print to the driver). Its ``__del__`` calls
     ``ray.is_initialized()``; for a callback that ``resume`` restored it runs only at exit, when
     the ``ray`` module is gone, and Python printed a traceback after the study had finished."""
+
+    _logger_actor_cls = _WandbRunActor
+
+    def _cleanup_logging_actor(self, trial: Any) -> None:
+        future = self._trial_logging_futures.get(trial)
+        if future is not None:
+            ready, _ = ray.wait([future], timeout=0)
+            if not ready:
+                sys.stderr.write(f"W&B: trial {trial.trial_id}'s run did not finish in time; its logging stopped\n")
+            else:
+                try:
+                    ray.get(future)
+                except Exception as exc:  # noqa: BLE001 - the study goes on; the tracker is extra
+                    text = str(exc).strip().splitlines()
+                    sys.stderr.write(f"W&B: trial {trial.trial_id}'s run failed: "
+                                     f"{text[-1] if text else type(exc).__name__}\n")
+        super()._cleanup_logging_actor(trial)
 
     def __del__(self) -> None:
         try:
