@@ -154,9 +154,7 @@ class WandbCallback(PerEpoch, WandbLoggerCallback):
                 try:
                     ray.get(future)
                 except Exception as exc:  # noqa: BLE001 - the study goes on; the tracker is extra
-                    text = str(exc).strip().splitlines()
-                    sys.stderr.write(f"W&B: trial {trial.trial_id}'s run failed: "
-                                     f"{text[-1] if text else type(exc).__name__}\n")
+                    sys.stderr.write(f"W&B: trial {trial.trial_id}'s run failed: {_last_line(exc)}\n")
         super()._cleanup_logging_actor(trial)
 
     def __del__(self) -> None:
@@ -175,8 +173,13 @@ def log_report(log_to: Sequence[str], study_name: str, winner_id: str, report_di
             where = (_mlflow_report if name == "mlflow" else _wandb_report)(study_name, winner_id, report_dir)
             say(f"report logged to {name}: {where}")
         except Exception as exc:  # noqa: BLE001 - the report is built; the tracker is extra
-            text = str(exc).strip().splitlines()
-            say(f"report not logged to {name}: {text[-1] if text else type(exc).__name__}")
+            say(f"report not logged to {name}: {_last_line(exc)}")
+
+
+def _last_line(exc: BaseException) -> str:
+    """An error in one line: its message's last (a Ray task error ends with the original's)."""
+    text = str(exc).strip().splitlines()
+    return text[-1] if text else type(exc).__name__
 
 
 def _mlflow_report(study_name: str, winner_id: str, report_dir: Path) -> str:
